@@ -1,0 +1,234 @@
+"""Model configuration: one frozen dataclass holds every shape of a Qwen3.5 text model.
+
+`ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` (model types `qwen3_5`, `qwen3_5_text`,
+`qwen3_5_moe`, `qwen3_5_moe_text`; multimodal configs nest the text model under `text_config`).
+`PRESETS` holds the real shapes used by benchmarks (random weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
+_LAYER_TYPES = (FULL_ATTENTION, LINEAR_ATTENTION)
+_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every shape of the text model. Attention: `num_heads` query heads and `num_kv_heads` KV heads of
+    `head_dim`; GDN: `linear_num_key_heads` q/k heads of `linear_key_head_dim`, `linear_num_value_heads`
+    value heads of `linear_value_head_dim`. `num_experts == 0` means dense MLPs."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    layer_types: tuple[str, ...]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    conv_kernel: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 0.25
+    tie_word_embeddings: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
+        bad = sorted({t for t in self.layer_types if t not in _LAYER_TYPES})
+        if bad:
+            raise ValueError(f"unknown layer_types {bad}; expected only {list(_LAYER_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
+                f"linear_num_key_heads={self.linear_num_key_heads}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor={self.partial_rotary_factor} with head_dim={self.head_dim} gives a rotary "
+                f"dimension of {self.rotary_dim}; it must be a positive even number")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive for MoE")
+        for name in ("vocab_size", "hidden_size", "num_layers", "head_dim", "linear_key_head_dim",
+                     "linear_value_head_dim", "conv_kernel"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+    # Derived shapes -------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
+
+    @property
+    def gdn_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == LINEAR_ATTENTION)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["layer_types"] = tuple(d["layer_types"])
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
+    # Hugging Face config.json ---------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a parsed HF `config.json`. Raises ValueError naming any unknown model type or
+        missing/inconsistent field."""
+        model_type = hf.get("model_type")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; expected one of {list(_MODEL_TYPES)}")
+        text = hf
+        if model_type in ("qwen3_5", "qwen3_5_moe"):
+            if "text_config" not in hf:
+                raise ValueError(f"model_type {model_type!r} config has no 'text_config'")
+            text = dict(hf["text_config"])
+            text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+        is_moe = model_type.startswith("qwen3_5_moe")
+
+        def need(name):
+            if name not in text or text[name] is None:
+                raise ValueError(f"config.json ({model_type}) is missing required field {name!r}")
+            return text[name]
+
+        num_layers = int(need("num_hidden_layers"))
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            interval = int(text.get("full_attention_interval", 4))
+            layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(num_layers)]
+        rope = text.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
+        prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' (plain/M-RoPE on text)")
+        hidden = int(need("hidden_size"))
+        num_heads = int(need("num_attention_heads"))
+        kwargs = dict(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            num_layers=num_layers,
+            layer_types=tuple(layer_types),
+            num_heads=num_heads,
+            num_kv_heads=int(need("num_key_value_heads")),
+            head_dim=int(text.get("head_dim") or hidden // num_heads),
+            intermediate_size=int(text.get("intermediate_size") or 0),
+            linear_num_key_heads=int(need("linear_num_key_heads")),
+            linear_num_value_heads=int(need("linear_num_value_heads")),
+            linear_key_head_dim=int(need("linear_key_head_dim")),
+            linear_value_head_dim=int(need("linear_value_head_dim")),
+            conv_kernel=int(text.get("linear_conv_kernel_dim", 4)),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            partial_rotary_factor=float(prf),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            eos_token_id=_eos(hf.get("eos_token_id", text.get("eos_token_id"))),
+        )
+        if text.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {text.get('hidden_act')!r} is not supported; expected 'silu'")
+        if text.get("attention_bias", False):
+            raise ValueError("attention_bias=True is not supported by Qwen3.5")
+        if is_moe:
+            kwargs.update(
+                num_experts=int(need("num_experts")),
+                num_experts_per_tok=int(need("num_experts_per_tok")),
+                moe_intermediate_size=int(need("moe_intermediate_size")),
+                shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size") or 0),
+                norm_topk_prob=bool(text.get("norm_topk_prob", True)),
+            )
+        elif kwargs["intermediate_size"] <= 0:
+            raise ValueError(f"config.json ({model_type}) is missing required field 'intermediate_size'")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf(data)
+
+
+def _eos(v):
+    if isinstance(v, list):
+        return tuple(int(x) for x in v)
+    return None if v is None else int(v)
+
+
+def _every_fourth_full(num_layers: int) -> tuple[str, ...]:
+    return tuple(LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(num_layers))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # transformers' default Qwen3_5TextConfig.
+    "qwen3.5-9b": ModelConfig(
+        vocab_size=248320, hidden_size=4096, num_layers=32, layer_types=_every_fourth_full(32),
+        num_heads=16, num_kv_heads=4, head_dim=256, intermediate_size=12288,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        rope_theta=10_000_000.0),
+    "qwen3.5-397b-a17b": ModelConfig(
+        vocab_size=248320, hidden_size=4096, num_layers=60, layer_types=_every_fourth_full(60),
+        num_heads=32, num_kv_heads=2, head_dim=256, intermediate_size=0,
+        linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
+        rope_theta=10_000_000.0, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024),
+    # A small random model for `pcp-jax demo` and CPU experiments.
+    "demo": ModelConfig(
+        vocab_size=4096, hidden_size=256, num_layers=8, layer_types=_every_fourth_full(8),
+        num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
