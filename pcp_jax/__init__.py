@@ -1,0 +1,14 @@
+"""pcp_jax: Qwen3.5 inference in JAX with prefill context parallelism over a `cp` mesh axis."""
+
+from pcp_jax.config import PRESETS, ModelConfig, preset
+from pcp_jax.engine import Model, PrefillResult, make_mesh
+
+__all__ = ["PRESETS", "Model", "ModelConfig", "PrefillResult", "load_model", "make_mesh", "preset"]
+
+
+def load_model(path, *, cp: int = 1, dtype: str = "bfloat16", mesh=None, kernels: str = "auto",
+               gdn_strategy: str = "auto") -> Model:
+    """Load an HF folder (config.json + safetensors) or a converted Orbax folder onto a `cp` mesh."""
+    from pcp_jax.loading import load_params
+    cfg, params = load_params(path, dtype)
+    return Model(cfg, params, cp=cp, mesh=mesh, dtype=dtype, kernels=kernels, gdn_strategy=gdn_strategy)

@@ -1,0 +1,278 @@
+"""The user-facing model: prefill, full-sequence logits and generation over a `cp` mesh.
+
+Everything runs in one `shard_map` over the mesh axis `cp`: prompts are padded to a multiple of 2·C·64,
+put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The KV cache of full-attention layers
+stays where prefill left it: each rank holds its own tokens' K/V plus a share of the decode slots (new
+tokens go round-robin: decode step j writes on rank j mod C, slot 2·Lc + j div C). GDN conv and
+recurrent states are small and replicated. No rank ever holds the whole KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pcp_jax.config import FULL_ATTENTION, ModelConfig
+from pcp_jax.kernels import KERNEL_CHOICES
+from pcp_jax.model import Qwen35, _write_slot
+from pcp_jax.parallel.context import ShardContext
+from pcp_jax.parallel.gdn_cp import resolve_strategy
+from pcp_jax.parallel.zigzag import local_positions, padded_length, rank_index, token_permutation
+
+AXIS = "cp"
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def make_mesh(cp: int, devices=None) -> Mesh:
+    """A 1-D mesh named `cp` over the first `cp` devices (of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"cp={cp!r} must be a positive integer")
+    if cp > len(devices):
+        raise ValueError(f"cp={cp} needs {cp} devices but only {len(devices)} are visible "
+                         f"({jax.process_count()} process(es), backend {jax.default_backend()!r})")
+    return Mesh(np.asarray(devices[:cp]), (AXIS,))
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """What prefill leaves behind: next-token logits and the (sharded) caches to decode from."""
+    logits: jax.Array          # [B, V] fp32, logits after each row's last prompt token
+    lengths: np.ndarray        # [B] prompt lengths
+    caches: list               # per layer: {"k","v"} [B, C*S, Hkv, hd] sharded on slots, or {"conv","state"}
+    kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
+    chunk_len: int             # Lc of the prefill layout
+    slots_per_rank: int        # S
+
+
+class Model:
+    """A Qwen3.5 model placed on a `cp` mesh. Build it with `pcp_jax.load_model` or `Model(cfg, params)`."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
+                 dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto"):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r}; expected one of {list(KERNEL_CHOICES)}")
+        resolve_strategy(gdn_strategy, 0, 1)  # validates the name
+        if mesh is None:
+            mesh = make_mesh(cp)
+        elif AXIS not in mesh.axis_names:
+            raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis")
+        self.cfg, self.mesh, self.dtype_name = cfg, mesh, dtype
+        self.cp = mesh.shape[AXIS]
+        self.kernels, self.gdn_strategy = kernels, gdn_strategy
+        self.dtype = _DTYPES[dtype]
+        replicated = NamedSharding(mesh, P())
+        module = Qwen35(cfg, params, self.dtype)
+        self._graphdef, state = nnx.split(module)
+        self._state = jax.device_put(state, replicated)
+        self._fns: dict = {}
+
+    # Input checks ---------------------------------------------------------------------------------
+    def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pads a batch of prompts; returns (ids [B, N] int32, lengths [B])."""
+        if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+            rows = [np.asarray(r) for r in input_ids]
+        else:
+            arr = np.asarray(input_ids)
+            if arr.ndim != 2:
+                raise ValueError(f"input_ids must have shape [batch, tokens]; got shape {arr.shape}")
+            rows = list(arr)
+        if not rows:
+            raise ValueError("input_ids is empty: pass at least one prompt")
+        for i, r in enumerate(rows):
+            if r.ndim != 1:
+                raise ValueError(f"prompt {i} must be a 1-D sequence of token ids; got shape {r.shape}")
+            if r.size == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if not np.issubdtype(r.dtype, np.integer):
+                raise ValueError(f"token ids must be integers; prompt {i} has dtype {r.dtype}")
+            lo, hi = int(r.min()), int(r.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} in prompt {i} is out of range [0, {self.cfg.vocab_size})")
+        lengths = np.array([r.size for r in rows], np.int32)
+        ids = np.zeros((len(rows), lengths.max()), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, : r.size] = r
+        return ids, lengths
+
+    # Prefill --------------------------------------------------------------------------------------
+    def _prefill_fn(self, batch: int, n_pad: int, slots: int, all_logits: bool):
+        key = ("prefill", batch, n_pad, slots, all_logits)
+        if key in self._fns:
+            return self._fns[key]
+        cfg, C = self.cfg, self.cp
+        lc = n_pad // (2 * C)
+        strategy = resolve_strategy(self.gdn_strategy, batch, C)
+        graphdef, kernels = self._graphdef, self.kernels
+        cache_specs = [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
+                       for t in cfg.layer_types]
+
+        def per_shard(state, ids, lengths):
+            model = nnx.merge(graphdef, state)
+            rank = rank_index(AXIS, C)
+            pos = jnp.broadcast_to(local_positions(rank, C, lc), ids.shape)
+            ctx = ShardContext(AXIS, C, lc, strategy, kernels, rank, pos, lengths)
+            initial = [None if t == FULL_ATTENTION else _zero_gdn_state(cfg, batch, self.dtype)
+                       for t in cfg.layer_types]
+            x, caches = model.prefill(ids, ctx, initial)
+            last = ctx.psum(jnp.einsum("bt,btd->bd", (pos == lengths[:, None] - 1).astype(x.dtype), x))
+            last_logits = model.head(last)
+            pad = slots - 2 * lc
+            caches = [{n: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for n, a in c.items()}
+                      if "k" in c else c for c in caches]
+            kpos = jnp.pad(jnp.where(ctx.valid, pos, -1), [(0, 0), (0, pad)], constant_values=-1)
+            logits = model.head(x) if all_logits else None
+            return last_logits, caches, kpos, logits
+
+        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P()),
+                           out_specs=(P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
+                           check_vma=False)
+        self._fns[key] = jax.jit(fn)
+        return self._fns[key]
+
+    def _run_prefill(self, input_ids, max_new_tokens: int, all_logits: bool):
+        ids, lengths = self._as_batch(input_ids)
+        B, N = ids.shape
+        C = self.cp
+        n_pad = padded_length(N, C)
+        lc = n_pad // (2 * C)
+        slots = 2 * lc + -(-max(max_new_tokens, 0) // C)
+        padded = np.zeros((B, n_pad), np.int32)
+        padded[:, :N] = ids
+        zig = padded[:, token_permutation(n_pad, C)]
+        ids_dev = jax.device_put(zig, NamedSharding(self.mesh, P(None, AXIS)))
+        len_dev = jax.device_put(lengths, NamedSharding(self.mesh, P()))
+        last, caches, kpos, logits = self._prefill_fn(B, n_pad, slots, all_logits)(self._state, ids_dev, len_dev)
+        result = PrefillResult(last, lengths, caches, kpos, lc, slots)
+        return result, logits, N
+
+    def prefill(self, input_ids, *, max_new_tokens: int = 0) -> PrefillResult:
+        """Prefill prompts (right-padded batch or list of prompts) across `cp`; returns next-token logits
+        and caches with room for `max_new_tokens` decode steps."""
+        return self._run_prefill(input_ids, max_new_tokens, all_logits=False)[0]
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Full-sequence scoring: np.ndarray [B, N, V] float32 (rows shorter than N are padded; their
+        logits past their length are meaningless)."""
+        _, logits, N = self._run_prefill(input_ids, 0, all_logits=True)
+        logits = np.asarray(jax.device_get(logits))
+        inv = np.argsort(token_permutation(logits.shape[1], self.cp))
+        return logits[:, inv][:, :N]
+
+    # Decode ---------------------------------------------------------------------------------------
+    def _decode_fn(self, batch: int, slots: int):
+        key = ("decode", batch, slots)
+        if key in self._fns:
+            return self._fns[key]
+        cfg, C, graphdef, kernels = self.cfg, self.cp, self._graphdef, self.kernels
+        cache_specs = [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
+                       for t in cfg.layer_types]
+
+        def per_shard(state, tokens, positions, caches, kpos, owner, slot):
+            model = nnx.merge(graphdef, state)
+            rank = rank_index(AXIS, C)
+            ctx = ShardContext(AXIS, C, 0, "sequence", kernels, rank, positions[:, None], positions + 1)
+            kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
+            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot))
+            return logits, caches, kpos
+
+        fn = jax.shard_map(per_shard, mesh=self.mesh,
+                           in_specs=(P(), P(), P(), cache_specs, P(None, AXIS), P(), P()),
+                           out_specs=(P(), cache_specs, P(None, AXIS)), check_vma=False)
+        self._fns[key] = jax.jit(fn, donate_argnums=(3, 4))
+        return self._fns[key]
+
+    def decode_step(self, state: PrefillResult, tokens, step: int) -> jax.Array:
+        """Feed one token per row (decode step `step`, 0-based after prefill); updates `state` in place
+        and returns next-token logits [B, V] fp32."""
+        C = self.cp
+        slot = 2 * state.chunk_len + step // C
+        if slot >= state.slots_per_rank:
+            raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
+                             f"{(state.slots_per_rank - 2 * state.chunk_len) * C} new tokens (max_new_tokens)")
+        positions = jnp.asarray(state.lengths + step, jnp.int32)
+        fn = self._decode_fn(len(state.lengths), state.slots_per_rank)
+        logits, state.caches, state.kpos = fn(self._state, jnp.asarray(tokens, jnp.int32), positions, state.caches,
+                                              state.kpos, jnp.int32(step % C), jnp.int32(slot))
+        state.logits = logits
+        return logits
+
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+                 callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """Prompts + `max_new_tokens` tokens: np.ndarray [B, N + max_new_tokens] int32 (greedy at
+        temperature 0). Rows of a ragged batch are right-aligned to their own length in the output:
+        row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
+        EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        ids, lengths = self._as_batch(input_ids)
+        eos = _eos_set(eos_token_id)
+        B = len(lengths)
+        out = np.zeros((B, ids.shape[1] + max_new_tokens), np.int32)
+        fill = min(eos) if eos else 0
+        for b in range(B):
+            out[b, : lengths[b]] = ids[b, : lengths[b]]
+            out[b, lengths[b]:] = fill
+        if max_new_tokens == 0:
+            return out
+        state = self.prefill([ids[b, : lengths[b]] for b in range(B)], max_new_tokens=max_new_tokens)
+        done = np.zeros(B, bool)
+        logits = state.logits
+        for step in range(max_new_tokens):
+            tok = np.asarray(_sample(logits, jax.random.fold_in(jax.random.key(seed), step),
+                                     float(temperature), top_k, top_p))
+            tok = np.where(done, fill, tok)
+            out[np.arange(B), lengths + step] = tok
+            if callback is not None:
+                callback(step, tok.copy())
+            done |= np.isin(tok, list(eos)) if eos else False
+            if done.all() or step + 1 == max_new_tokens:
+                break
+            logits = self.decode_step(state, tok, step)
+        return out
+
+
+def _eos_set(eos):
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _sample(logits, key, temperature, top_k, top_p):
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # smallest set whose mass reaches top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _zero_gdn_state(cfg: ModelConfig, batch: int, dtype):
+    return {"conv": jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
+            "state": jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                cfg.linear_value_head_dim), jnp.float32)}

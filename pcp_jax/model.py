@@ -1,0 +1,349 @@
+"""Qwen3.5 text model in Flax NNX, written per shard of the `cp` mesh axis.
+
+Reads top-down in the order data flows: norms and RoPE, the two token mixers (gated full attention,
+Gated DeltaNet), the two channel mixers (MLP, MoE), the decoder layer, the model. Parameters are
+`nnx.Param`s whose dotted paths are the flat names of the checkpoint contract (docs/convert.md), e.g.
+`layers.3.attn.q_proj`; every matrix is input-major (y = x @ W).
+
+Two entry points per module, both per shard and both inside one `shard_map`:
+- `prefill(x, ctx, ...)`: x [B, T, D] are this rank's tokens (zigzag order under cp); returns the
+  output and the layer's cache entry (its K/V shard, or its GDN conv + recurrent state);
+- `decode(x, ctx, cache, write)`: x [B, 1, D], the same token on every rank; attention reads the local
+  KV shard and merges partials across `cp`; GDN state is replicated.
+Numerics (DESIGN.md §2): zero-centred RMSNorm in fp32, softmax/router/GDN gates and state in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pcp_jax.config import FULL_ATTENTION, ModelConfig
+from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matmul, merge_stacked
+from pcp_jax.parallel.context import ShardContext
+from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
+from pcp_jax.parallel.ring_attention import ring_attention
+
+
+# Norms and RoPE ------------------------------------------------------------------------------------
+def rms_norm(x, w, eps, zero_centred=True):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32 (or * w when not zero-centred); returns x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    wf = w.astype(jnp.float32)
+    return (y * ((1.0 + wf) if zero_centred else wf)).astype(x.dtype)
+
+
+def rope(x, positions, cfg: ModelConfig):
+    """Partial rotary embedding on the first `rotary_dim` dims (rotate_half form). x [B, T, H, hd];
+    positions [B, T]. Text-only M-RoPE equals this 1-D RoPE."""
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    xr, xp = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    return jnp.concatenate([xr * cos + rotated * sin, xp], axis=-1)
+
+
+def _param(params: dict, name: str, dtype):
+    if name not in params:
+        raise ValueError(f"missing parameter {name!r}")
+    return nnx.Param(jnp.asarray(params[name], dtype=dtype))
+
+
+# Token mixers --------------------------------------------------------------------------------------
+class GatedAttention(nnx.Module):
+    """Full attention with a per-head output gate: q_proj emits [query | gate] per head."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, prefix: str, dtype):
+        self.cfg = cfg
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
+
+    def _qkv(self, x, positions):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd = cfg.head_dim
+        qg = (x @ self.q_proj.value).reshape(B, T, cfg.num_heads, 2 * hd)
+        q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, cfg.num_heads * hd)
+        q = rms_norm(q, self.q_norm.value, cfg.rms_norm_eps)
+        k = rms_norm((x @ self.k_proj.value).reshape(B, T, cfg.num_kv_heads, hd), self.k_norm.value, cfg.rms_norm_eps)
+        v = (x @ self.v_proj.value).reshape(B, T, cfg.num_kv_heads, hd)
+        return rope(q, positions, cfg), rope(k, positions, cfg), v, gate
+
+    def _out(self, attn, gate, x):
+        B, T = x.shape[:2]
+        y = attn.astype(x.dtype).reshape(B, T, -1) * jax.nn.sigmoid(gate)
+        return y @ self.o_proj.value
+
+    def prefill(self, x, ctx: ShardContext):
+        q, k, v, gate = self._qkv(x, ctx.positions)
+        out, _ = ring_attention(q, k, v, ctx)
+        return self._out(out, gate, x), {"k": k, "v": v}
+
+    def decode(self, x, ctx: ShardContext, cache, kpos, write):
+        """One token. cache {"k", "v"} [B, S, Hkv, hd] is this rank's slots; kpos [B, S] their positions
+        (-1 empty, already including the new token); write = (owner rank, slot) of the new token."""
+        q, k, v, gate = self._qkv(x, ctx.positions)
+        cache = {"k": _write_slot(cache["k"], k, ctx, write), "v": _write_slot(cache["v"], v, ctx, write)}
+        out, lse = attention_block(q, cache["k"], cache["v"], ctx.positions, kpos, causal=True, kernels=ctx.kernels)
+        if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
+            out, _ = merge_stacked(ctx.all_gather(out), ctx.all_gather(lse))
+        return self._out(out, gate, x), cache
+
+
+def _write_slot(buf, new, ctx: ShardContext, write):
+    """Put `new` [B, 1, ...] into slot `write[1]` of buf [B, S, ...] on rank `write[0]` only (in place)."""
+    owner, slot = write
+    old = jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(ctx.rank == owner, new.astype(buf.dtype), old), slot, axis=1)
+
+
+class GatedDeltaNet(nnx.Module):
+    """Gated DeltaNet token mixer: conv1d + SiLU over [q|k|v], delta-rule recurrence, gated RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, prefix: str, dtype):
+        self.cfg = cfg
+        for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv_weight", "A_log", "dt_bias",
+                  "norm", "out_proj"):
+            setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
+
+    def _gates(self, x):
+        """beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); both [B, T, Hv] fp32."""
+        b = (x @ self.in_proj_b.value).astype(jnp.float32)
+        a = (x @ self.in_proj_a.value).astype(jnp.float32)
+        g = -jnp.exp(self.A_log.value.astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias.value.astype(jnp.float32))
+        return g, jax.nn.sigmoid(b)
+
+    def _out(self, o, x):
+        cfg = self.cfg
+        B, T = x.shape[:2]
+        z = (x @ self.in_proj_z.value).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+        y = rms_norm(o.astype(x.dtype), self.norm.value, cfg.rms_norm_eps, zero_centred=False)
+        y = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
+        return y.reshape(B, T, -1) @ self.out_proj.value
+
+    def prefill(self, x, ctx: ShardContext, initial):
+        """initial: {"conv" [B, K-1, conv_dim], "state" [B, Hv, dk, dv] fp32} carried into this prefill."""
+        cfg = self.cfg
+        qkv = x @ self.in_proj_qkv.value
+        g, beta = self._gates(x)
+        valid = ctx.valid[..., None]
+        g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)  # padding never enters a state
+        run = gdn_batch if ctx.gdn_strategy == "batch" else gdn_sequence
+        o, state = run(qkv, g, beta, self.conv_weight.value, ctx, cfg, initial["conv"], initial["state"])
+        conv = _last_tokens(qkv, ctx, initial["conv"])
+        return self._out(o, x), {"conv": conv, "state": state}
+
+    def decode(self, x, ctx: ShardContext, cache):
+        cfg = self.cfg
+        qkv = x @ self.in_proj_qkv.value  # [B, 1, Cd]
+        window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, Cd]
+        conv = causal_conv(qkv, self.conv_weight.value, window[:, :-1])
+        q, k, v = split_heads(conv[:, 0], cfg)
+        g, beta = self._gates(x)
+        o, state = gated_delta_rule_step(q, k, v, g[:, 0], beta[:, 0], cache["state"], kernels=ctx.kernels)
+        return self._out(o[:, None], x), {"conv": window[:, 1:], "state": state}
+
+
+def _last_tokens(x, ctx: ShardContext, initial):
+    """The K-1 inputs before each row's end (the conv state after this prefill), wherever they live.
+    x [B, T, Cd] local pre-conv tokens; initial [B, K-1, Cd] precedes this prefill's first position.
+    Token at position p goes to state slot p - (length - (K-1)); positions before this prefill's start
+    come from `initial`."""
+    h = initial.shape[1]
+    start = ctx.lengths - ctx.psum(jnp.sum(ctx.valid, axis=1))  # [B] first position of this prefill
+    target = ctx.lengths[:, None] - h + jnp.arange(h)[None, :]  # [B, K-1] wanted positions
+    match = (ctx.positions[:, None, :] == target[:, :, None]) & ctx.valid[:, None, :]  # [B, K-1, T]
+    local = jnp.einsum("bjt,btc->bjc", match.astype(jnp.float32), x.astype(jnp.float32))
+    from_here = ctx.psum(local)
+    back = target - start[:, None]  # < 0: before this prefill, read `initial` at h + back
+    carried = jnp.take_along_axis(initial.astype(jnp.float32), jnp.clip(h + back, 0, h - 1)[..., None], axis=1)
+    carried = jnp.where((back < 0) & (h + back >= 0), 1.0, 0.0)[..., None] * carried
+    return jnp.where((back >= 0)[..., None], from_here, carried).astype(x.dtype)
+
+
+# Channel mixers ------------------------------------------------------------------------------------
+class MLP(nnx.Module):
+    def __init__(self, params: dict, prefix: str, dtype):
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
+
+    def __call__(self, x):
+        return (jax.nn.silu(x @ self.gate_proj.value) * (x @ self.up_proj.value)) @ self.down_proj.value
+
+
+class MoE(nnx.Module):
+    """Softmax router (fp32) → top-k → experts run as a grouped matmul over tokens sorted by expert
+    (work ∝ tokens·k, never tokens·E) → weighted combine; plus a sigmoid-gated shared expert."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, prefix: str, dtype):
+        self.cfg = cfg
+        for n in ("router", "gate_proj", "up_proj", "down_proj"):
+            setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
+        if cfg.shared_expert_intermediate_size:
+            self.shared = MLP(params, f"{prefix}.shared", dtype)
+            self.shared_gate = _param(params, f"{prefix}.shared_gate", dtype)
+
+    def __call__(self, x, kernels="auto"):
+        cfg = self.cfg
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        k = cfg.num_experts_per_tok
+        logits = (x @ self.router.value).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_w, top_e = jax.lax.top_k(probs, k)  # [M, k]
+        if cfg.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        top_w = top_w.astype(x.dtype)
+        flat_e = top_e.reshape(-1)
+        order = jnp.argsort(flat_e, stable=True)
+        token = order // k
+        group_sizes = jnp.bincount(flat_e, length=cfg.num_experts).astype(jnp.int32)
+        xs = jnp.take(x, token, axis=0)
+        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=kernels)
+        h = jax.nn.silu(gmm(xs, self.gate_proj.value)) * gmm(xs, self.up_proj.value)
+        y = gmm(h, self.down_proj.value) * jnp.take(top_w.reshape(-1), order)[:, None]
+        out = jnp.zeros_like(x).at[token].add(y)
+        if cfg.shared_expert_intermediate_size:
+            out = out + jax.nn.sigmoid(x @ self.shared_gate.value) * self.shared(x)
+        return out.reshape(shape)
+
+
+# Decoder layer and model ---------------------------------------------------------------------------
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, params: dict, dtype):
+        self.cfg = cfg
+        self.is_attention = cfg.layer_types[idx] == FULL_ATTENTION
+        p = f"layers.{idx}"
+        self.input_norm = _param(params, f"{p}.input_norm", dtype)
+        self.post_norm = _param(params, f"{p}.post_norm", dtype)
+        if self.is_attention:
+            self.attn = GatedAttention(cfg, params, f"{p}.attn", dtype)
+        else:
+            self.gdn = GatedDeltaNet(cfg, params, f"{p}.gdn", dtype)
+        if cfg.is_moe:
+            self.moe = MoE(cfg, params, f"{p}.moe", dtype)
+        else:
+            self.mlp = MLP(params, f"{p}.mlp", dtype)
+
+    def _channel(self, x, ctx):
+        h = rms_norm(x, self.post_norm.value, self.cfg.rms_norm_eps)
+        return x + (self.moe(h, ctx.kernels) if self.cfg.is_moe else self.mlp(h))
+
+    def prefill(self, x, ctx: ShardContext, initial):
+        h = rms_norm(x, self.input_norm.value, self.cfg.rms_norm_eps)
+        y, cache = self.attn.prefill(h, ctx) if self.is_attention else self.gdn.prefill(h, ctx, initial)
+        return self._channel(x + y, ctx), cache
+
+    def decode(self, x, ctx: ShardContext, cache, kpos, write):
+        h = rms_norm(x, self.input_norm.value, self.cfg.rms_norm_eps)
+        y, cache = self.attn.decode(h, ctx, cache, kpos, write) if self.is_attention else self.gdn.decode(h, ctx, cache)
+        return self._channel(x + y, ctx), cache
+
+
+class Qwen35(nnx.Module):
+    """The text model. `params` is the flat dict of the checkpoint contract; arrays are cast to `dtype`."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16):
+        self.cfg = cfg
+        self.embed = _param(params, "embed", dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, params, dtype) for i in range(cfg.num_layers)])
+        self.final_norm = _param(params, "final_norm", dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(params, "lm_head", dtype)
+        expected = set(param_shapes(cfg))
+        extra = sorted(set(params) - expected)
+        if extra:
+            raise ValueError(f"unexpected parameters for this config: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+
+    def embed_tokens(self, ids):
+        return jnp.take(self.embed.value, ids, axis=0)
+
+    def prefill(self, ids, ctx: ShardContext, initial: list):
+        """ids [B, T] this rank's tokens; initial[i]: GDN layer i's carried {"conv", "state"} (None for
+        attention layers). Returns (hidden [B, T, D] before the final norm, per-layer cache entries)."""
+        x = self.embed_tokens(ids)
+        caches = []
+        for layer, init in zip(self.layers, initial):
+            x, c = layer.prefill(x, ctx, init)
+            caches.append(c)
+        return x, caches
+
+    def decode(self, ids, ctx: ShardContext, caches: list, kpos, write):
+        """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""
+        x = self.embed_tokens(ids)
+        new = []
+        for layer, c in zip(self.layers, caches):
+            x, c = layer.decode(x, ctx, c, kpos, write)
+            new.append(c)
+        return self.head(x[:, 0]), new
+
+    def head(self, x):
+        x = rms_norm(x, self.final_norm.value, self.cfg.rms_norm_eps)
+        w = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every flat parameter name of `cfg` and its shape (the checkpoint contract)."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    s: dict[str, tuple[int, ...]] = {"embed": (V, D), "final_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = (D, V)
+    hd, Hq, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    Hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    for i, t in enumerate(cfg.layer_types):
+        p = f"layers.{i}"
+        s[f"{p}.input_norm"] = (D,)
+        s[f"{p}.post_norm"] = (D,)
+        if t == FULL_ATTENTION:
+            s.update({f"{p}.attn.q_proj": (D, Hq * 2 * hd), f"{p}.attn.k_proj": (D, Hkv * hd),
+                      f"{p}.attn.v_proj": (D, Hkv * hd), f"{p}.attn.o_proj": (Hq * hd, D),
+                      f"{p}.attn.q_norm": (hd,), f"{p}.attn.k_norm": (hd,)})
+        else:
+            s.update({f"{p}.gdn.in_proj_qkv": (D, cfg.conv_dim), f"{p}.gdn.in_proj_z": (D, Hv * dv),
+                      f"{p}.gdn.in_proj_b": (D, Hv), f"{p}.gdn.in_proj_a": (D, Hv),
+                      f"{p}.gdn.conv_weight": (cfg.conv_kernel, cfg.conv_dim), f"{p}.gdn.A_log": (Hv,),
+                      f"{p}.gdn.dt_bias": (Hv,), f"{p}.gdn.norm": (dv,), f"{p}.gdn.out_proj": (Hv * dv, D)})
+        if cfg.is_moe:
+            E, F = cfg.num_experts, cfg.moe_intermediate_size
+            s.update({f"{p}.moe.router": (D, E), f"{p}.moe.gate_proj": (E, D, F), f"{p}.moe.up_proj": (E, D, F),
+                      f"{p}.moe.down_proj": (E, F, D)})
+            if cfg.shared_expert_intermediate_size:
+                Fs = cfg.shared_expert_intermediate_size
+                s.update({f"{p}.moe.shared.gate_proj": (D, Fs), f"{p}.moe.shared.up_proj": (D, Fs),
+                          f"{p}.moe.shared.down_proj": (Fs, D), f"{p}.moe.shared_gate": (D, 1)})
+        else:
+            F = cfg.intermediate_size
+            s.update({f"{p}.mlp.gate_proj": (D, F), f"{p}.mlp.up_proj": (D, F), f"{p}.mlp.down_proj": (F, D)})
+    return s
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
+    """Random weights with sane scales (for the demo and benchmarks; never a substitute for real ones)."""
+    key = jax.random.key(seed)
+    out = {}
+    for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items())):
+        k = jax.random.fold_in(key, i)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm"):
+            out[name] = jnp.zeros(shape, dtype)  # zero-centred: weight 0 is the identity scale
+        elif leaf == "norm":
+            out[name] = jnp.ones(shape, dtype)
+        elif leaf == "A_log":
+            out[name] = jnp.log(jax.random.uniform(k, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+        elif leaf == "dt_bias":
+            out[name] = jnp.ones(shape, dtype)
+        elif leaf == "conv_weight":
+            out[name] = (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(dtype)
+        else:
+            fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+            scale = 1.0 if leaf == "embed" else fan_in**-0.5
+            out[name] = (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
+    return out
