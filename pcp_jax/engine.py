@@ -70,10 +70,9 @@ class Model:
         self.cp = mesh.shape[AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = _DTYPES[dtype]
-        replicated = NamedSharding(mesh, P())
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
-        self._state = jax.device_put(state, replicated)
+        self._state = jax.device_put(state, NamedSharding(mesh, P()))
         self._fns: dict = {}
 
     # Input checks ---------------------------------------------------------------------------------
@@ -104,6 +103,12 @@ class Model:
         for i, r in enumerate(rows):
             ids[i, : r.size] = r
         return ids, lengths
+
+    def _place(self, host: np.ndarray, spec) -> jax.Array:
+        """Host array (the same on every process) -> global array on the mesh; works multi-process."""
+        host = np.asarray(host)
+        sharding = NamedSharding(self.mesh, spec)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     # Prefill --------------------------------------------------------------------------------------
     def _prefill_fn(self, batch: int, n_pad: int, slots: int, all_logits: bool):
@@ -150,8 +155,8 @@ class Model:
         padded = np.zeros((B, n_pad), np.int32)
         padded[:, :N] = ids
         zig = padded[:, token_permutation(n_pad, C)]
-        ids_dev = jax.device_put(zig, NamedSharding(self.mesh, P(None, AXIS)))
-        len_dev = jax.device_put(lengths, NamedSharding(self.mesh, P()))
+        ids_dev = self._place(zig, P(None, AXIS))
+        len_dev = self._place(lengths, P())
         last, caches, kpos, logits = self._prefill_fn(B, n_pad, slots, all_logits)(self._state, ids_dev, len_dev)
         result = PrefillResult(last, lengths, caches, kpos, lc, slots)
         return result, logits, N
@@ -165,7 +170,7 @@ class Model:
         """Full-sequence scoring: np.ndarray [B, N, V] float32 (rows shorter than N are padded; their
         logits past their length are meaningless)."""
         _, logits, N = self._run_prefill(input_ids, 0, all_logits=True)
-        logits = np.asarray(jax.device_get(logits))
+        logits = to_host(logits)
         inv = np.argsort(token_permutation(logits.shape[1], self.cp))
         return logits[:, inv][:, :N]
 
@@ -200,10 +205,11 @@ class Model:
         if slot >= state.slots_per_rank:
             raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
                              f"{(state.slots_per_rank - 2 * state.chunk_len) * C} new tokens (max_new_tokens)")
-        positions = jnp.asarray(state.lengths + step, jnp.int32)
+        positions = (state.lengths + step).astype(np.int32)
         fn = self._decode_fn(len(state.lengths), state.slots_per_rank)
-        logits, state.caches, state.kpos = fn(self._state, jnp.asarray(tokens, jnp.int32), positions, state.caches,
-                                              state.kpos, jnp.int32(step % C), jnp.int32(slot))
+        logits, state.caches, state.kpos = fn(
+            self._state, self._place(np.asarray(tokens, np.int32), P()), self._place(positions, P()),
+            state.caches, state.kpos, self._place(np.int32(step % C), P()), self._place(np.int32(slot), P()))
         state.logits = logits
         return logits
 
@@ -236,7 +242,7 @@ class Model:
         done = np.zeros(B, bool)
         logits = state.logits
         for step in range(max_new_tokens):
-            tok = np.asarray(_sample(logits, jax.random.fold_in(jax.random.key(seed), step),
+            tok = to_host(_sample(logits, jax.random.fold_in(jax.random.key(seed), step),
                                      float(temperature), top_k, top_p))
             tok = np.where(done, fill, tok)
             out[np.arange(B), lengths + step] = tok
@@ -247,6 +253,14 @@ class Model:
                 break
             logits = self.decode_step(state, tok, step)
         return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process (gathers across processes when needed)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _eos_set(eos):

@@ -1,0 +1,1 @@
+"""Per-shard parallel primitives for the `cp` mesh axis: zigzag layout, ring attention, GDN across ranks."""
