@@ -1,0 +1,307 @@
+"""Chunked gated delta rule forward as Pallas kernels for NVIDIA GPUs (Triton lowering; Hopper-tuned).
+
+Contract: `reference.chunk_gated_delta_rule` (same arguments, same outputs):
+  q, k [B, T, Hk, dk] (l2-normalised by the caller), v [B, T, Hv, dv] with Hv = G * Hk, g, beta
+  [B, T, Hv] fp32, initial_state [B, Hv, dk, dv] fp32 or None -> (o [B, T, Hv, dv] in v's dtype,
+  final_state [B, Hv, dk, dv] fp32). Value head h reads q/k head h // G through the kernels' index maps;
+  the repeat is never materialised. Any T: padded internally to a multiple of the chunk with g = beta = 0
+  tokens, which leave the state unchanged.
+
+Stages (each its own pallas_call; the split follows the usual chunked WY form):
+  1. `_wy_kernel`, parallel over (batch, value head, chunk):
+       A = strictly-lower(beta_i k_i.k_j exp(gc_i - gc_j)),  T = (I + A)^-1,
+       w = T (beta exp(gc) k)  [L, dk],   u = T (beta v)  [L, dv].
+     T comes from the doubling product (I - A)(I + A^2)(I + A^4)... : A is strictly lower, so A^L = 0 and
+     log2(L) squarings give the exact inverse with matrix-unit dots instead of a row-by-row solve.
+  2. `_state_kernel`, sequential over chunks for each (batch, value head, dv block), the dk x BV state in
+     registers: emits the chunk-start state h_n and v_new = u - w S, then
+     S <- exp(gc_last) S + (k exp(gc_last - gc))^T v_new.
+  3. `_output_kernel`, parallel over (batch, value head, chunk, dv block):
+       o = (scale q exp(gc)) h_n + tril(scale q k^T exp(gc_i - gc_j)) v_new.
+gc is the in-chunk cumulative sum of g (computed in jnp: [B, Hv, T], a few MB).
+
+Numerics: the state, every accumulation and the gates are fp32. With bf16 inputs the intermediates
+(w, u, v_new, h) are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
+inverse uses tf32 dots. With fp32 inputs everything is fp32 with exact-fp32 dots ("ieee"), so the result
+matches the jnp reference to ~1e-5.
+
+Triton wants power-of-two tiles: dk and dv are zero-padded to the next power of two (>= 16) when they are
+not one (exact: zero key/value columns add nothing). Limits (NotImplementedError, caught by api.py for
+kernels="auto"): dk <= 256, dv <= 512 (dv = 256 at dk = 128 is the `sequence` strategy's [v | 0]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+CHUNK = 64
+f32 = jnp.float32
+
+# jax 0.11.2 and 0.12 both name it CompilerParams; older releases said TritonCompilerParams.
+_CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Launch parameters. bv_state / bv_out: dv block of the state and output kernels (powers of two)."""
+
+    bv_state: int = 32
+    bv_out: int = 64
+    warps_wy: int = 4
+    warps_state: int = 4
+    warps_out: int = 4
+    stages_state: int = 2
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_supported(dk: int, dv: int, hv: int, hk: int) -> None:
+    if dk > 256:
+        raise NotImplementedError(f"pallas GDN: dk={dk}; at most 256 (the state tile lives in registers)")
+    if dv > 512:
+        raise NotImplementedError(f"pallas GDN: dv={dv}; at most 512")
+    if hv % hk:
+        raise NotImplementedError(f"pallas GDN: Hv={hv} is not a multiple of Hk={hk}")
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _dv_block(dv: int, want: int) -> int:
+    """dv block: `want`, or dv itself when smaller (both powers of two)."""
+    return min(dv, want)
+
+
+def _dot(a, b, precision):
+    return jnp.dot(a, b, preferred_element_type=f32, precision=precision)
+
+
+def _dot_tn(a, b, precision):
+    """a^T b without materialising the transpose outside the dot."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32, precision=precision)
+
+
+def _dot_nt(a, b, precision):
+    """a b^T."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32, precision=precision)
+
+
+def _last(x):
+    """x[-1] of a 1-D vector, written as a masked sum (Triton has no dynamic scalar extract)."""
+    n = x.shape[0]
+    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1, x, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: WY transform per chunk.
+# ----------------------------------------------------------------------------------------------------
+def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inv_prec):
+    k = k_ref[...]  # [L, dk] cdt
+    v = v_ref[...]  # [L, dv]
+    gc = gc_ref[...]  # [L] f32
+    beta = beta_ref[...]
+    L = k.shape[0]
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    strict = row > col
+    diff = jnp.where(strict, gc[:, None] - gc[None, :], 0.0)  # masked before exp: never overflows
+    kk = _dot_nt(k, k, prec)
+    neg_a = jnp.where(strict, -kk * beta[:, None] * jnp.exp(diff), 0.0)  # -A, strictly lower
+    eye = (row == col).astype(f32)
+    # (I + A)^-1 = sum_{j < L} (-A)^j = (I - A)(I + A^2)(I + A^4)...(I + A^(L/2)).
+    inv = eye + neg_a
+    power = neg_a
+    steps = L.bit_length() - 2  # L = 64: squarings to A^2 .. A^32
+    for _ in range(steps):
+        power = _dot(power, power, inv_prec)
+        inv = inv + _dot(inv, power, inv_prec)
+    inv_c = inv.astype(cdt)
+    kb = (k.astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
+    vb = (v.astype(f32) * beta[:, None]).astype(cdt)
+    w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
+    u_ref[...] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
+
+
+def _wy(k, v, gc, beta, G, *, cdt, prec, inv_prec, tiling, interpret):
+    B, Tp, Hk, dk = k.shape
+    Hv, dv = v.shape[2:]
+    N = Tp // CHUNK
+    L = CHUNK
+    kern = functools.partial(_wy_kernel, cdt=cdt, prec=prec, inv_prec=inv_prec)
+    return pl.pallas_call(
+        kern,
+        grid=(B, Hv, N),
+        in_specs=[
+            pl.BlockSpec((None, L, None, dk), lambda b, h, n: (b, n, h // G, 0)),
+            pl.BlockSpec((None, L, None, dv), lambda b, h, n: (b, n, h, 0)),
+            pl.BlockSpec((None, None, L), lambda b, h, n: (b, h, n)),
+            pl.BlockSpec((None, None, L), lambda b, h, n: (b, h, n)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, L, dk), lambda b, h, n: (b, h, n, 0)),
+            pl.BlockSpec((None, None, L, dv), lambda b, h, n: (b, h, n, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, Hv, Tp, dk), cdt), jax.ShapeDtypeStruct((B, Hv, Tp, dv), cdt)],
+        compiler_params=_CompilerParams(num_warps=tiling.warps_wy, num_stages=1),
+        interpret=interpret,
+        name="gdn_wy",
+    )(k, v, gc, beta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: sequential state pass.
+# ----------------------------------------------------------------------------------------------------
+def _state_kernel(w_ref, u_ref, k_ref, gc_ref, s0_ref, h_ref, vn_ref, sT_ref, *, num_chunks, prec):
+    # Refs (batch, head and dv block already selected by the BlockSpecs):
+    # w [Tp, dk], u [Tp, BV], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32,
+    # h [N, dk, BV], vn [Tp, BV], sT [dk, BV] f32.
+    L = CHUNK
+    cdt = w_ref.dtype
+
+    def body(n, S):
+        t = pl.ds(pl.multiple_of(n * L, L), L)
+        h_ref[n] = S.astype(h_ref.dtype)
+        w = w_ref[t, :]
+        u = u_ref[t, :]
+        kc = k_ref[t, :]
+        gc = gc_ref[t]
+        v_new = u.astype(f32) - _dot(w, S.astype(cdt), prec)
+        vn_ref[t, :] = v_new.astype(vn_ref.dtype)
+        g_last = _last(gc)
+        kd = (kc.astype(f32) * jnp.exp(g_last - gc)[:, None]).astype(cdt)
+        return S * jnp.exp(g_last) + _dot_tn(kd, v_new.astype(cdt), prec)
+
+    sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
+
+
+def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret):
+    B, Hv, Tp, dk = w.shape
+    dv = u.shape[-1]
+    N = Tp // CHUNK
+    bv = _dv_block(dv, tiling.bv_state)
+    kern = functools.partial(_state_kernel, num_chunks=N, prec=prec)
+    return pl.pallas_call(
+        kern,
+        grid=(B, Hv, dv // bv),
+        in_specs=[
+            pl.BlockSpec((None, None, Tp, dk), lambda b, h, j: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec((None, Tp, None, dk), lambda b, h, j: (b, 0, h // G, 0)),
+            pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, N, dk, bv), lambda b, h, j: (b, h, 0, 0, j)),
+            pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hv, N, dk, dv), w.dtype),
+            jax.ShapeDtypeStruct((B, Hv, Tp, dv), w.dtype),
+            jax.ShapeDtypeStruct((B, Hv, dk, dv), f32),
+        ],
+        compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=tiling.stages_state),
+        interpret=interpret,
+        name="gdn_state",
+    )(w, u, k, gc, s0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: outputs, parallel over chunks.
+# ----------------------------------------------------------------------------------------------------
+def _output_kernel(q_ref, k_ref, gc_ref, h_ref, vn_ref, o_ref, *, scale, prec):
+    q = q_ref[...]  # [L, dk]
+    k = k_ref[...]
+    gc = gc_ref[...]  # [L] f32
+    h = h_ref[...]  # [dk, BV]
+    vn = vn_ref[...]  # [L, BV]
+    cdt = h.dtype
+    L = q.shape[0]
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    causal = row >= col
+    diff = jnp.where(causal, gc[:, None] - gc[None, :], 0.0)
+    qk = jnp.where(causal, _dot_nt(q, k, prec) * (scale * jnp.exp(diff)), 0.0)
+    qd = (q.astype(f32) * (scale * jnp.exp(gc))[:, None]).astype(cdt)
+    o = _dot(qd, h, prec) + _dot(qk.astype(cdt), vn, prec)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _outputs(q, k, gc, h, vn, G, out_dtype, *, scale, prec, tiling, interpret):
+    B, Tp, Hk, dk = q.shape
+    Hv, N, _, dv = h.shape[1:]
+    L = CHUNK
+    bv = _dv_block(dv, tiling.bv_out)
+    kern = functools.partial(_output_kernel, scale=scale, prec=prec)
+    return pl.pallas_call(
+        kern,
+        grid=(B, Hv, N, dv // bv),
+        in_specs=[
+            pl.BlockSpec((None, L, None, dk), lambda b, h, n, j: (b, n, h // G, 0)),
+            pl.BlockSpec((None, L, None, dk), lambda b, h, n, j: (b, n, h // G, 0)),
+            pl.BlockSpec((None, None, L), lambda b, h, n, j: (b, h, n)),
+            pl.BlockSpec((None, None, None, dk, bv), lambda b, h, n, j: (b, h, n, 0, j)),
+            pl.BlockSpec((None, None, L, bv), lambda b, h, n, j: (b, h, n, j)),
+        ],
+        out_specs=pl.BlockSpec((None, L, None, bv), lambda b, h, n, j: (b, n, h, j)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype),
+        compiler_params=_CompilerParams(num_warps=tiling.warps_out, num_stages=1),
+        interpret=interpret,
+        name="gdn_output",
+    )(q, k, gc, h, vn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry.
+# ----------------------------------------------------------------------------------------------------
+def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, tiling: Tiling = Tiling(),
+                           interpret: bool = False):
+    """Same contract as reference.chunk_gated_delta_rule (chunk size fixed at 64).
+
+    Returns (o [B, T, Hv, dv] in v's dtype, final_state [B, Hv, dk, dv] fp32). `interpret=True` runs the
+    same kernels through the Pallas interpreter (CPU tests)."""
+    B, T, Hk, dk = k.shape
+    Hv, dv = v.shape[2:]
+    check_supported(dk, dv, Hv, Hk)
+    G = Hv // Hk
+    scale = dk**-0.5 if scale is None else float(scale)
+    s0 = jnp.zeros((B, Hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
+    dk_p, dv_p = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
+    if (dk_p, dv_p) != (dk, dv):
+        padl = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
+        q, k, v = padl(q, dk_p), padl(k, dk_p), padl(v, dv_p)
+        s0 = jnp.pad(s0, [(0, 0), (0, 0), (0, dk_p - dk), (0, dv_p - dv)])
+    exact = q.dtype == f32 and k.dtype == f32 and v.dtype == f32
+    cdt = f32 if exact else jnp.bfloat16
+    # fp32 inputs: exact-fp32 dots everywhere. bf16: bf16 operands; the inverse in tf32 (its operands
+    # are fp32 products of exponentials that bf16 would round to 3 digits).
+    prec = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
+    inv_prec = prec
+    out_dtype = v.dtype
+    q, k, v = (x.astype(cdt) for x in (q, k, v))
+
+    L = CHUNK
+    pad = (-T) % L
+    if pad:
+        padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        q, k, v, g, beta = map(padt, (q, k, v, g, beta))
+    Tp = T + pad
+    N = Tp // L
+    gc = jnp.cumsum(g.astype(f32).reshape(B, N, L, Hv), axis=2).reshape(B, Tp, Hv)
+    gc = jnp.transpose(gc, (0, 2, 1))  # [B, Hv, Tp]: one contiguous row per head for the kernels
+    bt = jnp.transpose(beta.astype(f32), (0, 2, 1))
+
+    w, u = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, inv_prec=inv_prec, tiling=tiling, interpret=interpret)
+    h, vn, sT = _state_pass(w, u, k, gc, s0, G, prec=prec, tiling=tiling, interpret=interpret)
+    o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, prec=prec, tiling=tiling, interpret=interpret)
+    return o[:, :T, :, :dv], sT[:, :, :dk, :dv]
