@@ -66,6 +66,8 @@ class Model:
             mesh = make_mesh(cp)
         elif AXIS not in mesh.axis_names:
             raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis")
+        elif cp not in (1, mesh.shape[AXIS]):
+            raise ValueError(f"cp={cp} disagrees with the mesh's {AXIS!r} axis of size {mesh.shape[AXIS]}")
         self.cfg, self.mesh, self.dtype_name = cfg, mesh, dtype
         self.cp = mesh.shape[AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy

@@ -1,0 +1,34 @@
+# `make demo`, `make test`, `make bench`. The first use creates .venv with Python >= 3.12.
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.12 python3.13 python3; do \
+	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then echo $$p; break; fi; done)
+VENV := .venv
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test bench venv
+
+$(VENV)/.base: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.12 not found (set PYTHON=/path/to/python3.12)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.base
+
+demo: $(VENV)/.base
+	$(VENV)/bin/pcp-jax demo
+
+test: $(VENV)/.test
+	$(VENV)/bin/python -m pytest -q -x --durations=15 tests
+
+# GPU benchmarks run on a CUDA machine (see docs/BENCHMARKS.md for the exact commands and results):
+#   python scripts/bench_kernels.py        kernels vs FLA / cuDNN, correctness first
+#   python scripts/bench_prefill.py --preset qwen3.5-9b --tokens 8192,32768,131072
+# On a CPU-only machine `make bench` runs the prefill benchmark of the demo preset.
+bench: $(VENV)/.base
+	$(VENV)/bin/python scripts/bench_prefill.py --preset demo --tokens 2048,8192 --cp 1,4
