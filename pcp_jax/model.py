@@ -50,6 +50,10 @@ def rope(x, positions, cfg: ModelConfig):
     return jnp.concatenate([xr * cos + rotated * sin, xp], axis=-1)
 
 
+# flax >= 0.12 wants lists of modules wrapped in nnx.List; older releases take a plain list.
+_ModuleList = getattr(nnx, "List", list)
+
+
 def _param(params: dict, name: str, dtype):
     if name not in params:
         raise ValueError(f"missing parameter {name!r}")
@@ -69,17 +73,17 @@ class GatedAttention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        qg = (x @ self.q_proj.value).reshape(B, T, cfg.num_heads, 2 * hd)
+        qg = (x @ self.q_proj[...]).reshape(B, T, cfg.num_heads, 2 * hd)
         q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, cfg.num_heads * hd)
-        q = rms_norm(q, self.q_norm.value, cfg.rms_norm_eps)
-        k = rms_norm((x @ self.k_proj.value).reshape(B, T, cfg.num_kv_heads, hd), self.k_norm.value, cfg.rms_norm_eps)
-        v = (x @ self.v_proj.value).reshape(B, T, cfg.num_kv_heads, hd)
+        q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+        k = rms_norm((x @ self.k_proj[...]).reshape(B, T, cfg.num_kv_heads, hd), self.k_norm[...], cfg.rms_norm_eps)
+        v = (x @ self.v_proj[...]).reshape(B, T, cfg.num_kv_heads, hd)
         return rope(q, positions, cfg), rope(k, positions, cfg), v, gate
 
     def _out(self, attn, gate, x):
         B, T = x.shape[:2]
         y = attn.astype(x.dtype).reshape(B, T, -1) * jax.nn.sigmoid(gate)
-        return y @ self.o_proj.value
+        return y @ self.o_proj[...]
 
     def prefill(self, x, ctx: ShardContext):
         q, k, v, gate = self._qkv(x, ctx.positions)
@@ -115,36 +119,36 @@ class GatedDeltaNet(nnx.Module):
 
     def _gates(self, x):
         """beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); both [B, T, Hv] fp32."""
-        b = (x @ self.in_proj_b.value).astype(jnp.float32)
-        a = (x @ self.in_proj_a.value).astype(jnp.float32)
-        g = -jnp.exp(self.A_log.value.astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias.value.astype(jnp.float32))
+        b = (x @ self.in_proj_b[...]).astype(jnp.float32)
+        a = (x @ self.in_proj_a[...]).astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias[...].astype(jnp.float32))
         return g, jax.nn.sigmoid(b)
 
     def _out(self, o, x):
         cfg = self.cfg
         B, T = x.shape[:2]
-        z = (x @ self.in_proj_z.value).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-        y = rms_norm(o.astype(x.dtype), self.norm.value, cfg.rms_norm_eps, zero_centred=False)
+        z = (x @ self.in_proj_z[...]).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+        y = rms_norm(o.astype(x.dtype), self.norm[...], cfg.rms_norm_eps, zero_centred=False)
         y = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
-        return y.reshape(B, T, -1) @ self.out_proj.value
+        return y.reshape(B, T, -1) @ self.out_proj[...]
 
     def prefill(self, x, ctx: ShardContext, initial):
         """initial: {"conv" [B, K-1, conv_dim], "state" [B, Hv, dk, dv] fp32} carried into this prefill."""
         cfg = self.cfg
-        qkv = x @ self.in_proj_qkv.value
+        qkv = x @ self.in_proj_qkv[...]
         g, beta = self._gates(x)
         valid = ctx.valid[..., None]
         g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)  # padding never enters a state
         run = gdn_batch if ctx.gdn_strategy == "batch" else gdn_sequence
-        o, state = run(qkv, g, beta, self.conv_weight.value, ctx, cfg, initial["conv"], initial["state"])
+        o, state = run(qkv, g, beta, self.conv_weight[...], ctx, cfg, initial["conv"], initial["state"])
         conv = _last_tokens(qkv, ctx, initial["conv"])
         return self._out(o, x), {"conv": conv, "state": state}
 
     def decode(self, x, ctx: ShardContext, cache):
         cfg = self.cfg
-        qkv = x @ self.in_proj_qkv.value  # [B, 1, Cd]
+        qkv = x @ self.in_proj_qkv[...]  # [B, 1, Cd]
         window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, Cd]
-        conv = causal_conv(qkv, self.conv_weight.value, window[:, :-1])
+        conv = causal_conv(qkv, self.conv_weight[...], window[:, :-1])
         q, k, v = split_heads(conv[:, 0], cfg)
         g, beta = self._gates(x)
         o, state = gated_delta_rule_step(q, k, v, g[:, 0], beta[:, 0], cache["state"], kernels=ctx.kernels)
@@ -175,7 +179,7 @@ class MLP(nnx.Module):
             setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
 
     def __call__(self, x):
-        return (jax.nn.silu(x @ self.gate_proj.value) * (x @ self.up_proj.value)) @ self.down_proj.value
+        return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[...]
 
 
 class MoE(nnx.Module):
@@ -195,7 +199,7 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         k = cfg.num_experts_per_tok
-        logits = (x @ self.router.value).astype(jnp.float32)
+        logits = (x @ self.router[...]).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         top_w, top_e = jax.lax.top_k(probs, k)  # [M, k]
         if cfg.norm_topk_prob:
@@ -207,11 +211,11 @@ class MoE(nnx.Module):
         group_sizes = jnp.bincount(flat_e, length=cfg.num_experts).astype(jnp.int32)
         xs = jnp.take(x, token, axis=0)
         gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=kernels)
-        h = jax.nn.silu(gmm(xs, self.gate_proj.value)) * gmm(xs, self.up_proj.value)
-        y = gmm(h, self.down_proj.value) * jnp.take(top_w.reshape(-1), order)[:, None]
+        h = jax.nn.silu(gmm(xs, self.gate_proj[...])) * gmm(xs, self.up_proj[...])
+        y = gmm(h, self.down_proj[...]) * jnp.take(top_w.reshape(-1), order)[:, None]
         out = jnp.zeros_like(x).at[token].add(y)
         if cfg.shared_expert_intermediate_size:
-            out = out + jax.nn.sigmoid(x @ self.shared_gate.value) * self.shared(x)
+            out = out + jax.nn.sigmoid(x @ self.shared_gate[...]) * self.shared(x)
         return out.reshape(shape)
 
 
@@ -233,16 +237,16 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(params, f"{p}.mlp", dtype)
 
     def _channel(self, x, ctx):
-        h = rms_norm(x, self.post_norm.value, self.cfg.rms_norm_eps)
+        h = rms_norm(x, self.post_norm[...], self.cfg.rms_norm_eps)
         return x + (self.moe(h, ctx.kernels) if self.cfg.is_moe else self.mlp(h))
 
     def prefill(self, x, ctx: ShardContext, initial):
-        h = rms_norm(x, self.input_norm.value, self.cfg.rms_norm_eps)
+        h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
         y, cache = self.attn.prefill(h, ctx) if self.is_attention else self.gdn.prefill(h, ctx, initial)
         return self._channel(x + y, ctx), cache
 
     def decode(self, x, ctx: ShardContext, cache, kpos, write):
-        h = rms_norm(x, self.input_norm.value, self.cfg.rms_norm_eps)
+        h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
         y, cache = self.attn.decode(h, ctx, cache, kpos, write) if self.is_attention else self.gdn.decode(h, ctx, cache)
         return self._channel(x + y, ctx), cache
 
@@ -253,7 +257,7 @@ class Qwen35(nnx.Module):
     def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16):
         self.cfg = cfg
         self.embed = _param(params, "embed", dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, params, dtype) for i in range(cfg.num_layers)])
+        self.layers = _ModuleList([DecoderLayer(cfg, i, params, dtype) for i in range(cfg.num_layers)])
         self.final_norm = _param(params, "final_norm", dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(params, "lm_head", dtype)
@@ -263,7 +267,7 @@ class Qwen35(nnx.Module):
             raise ValueError(f"unexpected parameters for this config: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
 
     def embed_tokens(self, ids):
-        return jnp.take(self.embed.value, ids, axis=0)
+        return jnp.take(self.embed[...], ids, axis=0)
 
     def prefill(self, ids, ctx: ShardContext, initial: list):
         """ids [B, T] this rank's tokens; initial[i]: GDN layer i's carried {"conv", "state"} (None for
@@ -285,8 +289,8 @@ class Qwen35(nnx.Module):
         return self.head(x[:, 0]), new
 
     def head(self, x):
-        x = rms_norm(x, self.final_norm.value, self.cfg.rms_norm_eps)
-        w = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
