@@ -1,0 +1,126 @@
+"""Stream our flat params out of a Hugging Face Qwen3.5 folder, tensor by tensor.
+
+    iter_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> Iterator[(name, np.ndarray)]
+    read_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> dict[name, np.ndarray]
+
+Names, shapes and order are those of `hf_names.expected_shapes(cfg)`; `cfg=None` reads `config.json`.
+Arrays are float32 or ml_dtypes.bfloat16, C-contiguous and owned (no view into the files). Values are
+exact copies of the HF tensors, except float32 -> bfloat16 which rounds to nearest even, as torch's
+`.to(torch.bfloat16)` does.
+
+The whole checkpoint (every header, the name mapping, every shape and dtype) is validated when
+`iter_hf_params` is called, before the first tensor is read; a tied `lm_head.weight` stored in the file is
+compared with the embedding then. While streaming, memory holds one of our tensors (a stacked expert
+array is filled expert by expert) plus the mapped pages of the HF tensor being copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from pcp_jax.config import ModelConfig
+
+from .errors import ConvertError
+from .hf_names import Plan, Source, plan
+from .safetensors_io import SafetensorsCheckpoint
+
+logger = logging.getLogger("pcp_jax.convert")
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Rows of the embedding compared at a time when checking a stored tied lm_head (bounds the temporaries).
+_TIE_CHECK_ROWS = 4096
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """"float32" | "bfloat16" (or the numpy dtypes themselves) -> np.dtype; anything else is a ConvertError."""
+    for name, dt in DTYPES.items():
+        if dtype == name or (not isinstance(dtype, str) and _same_dtype(dtype, dt)):
+            return dt
+    raise ConvertError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
+
+
+def dtype_name(dtype) -> str:
+    """The canonical name ("float32" | "bfloat16") of a dtype accepted by `resolve_dtype`."""
+    dt = resolve_dtype(dtype)
+    return next(name for name, d in DTYPES.items() if d == dt)
+
+
+def _same_dtype(a, b) -> bool:
+    try:
+        return np.dtype(a) == b
+    except TypeError:
+        return False
+
+
+def load_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
+    path = os.path.join(os.fspath(hf_dir), "config.json")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{hf_dir} has no config.json; expected a Hugging Face model folder")
+    try:
+        return ModelConfig.from_hf_file(path)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from None
+
+
+def open_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None
+                       ) -> tuple[ModelConfig, SafetensorsCheckpoint, Plan]:
+    """Read config (unless given), every safetensors header, and match them; no tensor data is read
+    except a stored tied lm_head, which must equal the embedding."""
+    hf_dir = os.fspath(hf_dir)
+    cfg = cfg if cfg is not None else load_hf_config(hf_dir)
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    try:
+        the_plan = plan(cfg, ckpt.tensors)
+    except ConvertError as e:
+        raise ConvertError(f"{hf_dir}: {e}") from None
+    if the_plan.skipped:
+        total = sum(len(v) for v in the_plan.skipped.values())
+        logger.info("%s: skipping %d tensors not used by the text model (%s)", hf_dir, total,
+                    ", ".join(f"{len(v)} of the {why}" for why, v in the_plan.skipped.items()))
+    if the_plan.tied_lm_head is not None:
+        _check_tied(ckpt, the_plan)
+    return cfg, ckpt, the_plan
+
+
+def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None, dtype="bfloat16"
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    """Validate the folder now, then yield (our_name, array) one tensor at a time in streaming order."""
+    out_dtype = resolve_dtype(dtype)
+    _, ckpt, the_plan = open_hf_checkpoint(hf_dir, cfg)
+    return ((name, materialise(ckpt, source, out_dtype)) for name, source in the_plan.sources.items())
+
+
+def read_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None, dtype="bfloat16"
+                   ) -> dict[str, np.ndarray]:
+    """All flat params of an HF folder in host memory (for tests and small models; `convert` streams)."""
+    return dict(iter_hf_params(hf_dir, cfg, dtype))
+
+
+def materialise(ckpt: SafetensorsCheckpoint, source: Source, dtype: np.dtype) -> np.ndarray:
+    """Build our tensor `source.name` as a fresh C-contiguous array of `dtype`."""
+    first = source.pieces[0]
+    if first.expert is None:
+        # astype always copies, so the result owns its memory and the file mapping is released.
+        return first.transform.apply(ckpt.read(first.hf_name)).astype(dtype, order="C")
+    out = np.empty(source.shape, dtype)
+    for piece in source.pieces:
+        out[piece.expert] = piece.transform.apply(ckpt.read(piece.hf_name))
+    return out
+
+
+def _check_tied(ckpt: SafetensorsCheckpoint, the_plan: Plan) -> None:
+    embed_name = the_plan.sources["embed"].pieces[0].hf_name
+    head_name = the_plan.tied_lm_head
+    embed, head = ckpt.read(embed_name), ckpt.read(head_name)
+    for start in range(0, embed.shape[0], _TIE_CHECK_ROWS):
+        rows = slice(start, start + _TIE_CHECK_ROWS)
+        if not np.array_equal(embed[rows].astype(np.float32), head[rows].astype(np.float32)):
+            raise ConvertError(
+                f"{ckpt.folder}: config.json sets tie_word_embeddings but {head_name} differs from {embed_name} "
+                f"(first differing row block starts at row {start}); fix tie_word_embeddings or the weights")

@@ -1,0 +1,315 @@
+"""Hugging Face Qwen3.5 checkpoint names -> our flat-param names: the rule table, the transforms, the shapes.
+
+Our flat params (the contract with the model) are `{name: array}`, input-major (`y = x @ W`):
+
+    embed [V, D]                         <- model.embed_tokens.weight
+    final_norm [D]                       <- model.norm.weight
+    lm_head [D, V]                       <- lm_head.weight.T          (absent when tie_word_embeddings)
+    layers.{i}.input_norm / post_norm [D] <- input_layernorm / post_attention_layernorm .weight
+    full attention:   attn.q_proj [D, Hq*2*hd] (per head [query | gate], as HF), attn.k_proj / v_proj
+                      [D, Hkv*hd], attn.o_proj [Hq*hd, D], attn.q_norm / k_norm [hd]
+    Gated DeltaNet:   gdn.in_proj_qkv [D, conv_dim], gdn.in_proj_z [D, Hv*dv], gdn.in_proj_b / in_proj_a
+                      [D, Hv], gdn.conv_weight [K, conv_dim] (<- conv1d.weight [conv_dim, 1, K]),
+                      gdn.A_log / dt_bias [Hv], gdn.norm [dv], gdn.out_proj [Hv*dv, D]
+    dense MLP:        mlp.gate_proj / up_proj [D, F], mlp.down_proj [F, D]
+    MoE:              moe.router [D, E], moe.gate_proj / up_proj [E, D, Fe], moe.down_proj [E, Fe, D],
+                      and when shared_expert_intermediate_size > 0: moe.shared.gate_proj / up_proj [D, Fs],
+                      moe.shared.down_proj [Fs, D], moe.shared_gate [D, 1]
+
+Every 2-D HF `Linear.weight` ([out, in]) is transposed. HF stores experts either one tensor per expert
+(`mlp.experts.{e}.gate_proj.weight` [Fe, D], ...) or fused (`mlp.experts.gate_up_proj` [E, 2Fe, D] with gate
+the first Fe rows, `mlp.experts.down_proj` [E, D, Fe]); both give the same stacked arrays.
+
+HF names carry the prefix `model.` (text-only CausalLM) or `model.language_model.` (the multimodal model);
+`lm_head.weight` is top level. The vision tower (`model.visual.*`) and the multi-token-prediction head
+(`mtp.*`) are skipped. `plan(cfg, tensors)` checks a whole checkpoint against these rules from the headers
+alone (names, shapes, dtypes) and fails with one `ConvertError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from pcp_jax.config import FULL_ATTENTION, ModelConfig
+
+from .errors import ConvertError
+
+# Weights must be floating point; integer or FP8 tensors mean a quantised checkpoint, which needs scales.
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
+
+# HF name prefixes that are not part of the text model, with the reason shown in the log line.
+SKIPPED_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every flat-param name of `cfg` with its shape, in streaming order: embed, layers 0..L-1, final_norm,
+    lm_head."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embed": (V, D)}
+    for i, kind in enumerate(cfg.layer_types):
+        p = f"layers.{i}."
+        shapes[p + "input_norm"] = (D,)
+        if kind == FULL_ATTENTION:
+            hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+            shapes.update({
+                p + "attn.q_proj": (D, hq * 2 * hd), p + "attn.k_proj": (D, hkv * hd),
+                p + "attn.v_proj": (D, hkv * hd), p + "attn.o_proj": (hq * hd, D),
+                p + "attn.q_norm": (hd,), p + "attn.k_norm": (hd,),
+            })
+        else:
+            hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+            shapes.update({
+                p + "gdn.in_proj_qkv": (D, cfg.conv_dim), p + "gdn.in_proj_z": (D, hv * dv),
+                p + "gdn.in_proj_b": (D, hv), p + "gdn.in_proj_a": (D, hv),
+                p + "gdn.conv_weight": (cfg.conv_kernel, cfg.conv_dim),
+                p + "gdn.A_log": (hv,), p + "gdn.dt_bias": (hv,), p + "gdn.norm": (dv,),
+                p + "gdn.out_proj": (hv * dv, D),
+            })
+        shapes[p + "post_norm"] = (D,)
+        if cfg.is_moe:
+            E, Fe, Fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            shapes.update({
+                p + "moe.router": (D, E), p + "moe.gate_proj": (E, D, Fe), p + "moe.up_proj": (E, D, Fe),
+                p + "moe.down_proj": (E, Fe, D),
+            })
+            if Fs > 0:
+                shapes.update({
+                    p + "moe.shared.gate_proj": (D, Fs), p + "moe.shared.up_proj": (D, Fs),
+                    p + "moe.shared.down_proj": (Fs, D), p + "moe.shared_gate": (D, 1),
+                })
+        else:
+            F = cfg.intermediate_size
+            shapes.update({p + "mlp.gate_proj": (D, F), p + "mlp.up_proj": (D, F), p + "mlp.down_proj": (F, D)})
+    shapes["final_norm"] = (D,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def unit_of(name: str) -> str:
+    """The storage unit of a flat-param name: `layers.{i}` for layer tensors, else the name itself."""
+    if name.startswith("layers."):
+        return ".".join(name.split(".", 2)[:2])
+    return name
+
+
+# Transforms -------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How one HF tensor becomes (part of) one of ours. `apply` only takes views (transpose, slice), so it
+    costs no memory until the caller copies into the output dtype. `hf_shape` maps our target shape to the
+    HF shape that must be stored (for per-expert pieces: the shape of one expert's tensor)."""
+
+    name: str
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    apply: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda s: s, lambda x: x)
+TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda x: x.T)
+# conv1d.weight is [conv_dim, 1, K] (depthwise: one input channel per group).
+CONV = Transform("conv1d [C, 1, K] -> [K, C]", lambda s: (s[1], 1, s[0]), lambda x: x[:, 0, :].T)
+# One expert's Linear weight, transposed into its slot of the stacked [E, in, out] array.
+EXPERT_TRANSPOSE = Transform("expert transpose", lambda s: (s[2], s[1]), lambda x: x.T)
+FUSED_GATE = Transform("gate half of gate_up_proj [E, 2Fe, D]", lambda s: (s[0], 2 * s[2], s[1]),
+                       lambda x: x[:, : x.shape[1] // 2, :].transpose(0, 2, 1))
+FUSED_UP = Transform("up half of gate_up_proj [E, 2Fe, D]", lambda s: (s[0], 2 * s[2], s[1]),
+                     lambda x: x[:, x.shape[1] // 2:, :].transpose(0, 2, 1))
+FUSED_DOWN = Transform("fused down_proj [E, D, Fe]", lambda s: (s[0], s[2], s[1]),
+                       lambda x: x.transpose(0, 2, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`pattern` is matched against the whole canonical HF name (prefix `model.`); every target is an
+    our-name template formatted with the pattern's named groups (`layer`, and `expert` for per-expert)."""
+
+    pattern: re.Pattern
+    targets: tuple[tuple[str, Transform], ...]
+
+
+def _rule(pattern: str, *targets: tuple[str, Transform]) -> Rule:
+    return Rule(re.compile(pattern.replace(".", r"\.").replace("{L}", r"(?P<layer>\d+)")
+                           .replace("{E}", r"(?P<expert>\d+)")), targets)
+
+
+_L = "model.layers.{L}."
+RULES: tuple[Rule, ...] = (
+    _rule("model.embed_tokens.weight", ("embed", IDENTITY)),
+    _rule("model.norm.weight", ("final_norm", IDENTITY)),
+    _rule("lm_head.weight", ("lm_head", TRANSPOSE)),
+    _rule(_L + "input_layernorm.weight", ("layers.{layer}.input_norm", IDENTITY)),
+    _rule(_L + "post_attention_layernorm.weight", ("layers.{layer}.post_norm", IDENTITY)),
+    *(_rule(_L + f"self_attn.{p}.weight", (f"layers.{{layer}}.attn.{p}", TRANSPOSE))
+      for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    *(_rule(_L + f"self_attn.{n}.weight", (f"layers.{{layer}}.attn.{n}", IDENTITY)) for n in ("q_norm", "k_norm")),
+    *(_rule(_L + f"linear_attn.{p}.weight", (f"layers.{{layer}}.gdn.{p}", TRANSPOSE))
+      for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")),
+    _rule(_L + "linear_attn.conv1d.weight", ("layers.{layer}.gdn.conv_weight", CONV)),
+    _rule(_L + "linear_attn.A_log", ("layers.{layer}.gdn.A_log", IDENTITY)),
+    _rule(_L + "linear_attn.dt_bias", ("layers.{layer}.gdn.dt_bias", IDENTITY)),
+    _rule(_L + "linear_attn.norm.weight", ("layers.{layer}.gdn.norm", IDENTITY)),
+    *(_rule(_L + f"mlp.{p}.weight", (f"layers.{{layer}}.mlp.{p}", TRANSPOSE)) for p in ("gate_proj", "up_proj", "down_proj")),
+    _rule(_L + "mlp.gate.weight", ("layers.{layer}.moe.router", TRANSPOSE)),
+    *(_rule(_L + f"mlp.experts.{{E}}.{p}.weight", (f"layers.{{layer}}.moe.{p}", EXPERT_TRANSPOSE))
+      for p in ("gate_proj", "up_proj", "down_proj")),
+    _rule(_L + "mlp.experts.gate_up_proj",
+          ("layers.{layer}.moe.gate_proj", FUSED_GATE), ("layers.{layer}.moe.up_proj", FUSED_UP)),
+    _rule(_L + "mlp.experts.down_proj", ("layers.{layer}.moe.down_proj", FUSED_DOWN)),
+    *(_rule(_L + f"mlp.shared_expert.{p}.weight", (f"layers.{{layer}}.moe.shared.{p}", TRANSPOSE))
+      for p in ("gate_proj", "up_proj", "down_proj")),
+    _rule(_L + "mlp.shared_expert_gate.weight", ("layers.{layer}.moe.shared_gate", TRANSPOSE)),
+)
+
+
+def canonical_name(hf_name: str) -> str:
+    """`model.language_model.X` (multimodal checkpoints) -> `model.X`; other names unchanged."""
+    if hf_name.startswith("model.language_model."):
+        return "model." + hf_name[len("model.language_model."):]
+    return hf_name
+
+
+# The plan -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One HF tensor feeding one of our tensors; `expert` is its slot in a stacked expert array, or None."""
+
+    hf_name: str
+    transform: Transform
+    expert: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How to build our tensor `name` of `shape`: from one piece, or from one piece per expert (in order)."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """`sources` in streaming order (see `expected_shapes`); `skipped` maps a reason to the HF names ignored
+    for it; `tied_lm_head` names a stored `lm_head.weight` of a tied model, to be checked equal to embed."""
+
+    sources: dict[str, Source]
+    skipped: dict[str, list[str]]
+    tied_lm_head: str | None
+
+
+class TensorHeader(Protocol):
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
+    """Match every HF tensor (name -> header with `.shape` and safetensors `.dtype`) to our names.
+
+    Raises ConvertError listing every unexpected, conflicting, missing, wrongly shaped or non-float tensor.
+    """
+    shapes = expected_shapes(cfg)
+    pieces: dict[str, dict[int | None, Piece]] = {}
+    skipped: dict[str, list[str]] = {}
+    unexpected, conflicts, bad_shape, bad_dtype = [], [], [], []
+    tied_lm_head = None
+
+    for hf_name, header in tensors.items():
+        reason = next((why for p, why in SKIPPED_PREFIXES.items() if hf_name.startswith(p)), None)
+        if reason:
+            skipped.setdefault(reason, []).append(hf_name)
+            continue
+        canon = canonical_name(hf_name)
+        if canon == "lm_head.weight" and cfg.tie_word_embeddings:
+            if tuple(header.shape) != shapes["embed"]:
+                bad_shape.append(f"{hf_name}: shape {tuple(header.shape)}, expected {shapes['embed']} "
+                                 f"(tied to embed_tokens)")
+            tied_lm_head = hf_name
+            continue
+        if (not cfg.shared_expert_intermediate_size and cfg.is_moe
+                and re.search(r"\.mlp\.shared_expert(_gate)?\.", canon)):
+            # HF builds a shared expert even when its size is 0; its output is then identically 0.
+            skipped.setdefault("shared expert of size 0", []).append(hf_name)
+            continue
+        matched = _match(canon)
+        if matched is None:
+            unexpected.append(f"{hf_name} (no rule)")
+            continue
+        if header.dtype not in FLOAT_DTYPES:
+            bad_dtype.append(f"{hf_name}: {header.dtype}")
+        for target, transform, expert in matched:
+            if target not in shapes:
+                unexpected.append(f"{hf_name} (would be {target}, which this config.json does not have)")
+                continue
+            if expert is not None and expert >= cfg.num_experts:
+                unexpected.append(f"{hf_name} (expert {expert}, but num_experts={cfg.num_experts})")
+                continue
+            want = transform.hf_shape(shapes[target])
+            if tuple(header.shape) != want:
+                bad_shape.append(f"{hf_name}: shape {tuple(header.shape)}, expected {want} for {target} "
+                                 f"{shapes[target]}")
+            slots = pieces.setdefault(target, {})
+            # A whole tensor conflicts with anything else for its target; an expert slice with its own slot
+            # or with a fused (whole) tensor.
+            clash = next(iter(slots.values()), None) if expert is None else slots.get(expert, slots.get(None))
+            if clash is not None:
+                conflicts.append(f"{target}: from both {clash.hf_name} and {hf_name}")
+                continue
+            slots[expert] = Piece(hf_name, transform, expert)
+
+    missing = []
+    for name in shapes:
+        slots = pieces.get(name, {})
+        if not slots:
+            missing.append(name)
+        elif None not in slots:
+            absent = [e for e in range(cfg.num_experts) if e not in slots]
+            if absent:
+                missing.append(f"{name} experts {_short(absent)}")
+
+    problems = [(f"unexpected tensors ({len(unexpected)})", unexpected),
+                (f"conflicting sources ({len(conflicts)})", conflicts),
+                (f"missing tensors ({len(missing)})", missing),
+                (f"wrong shapes ({len(bad_shape)})", bad_shape),
+                (f"unsupported dtypes ({len(bad_dtype)}; expected one of {list(FLOAT_DTYPES)})", bad_dtype)]
+    problems = [(title, items) for title, items in problems if items]
+    if problems:
+        lines = [f"the checkpoint does not match its config.json ({_describe(cfg)}):"]
+        for title, items in problems:
+            lines.append(f"  {title}:")
+            lines.extend(f"    {item}" for item in items[:40])
+            if len(items) > 40:
+                lines.append(f"    ... and {len(items) - 40} more")
+        raise ConvertError("\n".join(lines))
+
+    sources = {}
+    for name, shape in shapes.items():
+        slots = pieces[name]
+        order = [None] if None in slots else range(cfg.num_experts)
+        sources[name] = Source(name, shape, tuple(slots[e] for e in order))
+    return Plan(sources=sources, skipped=skipped, tied_lm_head=tied_lm_head)
+
+
+def _match(canon: str) -> list[tuple[str, Transform, int | None]] | None:
+    for rule in RULES:
+        m = rule.pattern.fullmatch(canon)
+        if m:
+            groups = m.groupdict()
+            expert = int(groups["expert"]) if groups.get("expert") is not None else None
+            return [(template.format(**groups), transform, expert) for template, transform in rule.targets]
+    return None
+
+
+def _short(xs: list[int]) -> str:
+    return str(xs) if len(xs) <= 8 else f"{xs[:8]} ... ({len(xs)} in all)"
+
+
+def _describe(cfg: ModelConfig) -> str:
+    kind = f"MoE {cfg.num_experts} experts" if cfg.is_moe else "dense"
+    return (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {kind}, "
+            f"tie_word_embeddings={cfg.tie_word_embeddings}")
