@@ -1,0 +1,26 @@
+"""pcp_jax.convert: Hugging Face Qwen3.5 safetensors -> our flat params and Orbax checkpoints.
+
+Flat params: `{name: np.ndarray}`, input-major, names and shapes in `hf_names` (and
+`expected_shapes(cfg)`). Public surface:
+
+    read_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> dict[str, np.ndarray]
+    iter_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> Iterator[(name, np.ndarray)]
+    convert(hf_dir, out_dir, dtype="bfloat16", progress=True) -> str
+    is_orbax_dir(path) -> bool
+    save_orbax(out_dir, cfg, params_iter, dtype="bfloat16", *, extra_files=None, progress=False) -> str
+    load_orbax(path, *, shardings=None, dtype=None) -> (ModelConfig, dict[str, array])
+    main_convert(argv) -> int                   (the `pcp-jax convert` command)
+
+Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong.
+"""
+
+from .converter import convert, main_convert
+from .errors import ConvertError
+from .hf_loader import iter_hf_params, load_hf_config, read_hf_params
+from .hf_names import expected_shapes
+from .orbax_io import is_orbax_dir, load_orbax, read_orbax_config, save_orbax
+
+__all__ = [
+    "ConvertError", "convert", "expected_shapes", "is_orbax_dir", "iter_hf_params", "load_hf_config",
+    "load_orbax", "main_convert", "read_hf_params", "read_orbax_config", "save_orbax",
+]

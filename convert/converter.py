@@ -1,0 +1,63 @@
+"""`convert(hf_dir, out_dir, dtype)`: a Hugging Face Qwen3.5 folder -> our Orbax folder, streamed.
+
+Order of work, so that every input error surfaces before anything is written:
+1. the dtype and OUT_DIR are checked (OUT_DIR must be absent or an empty directory);
+2. config.json and every safetensors header are read and matched against the config (`hf_names.plan`):
+   unexpected, missing, wrongly shaped or non-float tensors, corrupt/truncated files and missing shards
+   all fail here, naming what is wrong;
+3. tensors are streamed one by one (`iter_hf_params`) into one Orbax checkpoint per layer/top-level tensor
+   (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success.
+
+Peak host memory is about twice the largest unit (one layer's tensors, or the embedding / lm_head, in
+the output dtype): the unit being built plus Orbax's transient buffers while it writes. It does not grow
+with the number of layers; see docs/convert.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ConvertError
+from .hf_loader import iter_hf_params, load_hf_config, resolve_dtype
+from .orbax_io import check_out_dir, save_orbax
+
+# Small files of an HF folder that a converted folder keeps, so it can be used without the original.
+# config.json is kept as hf_config.json: a folder holding config.json would look like an HF folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
+            progress: bool = True) -> str:
+    """Convert the HF folder `hf_dir` into a new converted folder `out_dir` of `dtype` ("bfloat16" or
+    "float32"); returns the absolute path of `out_dir`. Raises ConvertError; on error OUT_DIR is untouched."""
+    hf_dir = os.fspath(hf_dir)
+    resolve_dtype(dtype)
+    out_dir = check_out_dir(out_dir)
+    cfg = load_hf_config(hf_dir)
+    params = iter_hf_params(hf_dir, cfg, dtype)
+    extra = {name: os.path.join(hf_dir, name) for name in TOKENIZER_FILES
+             if os.path.isfile(os.path.join(hf_dir, name))}
+    extra["hf_config.json"] = os.path.join(hf_dir, "config.json")
+    return save_orbax(out_dir, cfg, params, dtype, extra_files=extra, progress=progress)
+
+
+def main_convert(argv: list[str] | None = None) -> int:
+    """`pcp-jax convert HF_DIR OUT_DIR [--dtype bfloat16] [--no-progress]`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="pcp-jax convert",
+        description="Convert a Hugging Face Qwen3.5 folder (config.json + safetensors) into a pcp_jax Orbax folder.")
+    parser.add_argument("hf_dir", metavar="HF_DIR")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="new folder (absent or empty)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        path = convert(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.no_progress)
+    except ConvertError as e:
+        print(f"pcp-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
