@@ -60,6 +60,8 @@ def _same_dtype(a, b) -> bool:
 
 def load_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
     path = os.path.join(os.fspath(hf_dir), "config.json")
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"{hf_dir} is not a directory; expected a Hugging Face model folder")
     if not os.path.isfile(path):
         raise ConvertError(f"{hf_dir} has no config.json; expected a Hugging Face model folder")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tracemalloc
 
@@ -27,7 +28,7 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTe
 
 from pcp_jax.config import ModelConfig
 from pcp_jax.convert import (ConvertError, convert, expected_shapes, is_orbax_dir, iter_hf_params, load_orbax,
-                             main_convert, read_hf_params)
+                             main_convert, read_hf_params, save_orbax)
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -228,6 +229,18 @@ def test_tied_embeddings(tmp_path):
         read_hf_params(path, cfg, "float32")
 
 
+def test_moe_without_shared_expert(tmp_path, caplog):
+    # HF still builds a shared expert of size 0 (and its gate); its output is 0, so it is skipped.
+    model = moe_model(seed=5, shared_expert_intermediate_size=0)
+    path = save(model, tmp_path / "hf")
+    cfg = cfg_of(path)
+    with caplog.at_level(logging.INFO, logger="pcp_jax.convert"):
+        got = read_hf_params(path, cfg, "float32")
+    want = {k: v for k, v in expected_params(model, cfg).items() if ".moe.shared" not in k}
+    assert_exact(got, want)
+    assert "16 of the shared expert of size 0" in caplog.text
+
+
 def _bf16(x: np.ndarray) -> np.ndarray:
     """torch's fp32 -> bf16 rounding, as the reference for ours."""
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -302,6 +315,30 @@ def test_load_orbax_to_shardings_and_dtype(dense, tmp_path):
     np.testing.assert_array_equal(bf16["embed"], host["embed"].astype(ml_dtypes.bfloat16))
     with pytest.raises(ConvertError, match=r"shardings must name every tensor"):
         load_orbax(out, shardings={"embed": replicated})
+
+
+def test_save_orbax_checks_the_stream(dense, tmp_path):
+    _, path = dense
+    cfg = cfg_of(path)
+    params = read_hf_params(path, cfg, "float32")
+    items = list(params.items())
+    out = tmp_path / "out"
+    cases = {
+        "unexpected tensor 'layers.0.bogus'": items + [("layers.0.bogus", np.zeros(1))],
+        "tensor 'embed' was given twice": [items[0]] + items,
+        "has shape (3,), expected (32,)": [(n, np.zeros(3) if n == "final_norm" else a) for n, a in items],
+        "tensors were never given: layers.1.post_norm": [(n, a) for n, a in items if n != "layers.1.post_norm"],
+        "'layers.0.input_norm' arrived after unit 'layers.0' was written":
+            [x for x in items if x[0] != "layers.0.input_norm"] + [("layers.0.input_norm", params["layers.0.input_norm"])],
+    }
+    for message, stream in cases.items():
+        with pytest.raises(ConvertError, match=re.escape(message)):
+            save_orbax(out, cfg, iter(stream), "float32")
+        assert os.listdir(tmp_path) == [], message
+    # jax arrays are accepted and cast to the checkpoint dtype.
+    save_orbax(out, cfg, ((n, jax.numpy.asarray(a)) for n, a in items), "bfloat16")
+    _, back = load_orbax(out)
+    np.testing.assert_array_equal(back["embed"], params["embed"].astype(ml_dtypes.bfloat16))
 
 
 def test_cli(dense, tmp_path, capsys):
