@@ -74,7 +74,7 @@ class Model:
         self.dtype = _DTYPES[dtype]
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
-        self._state = jax.device_put(state, NamedSharding(mesh, P()))
+        self._state = _replicate(state, NamedSharding(mesh, P()))
         self._fns: dict = {}
 
     # Input checks ---------------------------------------------------------------------------------
@@ -255,6 +255,23 @@ class Model:
                 break
             logits = self.decode_step(state, tok, step)
         return out
+
+
+def _replicate(tree, sharding: NamedSharding):
+    """Every leaf on every device of a replicated `sharding`. Across processes each process copies its
+    own (identical) leaves onto its local devices: `jax.device_put` would instead compare every leaf
+    across processes first (a process_allgather of the whole model). Leaves that are already global
+    (e.g. restored from Orbax onto this mesh) are resharded, not copied through the host."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    local = sorted(sharding.addressable_devices, key=lambda d: d.id)
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_single_device_arrays(np.shape(x), sharding, [jax.device_put(x, d) for d in local])
+
+    return jax.tree.map(leaf, tree)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
