@@ -1,8 +1,12 @@
-"""Test setup: 8 virtual CPU devices for `cp` meshes (must be set before JAX creates its backend)."""
+"""Test setup: 8 virtual CPU devices for `cp` meshes (must be set before JAX creates its backend), and
+cheaper XLA CPU compilation: the suite compiles many small programs and runs each only once or twice."""
 
 import os
 
-flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+              "--xla_llvm_disable_expensive_passes=true"):
+    if _flag.split("=")[0] not in _flags:
+        _flags = f"{_flags} {_flag}".strip()
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

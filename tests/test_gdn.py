@@ -1,0 +1,58 @@
+"""Gated delta rule: chunked == naive recurrence == transformers' torch functions (fp32), with and
+without an initial state, qk/v head ratio 1 and > 1, lengths that are not multiples of the chunk; and
+padding tokens (g = beta = 0) leave the state unchanged."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
+
+from pcp_jax.kernels.gdn.reference import chunk_gated_delta_rule, gated_delta_rule_step, naive_gated_delta_rule
+from hf_models import rel_err
+
+
+def inputs(rng, B, T, Hk, G, dk, dv, with_state):
+    l2 = lambda x: x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+    q = l2(rng.normal(size=(B, T, Hk, dk))).astype(np.float32)
+    k = l2(rng.normal(size=(B, T, Hk, dk))).astype(np.float32)
+    v = rng.normal(size=(B, T, Hk * G, dv)).astype(np.float32)
+    g = (-np.abs(rng.normal(size=(B, T, Hk * G))) * 0.5).astype(np.float32)
+    beta = rng.uniform(size=(B, T, Hk * G)).astype(np.float32)
+    s0 = rng.normal(size=(B, Hk * G, dk, dv)).astype(np.float32) if with_state else None
+    return q, k, v, g, beta, s0
+
+
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("T", [1, 63, 64, 200])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_naive_equals_transformers(G, T, with_state):
+    rng = np.random.default_rng(T * 3 + G + with_state)
+    q, k, v, g, beta, s0 = inputs(rng, 2, T, 2, G, 16, 8, with_state)
+    o_n, s_n = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    o_c, s_c = chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    assert rel_err(o_c, o_n) <= 1e-5 and rel_err(s_c, s_n) <= 1e-5
+    t = lambda a: None if a is None else torch.from_numpy(a)
+    o_h, s_h = torch_chunk_gated_delta_rule(t(q), t(k), t(v), t(g), t(beta), initial_state=t(s0),
+                                            output_final_state=True)
+    o_r, s_r = torch_recurrent_gated_delta_rule(t(q), t(k), t(v), t(g), t(beta), initial_state=t(s0),
+                                                output_final_state=True)
+    for o, s in ((o_h, s_h), (o_r, s_r)):
+        assert rel_err(o_n, o.numpy()) <= 1e-5 and rel_err(s_n, s.numpy()) <= 1e-5
+
+
+def test_padding_tokens_leave_state_unchanged():
+    rng = np.random.default_rng(0)
+    q, k, v, g, beta, s0 = inputs(rng, 1, 100, 2, 2, 16, 8, True)
+    g[:, 70:], beta[:, 70:] = 0.0, 0.0
+    _, s_full = chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    _, s_prefix = naive_gated_delta_rule(q[:, :70], k[:, :70], v[:, :70], g[:, :70], beta[:, :70], s0)
+    assert rel_err(s_full, s_prefix) <= 1e-5
+
+
+def test_decode_step_continues_the_recurrence():
+    rng = np.random.default_rng(1)
+    q, k, v, g, beta, s0 = inputs(rng, 2, 9, 2, 2, 16, 8, True)
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    _, s = chunk_gated_delta_rule(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8], s0)
+    o, s = gated_delta_rule_step(q[:, 8], k[:, 8], v[:, 8], g[:, 8], beta[:, 8], s)
+    assert rel_err(o, o_ref[:, 8]) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
