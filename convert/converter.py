@@ -8,9 +8,9 @@ Order of work, so that every input error surfaces before anything is written:
 3. tensors are streamed one by one (`iter_hf_params`) into one Orbax checkpoint per layer/top-level tensor
    (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success.
 
-Peak host memory is about twice the largest unit (one layer's tensors, or the embedding / lm_head, in
-the output dtype): the unit being built plus Orbax's transient buffers while it writes. It does not grow
-with the number of layers; see docs/convert.md for the measurements.
+Peak host memory is about the largest unit (one layer's tensors, or the embedding / lm_head, in the
+output dtype), which Orbax writes without copying, plus the mapped pages of the one HF tensor being
+copied. It does not grow with the number of layers; see docs/convert.md for the measurements.
 """
 
 from __future__ import annotations
