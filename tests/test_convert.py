@@ -94,7 +94,8 @@ def expected_params(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def assert_exact(got: dict, want: dict, dtype=np.float32):
-    assert list(got) == list(expected_shapes_from(want, got)), "names or order differ"
+    """Same names, and every array bit-identical to `want` cast to `dtype`, C-contiguous."""
+    assert set(got) == set(want), (sorted(set(got) - set(want)), sorted(set(want) - set(got)))
     for name, w in want.items():
         g = np.asarray(got[name])
         w = np.asarray(w).astype(dtype)
@@ -102,11 +103,6 @@ def assert_exact(got: dict, want: dict, dtype=np.float32):
         assert g.shape == w.shape, (name, g.shape, w.shape)
         assert g.flags.c_contiguous, name
         np.testing.assert_array_equal(g.view(f"u{g.dtype.itemsize}"), w.view(f"u{w.dtype.itemsize}"), err_msg=name)
-
-
-def expected_shapes_from(want: dict, got: dict):
-    assert set(got) == set(want), (sorted(set(got) - set(want)), sorted(set(want) - set(got)))
-    return got
 
 
 def save(model, path, **kw) -> str:
