@@ -1,0 +1,74 @@
+"""MoE: the layer matches a plain per-token reference (with and without renormalised top-k), the tiled
+grouped matmul is exact, and the work follows the routed tokens, not the number of experts."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcp_jax.kernels.moe.reference import grouped_matmul, num_tiles_bound
+from pcp_jax.model import MoE
+from tiny import tiny_config, tiny_params
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 70, 1, 10], [0, 0, 0, 0, 1], [64, 64, 0, 0, 0]])
+def test_grouped_matmul_exact(sizes):
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    E, K, N = len(sizes), 8, 6
+    M = sum(sizes) + 5  # trailing rows beyond the groups come back as zeros
+    lhs = rng.normal(size=(M, K)).astype(np.float32)
+    rhs = rng.normal(size=(E, K, N)).astype(np.float32)
+    out = np.asarray(grouped_matmul(lhs, rhs, jnp.asarray(sizes), tile=16))
+    ref = np.zeros((M, N), np.float32)
+    start = 0
+    for e, n in enumerate(sizes):
+        ref[start:start + n] = lhs[start:start + n] @ rhs[e]
+        start += n
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_moe_layer_matches_per_token_reference(norm_topk):
+    cfg = tiny_config(moe=True, norm_topk_prob=norm_topk)
+    params = tiny_params(cfg)
+    layer = MoE(cfg, params, "layers.0.moe", jnp.float32)
+    x = np.random.default_rng(0).normal(size=(3, 11, cfg.hidden_size)).astype(np.float32)
+    got = np.asarray(layer(jnp.asarray(x), "jnp"))
+    p = {k.split("layers.0.moe.")[1]: v for k, v in params.items() if k.startswith("layers.0.moe.")}
+    silu = lambda a: a / (1 + np.exp(-a))
+    ref = np.zeros_like(x)
+    for idx in np.ndindex(x.shape[:2]):
+        t = x[idx].astype(np.float64)
+        logits = t @ p["router"]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[: cfg.num_experts_per_tok]
+        w = probs[top] / (probs[top].sum() if norm_topk else 1.0)
+        y = sum(wi * (silu(t @ p["gate_proj"][e]) * (t @ p["up_proj"][e])) @ p["down_proj"][e] for wi, e in zip(w, top))
+        shared = (silu(t @ p["shared.gate_proj"]) * (t @ p["shared.up_proj"])) @ p["shared.down_proj"]
+        ref[idx] = y + shared / (1 + np.exp(-(t @ p["shared_gate"])))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _array_shapes(hlo: str):
+    return [tuple(int(d) for d in s.split(",") if d) for s in re.findall(r"[a-z]\d+\[([\d,]*)\]", hlo)]
+
+
+def test_moe_work_follows_routed_tokens_not_experts():
+    """No array of the compiled layer pairs the experts axis with a tokens axis and a feature axis
+    (that would be a dense all-experts product), and the tile loop's trip count is bounded by the
+    routed rows, independent of the number of experts once E exceeds them."""
+    T, D, F, k = 37, 40, 24, 2
+    for E in (16, 128):
+        cfg = tiny_config(moe=True, hidden_size=D, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=F,
+                          shared_expert_intermediate_size=0)
+        layer = MoE(cfg, tiny_params(cfg), "layers.0.moe", jnp.float32)
+        hlo = jax.jit(lambda x: layer(x, "jnp")).lower(jnp.zeros((T, D))).compile().as_text()
+        token_dims, feature_dims = {T, T * k}, {D, F, 2 * F}
+        for shape in _array_shapes(hlo):
+            if E in shape and token_dims & set(shape):
+                assert not feature_dims & set(shape), f"dense expert product of shape {shape} (E={E})"
+    assert num_tiles_bound(T * k, 128, 64) == num_tiles_bound(T * k, 10_000, 64)
+    assert num_tiles_bound(1 * k, 512, 64) <= 3  # a decode step touches at most its k experts' tiles
