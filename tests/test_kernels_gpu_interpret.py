@@ -174,3 +174,39 @@ def test_attention_path_choice_is_exact(name, q_pos, k_pos, causal, expected):
         assert bool(jnp.all(vis == (j <= jnp.arange(q_pos.shape[1])[None, :, None])))
     else:
         assert not bool(exact) or path == "dense"
+
+
+def test_api_falls_back_for_unsupported_inputs_only_under_auto(monkeypatch):
+    """On a GPU backend, an input the GPU kernel rejects (NotImplementedError) runs the reference with
+    kernels="auto" and raises with kernels="gpu". Exercised on CPU by pretending the backend is a GPU; the
+    inputs are rejected before any kernel or tokamax import."""
+    from pcp_jax.kernels.attention import api as att_api
+    from pcp_jax.kernels.attention import reference as att_ref
+    from pcp_jax.kernels.gdn import api as gdn_api
+    from pcp_jax.kernels.moe import api as moe_api
+    from pcp_jax.kernels.moe import reference as moe_ref
+
+    for mod in (gdn_api, att_api, moe_api):
+        monkeypatch.setattr(mod, "use_gpu_kernels", lambda kernels: kernels != "jnp")
+
+    q, k, v, g, beta, s0 = _gdn_inputs(3, 1, 8, 1, 1, 512, 16)  # dk = 512: over the kernel's limit
+    o, s = gdn_api.gated_delta_rule(q, k, v, g, beta, s0, kernels="auto")
+    o_ref, s_ref = reference.chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    assert _rel(o, o_ref) == 0.0 and _rel(s, s_ref) == 0.0
+    with pytest.raises(NotImplementedError, match="dk=512"):
+        gdn_api.gated_delta_rule(q, k, v, g, beta, s0, kernels="gpu")
+
+    qa = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 2, 16))  # fp32: the tokamax kernel takes bf16
+    pos = jnp.arange(8, dtype=jnp.int32)[None]
+    out, lse = att_api.attention_block(qa, qa[:, :, :1], qa[:, :, :1], pos, pos, kernels="auto")
+    out_ref, lse_ref = att_ref.attention_block(qa, qa[:, :, :1], qa[:, :, :1], pos, pos)
+    assert _rel(out, out_ref) == 0.0 and _rel(lse, lse_ref) == 0.0
+    with pytest.raises(NotImplementedError, match="bf16"):
+        att_api.attention_block(qa, qa[:, :, :1], qa[:, :, :1], pos, pos, kernels="gpu")
+
+    lhs = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+    rhs = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 4))
+    sizes = jnp.array([10, 6], jnp.int32)
+    assert _rel(moe_api.grouped_matmul(lhs, rhs, sizes, kernels="auto"), moe_ref.grouped_matmul(lhs, rhs, sizes)) == 0.0
+    with pytest.raises(NotImplementedError, match="bf16"):
+        moe_api.grouped_matmul(lhs, rhs, sizes, kernels="gpu")
