@@ -282,7 +282,7 @@ def section_tune(args):
     gc = jnp.cumsum(g.reshape(B, N, L, Hv), axis=2).reshape(B, T, Hv).transpose(0, 2, 1)
     bt = beta.transpose(0, 2, 1)
     prec = jax.lax.Precision.DEFAULT
-    wy = jax.jit(lambda k, v, gc, bt: pallas_gpu._wy(k, v, gc, bt, 2, cdt=jnp.bfloat16, prec=prec, inv_prec=prec,
+    wy = jax.jit(lambda k, v, gc, bt: pallas_gpu._wy(k, v, gc, bt, 2, cdt=jnp.bfloat16, prec=prec,
                                                       tiling=t, interpret=False))
     w, u = wy(k, v, gc, bt)
     s0 = jnp.zeros((B, Hv, 128, 128), jnp.float32)

@@ -84,7 +84,7 @@ def test_pallas_gdn_stages_write_everything():
     bt = beta.transpose(0, 2, 1)
     t = pallas_gpu.Tiling(bv_state=16, bv_out=16)
     prec = jax.lax.Precision.HIGHEST
-    w, u = pallas_gpu._wy(k, v, gc, bt, 2, cdt=cdt, prec=prec, inv_prec=prec, tiling=t, interpret=True)
+    w, u = pallas_gpu._wy(k, v, gc, bt, 2, cdt=cdt, prec=prec, tiling=t, interpret=True)
     h, vn, sT = pallas_gpu._state_pass(w, u, k, gc, s0, 2, prec=prec, tiling=t, interpret=True)
     o = pallas_gpu._outputs(q, k, gc, h, vn, 2, jnp.float32, scale=dk**-0.5, prec=prec, tiling=t, interpret=True)
     for name, x in dict(w=w, u=u, h=h, v_new=vn, final=sT, o=o).items():

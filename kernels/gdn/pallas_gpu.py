@@ -22,8 +22,9 @@ gc is the in-chunk cumulative sum of g (computed in jnp: [B, Hv, T], a few MB).
 
 Numerics: the state, every accumulation and the gates are fp32. With bf16 inputs the intermediates
 (w, u, v_new, h) are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
-inverse uses tf32 dots. With fp32 inputs everything is fp32 with exact-fp32 dots ("ieee"), so the result
-matches the jnp reference to ~1e-5.
+inverse takes fp32 operands (tf32 dots): in bf16 its entries, products of exponentials, would keep 3
+digits. With fp32 inputs everything is fp32 with exact-fp32 dots ("ieee"): 3e-7 from the jnp reference
+on the H100 (docs/BENCHMARKS.md).
 
 Triton wants power-of-two tiles: dk and dv are zero-padded to the next power of two (>= 16) when they are
 not one (exact: zero key/value columns add nothing). Limits (NotImplementedError, caught by api.py for
@@ -105,7 +106,7 @@ def _last(x):
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: WY transform per chunk.
 # ----------------------------------------------------------------------------------------------------
-def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inv_prec):
+def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec):
     k = k_ref[...]  # [L, dk] cdt
     gc = gc_ref[...]  # [L] f32
     beta = beta_ref[...]
@@ -122,8 +123,8 @@ def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inv_p
     power = neg_a
     steps = L.bit_length() - 2  # L = 64: squarings to A^2 .. A^32
     for _ in range(steps):
-        power = _dot(power, power, inv_prec)
-        inv = inv + _dot(inv, power, inv_prec)
+        power = _dot(power, power, prec)
+        inv = inv + _dot(inv, power, prec)
     inv_c = inv.astype(cdt)
     kb = (k.astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
     w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
@@ -138,12 +139,12 @@ def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inv_p
         u_ref[:, sl] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
 
 
-def _wy(k, v, gc, beta, G, *, cdt, prec, inv_prec, tiling, interpret):
+def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
     B, Tp, Hk, dk = k.shape
     Hv, dv = v.shape[2:]
     N = Tp // CHUNK
     L = CHUNK
-    kern = functools.partial(_wy_kernel, cdt=cdt, prec=prec, inv_prec=inv_prec)
+    kern = functools.partial(_wy_kernel, cdt=cdt, prec=prec)
     return pl.pallas_call(
         kern,
         grid=(B, Hv, N),
@@ -289,10 +290,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, 
         s0 = jnp.pad(s0, [(0, 0), (0, 0), (0, dk_p - dk), (0, dv_p - dv)])
     exact = q.dtype == f32 and k.dtype == f32 and v.dtype == f32
     cdt = f32 if exact else jnp.bfloat16
-    # fp32 inputs: exact-fp32 dots everywhere. bf16: bf16 operands; the inverse in tf32 (its operands
-    # are fp32 products of exponentials that bf16 would round to 3 digits).
+    # fp32 inputs: exact-fp32 dots everywhere. bf16: bf16 operands, except the inverse (fp32 -> tf32).
     prec = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
-    inv_prec = prec
     out_dtype = v.dtype
     q, k, v = (x.astype(cdt) for x in (q, k, v))
 
@@ -307,7 +306,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, 
     gc = jnp.transpose(gc, (0, 2, 1))  # [B, Hv, Tp]: one contiguous row per head for the kernels
     bt = jnp.transpose(beta.astype(f32), (0, 2, 1))
 
-    w, u = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, inv_prec=inv_prec, tiling=tiling, interpret=interpret)
+    w, u = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, tiling=tiling, interpret=interpret)
     h, vn, sT = _state_pass(w, u, k, gc, s0, G, prec=prec, tiling=tiling, interpret=interpret)
     o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, prec=prec, tiling=tiling, interpret=interpret)
     return o[:, :T, :, :dv], sT[:, :, :dk, :dv]
