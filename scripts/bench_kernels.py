@@ -296,6 +296,17 @@ def section_tune(args):
     row("tune", "stage 3 outputs", bench(out, q, k, gc, h, vn, reps=7)[0])
 
 
+def section_tune64(args):
+    """The 64-value-head gap: dv block of the state pass (each dv block re-reads w and k)."""
+    log("== tune64: GDN state-pass dv block at Hv=64 (B=1, Hk=16, dk=dv=128, bf16)")
+    for T in (32768, 131072):
+        q, k, v, g, beta, _ = gdn_inputs(T + 64, 1, T, 16, 4, 128, 128, jnp.bfloat16, False)
+        for t in (pallas_gpu.Tiling(), pallas_gpu.Tiling(bv_state=64)):
+            f = jax.jit(lambda *a, t=t: pallas_gpu.chunk_gated_delta_rule(*a, tiling=t))
+            row("tune", f"T={T} Hv=64 bv_state={t.bv_state}", bench(f, q, k, v, g, beta, reps=7)[0])
+        del q, k, v, g, beta
+
+
 # ------------------------------------------------------------------------------------------------
 # attn
 # ------------------------------------------------------------------------------------------------
