@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,16 @@ def test_pallas_gdn_stages_write_everything():
     assert _rel(o, o_ref) <= RTOL and _rel(sT, s_ref) <= RTOL
 
 
+def test_pallas_gdn_wide_state_block_interpret():
+    """The 64-column state block that the launch heuristic picks for many heads (Hv * dv / 64 >= 128)."""
+    q, k, v, g, beta, s0 = _gdn_inputs(13, 1, 130, 1, 2, 32, 128)
+    o, s = pallas_gpu.chunk_gated_delta_rule(q, k, v, g, beta, s0, tiling=pallas_gpu.Tiling(bv_state=64),
+                                             interpret=True)
+    o_ref, s_ref = reference.naive_gated_delta_rule(q, k, v, g, beta, s0)
+    assert _rel(o, o_ref) <= RTOL and _rel(s, s_ref) <= RTOL
+    assert pallas_gpu._auto_bv_state(1, 64, 128) == 64 and pallas_gpu._auto_bv_state(1, 32, 128) == 32
+
+
 def test_pallas_gdn_padding_tokens_leave_state_unchanged():
     """Tokens with g = beta = 0 appended to a sequence change neither its outputs nor its final state."""
     q, k, v, g, beta, s0 = _gdn_inputs(11, 1, 70, 1, 2, 32, 32)
@@ -123,8 +135,9 @@ def test_pallas_gdn_lowers_to_triton(dtype, T, dv):
     B, Hk, G, dk = 1, 2, 2, 128
     args = (S((B, T, Hk, dk), dtype), S((B, T, Hk, dk), dtype), S((B, T, Hk * G, dv), dtype),
             S((B, T, Hk * G), jnp.float32), S((B, T, Hk * G), jnp.float32), S((B, Hk * G, dk, dv), jnp.float32))
-    text = _lower_for_h100(pallas_gpu.chunk_gated_delta_rule, *args)
-    assert text.count("__gpu$xla.gpu.triton") == 3
+    for tiling in (pallas_gpu.Tiling(), pallas_gpu.Tiling(bv_state=64)):
+        fn = functools.partial(pallas_gpu.chunk_gated_delta_rule, tiling=tiling)
+        assert _lower_for_h100(fn, *args).count("__gpu$xla.gpu.triton") == 3
 
 
 def _visible(q_pos, k_pos, causal):

@@ -51,9 +51,10 @@ _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """Launch parameters. bv_state / bv_out: dv block of the state and output kernels (powers of two)."""
+    """Launch parameters. bv_state / bv_out: dv block of the state and output kernels (powers of two);
+    bv_state None picks it from the launch size (`_auto_bv_state`)."""
 
-    bv_state: int = 32
+    bv_state: int | None = None
     bv_out: int = 64
     warps_wy: int = 4
     warps_state: int = 4
@@ -76,6 +77,18 @@ def check_supported(dk: int, dv: int, hv: int, hk: int) -> None:
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
+
+
+# Programs of the state pass wanted in flight: about one per SM (132 on an H100).
+_STATE_PROGRAMS = 128
+
+
+def _auto_bv_state(batch: int, hv: int, dv: int) -> int:
+    """The widest dv block (64, else 32) that still launches _STATE_PROGRAMS sequential programs. Each dv
+    block re-reads w and k, and each sequential step costs about the same latency whatever its width, so
+    wider is better once the SMs are busy. H100 (docs/BENCHMARKS.md): Hv=64 at 32k/128k tokens 3.81/15.19
+    ms with 64 vs 4.97/20.90 with 32; Hv=32 at 32k 2.50 ms with 32 vs 2.57 with 64 (64 programs only)."""
+    return 64 if batch * hv * max(dv // 64, 1) >= _STATE_PROGRAMS else 32
 
 
 def _dv_block(dv: int, want: int) -> int:
@@ -195,7 +208,7 @@ def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret):
     B, Hv, Tp, dk = w.shape
     dv = u.shape[-1]
     N = Tp // CHUNK
-    bv = _dv_block(dv, tiling.bv_state)
+    bv = _dv_block(dv, tiling.bv_state or _auto_bv_state(B, Hv, dv))
     kern = functools.partial(_state_kernel, num_chunks=N, prec=prec)
     return pl.pallas_call(
         kern,
