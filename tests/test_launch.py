@@ -103,9 +103,9 @@ def test_prompt_with_tokenizer_single_process(tiny_config, reference, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     text = "the cat sat on a mat and looked at the sky"
     rc, out, err, _ = _run(["--config", tiny_config, "--tokenizer", tmp_path / "tokenizer.json", "--prompt", text,
-                            "--dtype", "float32", "--cpu-devices-per-process", 2, "--max-new-tokens", 4], timeout=90)
+                            "--dtype", "float32", "--cpu-devices-per-process", 1, "--max-new-tokens", 4], timeout=90)
     assert rc == 0, err
-    assert "1 process(es), 2 cpu device(s), cp=2, distributed=False" in out
+    assert "1 process(es), 1 cpu device(s), cp=1, distributed=False" in out
     ids = tok.encode(text).ids
     want = reference.generate([ids], 4)[0, len(ids):]
     assert f"tokens[0]: {','.join(map(str, want))}" in out
@@ -117,8 +117,7 @@ def test_unreachable_coordinator_fails_fast():
     rc, _, err, seconds = _run(["--coordinator", f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", 1,
                                 "--init-timeout", 3, "--preset", "demo", "--ids", "1,2,3"], timeout=60)
     assert rc != 0
-    assert f"could not reach the coordinator at 127.0.0.1:{port}" in err, err
-    assert "--init-timeout=3" in err
+    assert f"could not reach the coordinator at 127.0.0.1:{port} within --init-timeout=3 s" in err, err
     assert seconds < 45
 
 
@@ -141,6 +140,7 @@ def test_mismatched_process_counts_fail_by_name(tiny_config, counts):
         assert "--num-processes: process 0 has 2, process 1 has 3" in results[0][2]
     else:
         assert "not all --num-processes=3 processes joined within --init-timeout=5 s" in results[0][2]
+        assert "reached the coordinator" in results[1][2] and "(this one: 2)" in results[1][2]
     assert seconds < 60
 
 
