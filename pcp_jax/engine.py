@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
-from pcp_jax.model import Qwen35, _write_slot
+from pcp_jax.model import History, Qwen35, _write_slot
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.zigzag import local_positions, padded_length, rank_index, token_permutation
@@ -48,8 +48,9 @@ class PrefillResult:
     lengths: np.ndarray        # [B] prompt lengths
     caches: list               # per layer: {"k","v"} [B, C*S, Hkv, hd] sharded on slots, or {"conv","state"}
     kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
-    chunk_len: int             # Lc of the prefill layout
+    chunk_len: int             # Lc of the prefill layout (per piece)
     slots_per_rank: int        # S
+    prefill_slots: int         # slots per rank written by prefill; decode appends after them
 
 
 class Model:
@@ -76,6 +77,8 @@ class Model:
         self._graphdef, state = nnx.split(module)
         self._state = _replicate(state, NamedSharding(mesh, P()))
         self._fns: dict = {}
+        self._prefix_cache = None
+        self._fingerprint = None
 
     # Input checks ---------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -113,68 +116,171 @@ class Model:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     # Prefill --------------------------------------------------------------------------------------
-    def _prefill_fn(self, batch: int, n_pad: int, slots: int, all_logits: bool):
-        key = ("prefill", batch, n_pad, slots, all_logits)
+    def _cache_specs(self):
+        return [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
+                for t in self.cfg.layer_types]
+
+    def _alloc_fn(self, batch: int, slots: int):
+        """Empty caches, allocated shard by shard: KV [B, C*slots, Hkv, hd] over `cp`, GDN replicated."""
+        key = ("alloc", batch, slots)
+        if key not in self._fns:
+            cfg, C, dtype = self.cfg, self.cp, self.dtype
+
+            def per_shard():
+                kv = lambda: jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.head_dim), dtype)
+                caches = [{"k": kv(), "v": kv()} if t == FULL_ATTENTION else _zero_gdn_state(cfg, batch, dtype)
+                          for t in cfg.layer_types]
+                return caches, jnp.full((batch, slots), -1, jnp.int32)
+
+            self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(),
+                                                   out_specs=(self._cache_specs(), P(None, AXIS)), check_vma=False))
+        return self._fns[key]
+
+    def _prefill_fn(self, batch: int, piece: int, n_pad: int, slots: int, all_logits: bool, with_history: bool):
+        """One prefill piece of `piece` tokens padded to n_pad (zigzag over `cp`), written into the slots
+        at `offset`. A piece's padding overlaps the next piece's positions, so tokens count as real only
+        below min(length, piece_start + piece)."""
+        key = ("prefill", batch, piece, n_pad, slots, all_logits, with_history)
         if key in self._fns:
             return self._fns[key]
-        cfg, C = self.cfg, self.cp
+        C = self.cp
         lc = n_pad // (2 * C)
         strategy = resolve_strategy(self.gdn_strategy, batch, C)
         graphdef, kernels = self._graphdef, self.kernels
-        cache_specs = [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
-                       for t in cfg.layer_types]
 
-        def per_shard(state, ids, lengths):
+        def per_shard(state, ids, lengths, piece_start, offset, caches, kpos):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
-            pos = jnp.broadcast_to(local_positions(rank, C, lc), ids.shape)
-            ctx = ShardContext(AXIS, C, lc, strategy, kernels, rank, pos, lengths)
-            initial = [None if t == FULL_ATTENTION else _zero_gdn_state(cfg, batch, self.dtype)
-                       for t in cfg.layer_types]
-            x, caches = model.prefill(ids, ctx, initial)
-            last = ctx.psum(jnp.einsum("bt,btd->bd", (pos == lengths[:, None] - 1).astype(x.dtype), x))
-            last_logits = model.head(last)
-            pad = slots - 2 * lc
-            caches = [{n: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for n, a in c.items()}
-                      if "k" in c else c for c in caches]
-            kpos = jnp.pad(jnp.where(ctx.valid, pos, -1), [(0, 0), (0, pad)], constant_values=-1)
+            pos = jnp.broadcast_to(piece_start + local_positions(rank, C, lc), ids.shape)
+            ctx = ShardContext(AXIS, C, lc, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece))
+            history = History(offset, offset // (2 * lc) if with_history else None, kpos)
+            x, caches = model.prefill(ids, ctx, caches, history)
+            kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(ctx.valid, pos, -1), offset, axis=1)
+            is_last = (pos == lengths[:, None] - 1) & ctx.valid
+            last = ctx.psum(jnp.einsum("bt,btd->bd", is_last.astype(x.dtype), x))
+            has_last = ctx.psum(jnp.sum(is_last, axis=1)) > 0
             logits = model.head(x) if all_logits else None
-            return last_logits, caches, kpos, logits
+            return model.head(last), has_last, caches, kpos, logits
 
-        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P()),
-                           out_specs=(P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
+        cache_specs = self._cache_specs()
+        fn = jax.shard_map(per_shard, mesh=self.mesh,
+                           in_specs=(P(), P(None, AXIS), P(), P(), P(), cache_specs, P(None, AXIS)),
+                           out_specs=(P(), P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
                            check_vma=False)
-        self._fns[key] = jax.jit(fn)
+        self._fns[key] = jax.jit(fn, donate_argnums=(5, 6))
         return self._fns[key]
 
-    def _run_prefill(self, input_ids, max_new_tokens: int, all_logits: bool):
+    def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size: int | None, all_logits: bool):
         ids, lengths = self._as_batch(input_ids)
         B, N = ids.shape
         C = self.cp
-        n_pad = padded_length(N, C)
+        if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+        piece = N if chunk_size is None else min(int(chunk_size), N)
+        n_pieces = -(-N // piece)
+        n_pad = padded_length(piece, C)
         lc = n_pad // (2 * C)
-        slots = 2 * lc + -(-max(max_new_tokens, 0) // C)
-        padded = np.zeros((B, n_pad), np.int32)
-        padded[:, :N] = ids
-        zig = padded[:, token_permutation(n_pad, C)]
-        ids_dev = self._place(zig, P(None, AXIS))
-        len_dev = self._place(lengths, P())
-        last, caches, kpos, logits = self._prefill_fn(B, n_pad, slots, all_logits)(self._state, ids_dev, len_dev)
-        result = PrefillResult(last, lengths, caches, kpos, lc, slots)
-        return result, logits, N
+        block = 2 * lc
+        prefill_slots = n_pieces * block
+        slots = -(-(prefill_slots + -(-max(max_new_tokens, 0) // C)) // block) * block
+        caches, kpos = self._alloc_fn(B, slots)()
+        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
+        first = 0
+        if self._prefix_cache is not None:
+            first, restored = self._prefix_cache.restore(self, ids, lengths, piece, n_pad, slots, caches, kpos)
+            if first:
+                caches, kpos, logits = restored
+        all_out = []
+        for p in range(first, n_pieces):
+            chunk = np.zeros((B, n_pad), np.int32)
+            part = ids[:, p * piece:(p + 1) * piece]
+            chunk[:, : part.shape[1]] = part
+            fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0)
+            last, has_last, caches, kpos, piece_logits = fn(
+                self._state, self._place(chunk[:, token_permutation(n_pad, C)], P(None, AXIS)),
+                self._place(lengths, P()), self._place(np.int32(p * piece), P()),
+                self._place(np.int32(p * block), P()), caches, kpos)
+            logits = jnp.where(has_last[:, None], last, logits)
+            if all_logits:
+                all_out.append((piece_logits, part.shape[1]))
+            if self._prefix_cache is not None:
+                self._prefix_cache.store(self, ids, lengths, piece, n_pad, p, caches, kpos, logits)
+        result = PrefillResult(logits, lengths, caches, kpos, lc, slots, prefill_slots)
+        return result, all_out
 
-    def prefill(self, input_ids, *, max_new_tokens: int = 0) -> PrefillResult:
-        """Prefill prompts (right-padded batch or list of prompts) across `cp`; returns next-token logits
-        and caches with room for `max_new_tokens` decode steps."""
-        return self._run_prefill(input_ids, max_new_tokens, all_logits=False)[0]
+    def prefill(self, input_ids, *, max_new_tokens: int = 0, chunk_size: int | None = None) -> PrefillResult:
+        """Prefill prompts (a right-padded [B, N] array or a list of prompts) across `cp`. With
+        `chunk_size=S` the prompt is fed in pieces of S tokens, each zigzag-sharded over `cp` and attending
+        to the KV cached by the earlier pieces: activation memory follows S, not the prompt length.
+        Returns next-token logits and caches with room for `max_new_tokens` decode steps."""
+        return self._run_prefill(input_ids, max_new_tokens, chunk_size, all_logits=False)[0]
 
-    def logits(self, input_ids) -> np.ndarray:
+    def logits(self, input_ids, *, chunk_size: int | None = None) -> np.ndarray:
         """Full-sequence scoring: np.ndarray [B, N, V] float32 (rows shorter than N are padded; their
         logits past their length are meaningless)."""
-        _, logits, N = self._run_prefill(input_ids, 0, all_logits=True)
-        logits = to_host(logits)
-        inv = np.argsort(token_permutation(logits.shape[1], self.cp))
-        return logits[:, inv][:, :N]
+        _, pieces = self._run_prefill(input_ids, 0, chunk_size, all_logits=True)
+        out = []
+        for piece_logits, n in pieces:
+            host = to_host(piece_logits)
+            out.append(host[:, np.argsort(token_permutation(host.shape[1], self.cp))][:, :n])
+        return np.concatenate(out, axis=1)
+
+    # Prefix cache ---------------------------------------------------------------------------------
+    def enable_prefix_cache(self, max_bytes: int, cache=None):
+        """Keep the KV blocks and GDN states at the end of every prefill piece (within `max_bytes`, LRU),
+        so a later prompt sharing a prefix restores the longest cached boundary and prefills only the rest.
+        Pass an existing `PrefixCache` to share one between models: entries are keyed by the model's
+        weights, dtype, cp layout and piece size, so they never cross."""
+        from pcp_jax.prefix_cache import PrefixCache
+        self._prefix_cache = cache if cache is not None else PrefixCache(max_bytes)
+        return self._prefix_cache
+
+    def fingerprint(self) -> bytes:
+        """A digest of the config and the weights (per-tensor sums), for keys that must not cross models."""
+        if self._fingerprint is None:
+            import hashlib
+            sums = jax.jit(lambda st: jnp.stack([jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(st)]))
+            digest = hashlib.sha256(repr(self.cfg).encode())
+            digest.update(to_host(sums(self._state)).tobytes())
+            self._fingerprint = digest.digest()
+        return self._fingerprint
+
+    def _slot_block_fn(self, batch: int, block: int, slots: int):
+        """Copy out `block` slots at a slot offset from every rank's KV shard (and their positions)."""
+        key = ("slot_block", batch, block, slots)
+        if key not in self._fns:
+            n_attn = len(self.cfg.attention_layers)
+
+            def per_shard(kv, kpos, offset):
+                take = lambda a: jax.lax.dynamic_slice_in_dim(a, offset, block, axis=1)
+                return jax.tree.map(take, kv), take(kpos)
+
+            kv_spec = [{"k": P(None, AXIS), "v": P(None, AXIS)}] * n_attn
+            self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(kv_spec, P(None, AXIS), P()),
+                                                   out_specs=(kv_spec, P(None, AXIS)), check_vma=False))
+        return self._fns[key]
+
+    def _slot_restore_fn(self, batch: int, block: int, slots: int):
+        """Write a block taken by `_slot_block_fn` back at a slot offset of every rank's KV shard."""
+        key = ("slot_restore", batch, block, slots)
+        if key not in self._fns:
+            n_attn = len(self.cfg.attention_layers)
+
+            def per_shard(kv, kpos, kv_block, kpos_block, offset):
+                put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, offset, axis=1)
+                return jax.tree.map(put, kv, kv_block), put(kpos, kpos_block)
+
+            kv_spec = [{"k": P(None, AXIS), "v": P(None, AXIS)}] * n_attn
+            self._fns[key] = jax.jit(
+                jax.shard_map(per_shard, mesh=self.mesh,
+                              in_specs=(kv_spec, P(None, AXIS), kv_spec, P(None, AXIS), P()),
+                              out_specs=(kv_spec, P(None, AXIS)), check_vma=False), donate_argnums=(0, 1))
+        return self._fns[key]
+
+    def prefix_cache_stats(self) -> dict:
+        if self._prefix_cache is None:
+            raise ValueError("the prefix cache is not enabled: call model.enable_prefix_cache(max_bytes) first")
+        return self._prefix_cache.stats()
 
     # Decode ---------------------------------------------------------------------------------------
     def _decode_fn(self, batch: int, slots: int):
@@ -203,10 +309,10 @@ class Model:
         """Feed one token per row (decode step `step`, 0-based after prefill); updates `state` in place
         and returns next-token logits [B, V] fp32."""
         C = self.cp
-        slot = 2 * state.chunk_len + step // C
+        slot = state.prefill_slots + step // C
         if slot >= state.slots_per_rank:
             raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
-                             f"{(state.slots_per_rank - 2 * state.chunk_len) * C} new tokens (max_new_tokens)")
+                             f"{(state.slots_per_rank - state.prefill_slots) * C} new tokens (max_new_tokens)")
         positions = (state.lengths + step).astype(np.int32)
         fn = self._decode_fn(len(state.lengths), state.slots_per_rank)
         logits, state.caches, state.kpos = fn(
@@ -217,11 +323,13 @@ class Model:
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-                 callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+                 callback: Callable[[int, np.ndarray], None] | None = None,
+                 chunk_size: int | None = None) -> np.ndarray:
         """Prompts + `max_new_tokens` tokens: np.ndarray [B, N + max_new_tokens] int32 (greedy at
         temperature 0). Rows of a ragged batch are right-aligned to their own length in the output:
         row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
-        EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made."""
+        EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made.
+        `chunk_size` feeds the prompt in pieces (see `prefill`)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         if temperature < 0:
@@ -240,7 +348,8 @@ class Model:
             out[b, lengths[b]:] = fill
         if max_new_tokens == 0:
             return out
-        state = self.prefill([ids[b, : lengths[b]] for b in range(B)], max_new_tokens=max_new_tokens)
+        state = self.prefill([ids[b, : lengths[b]] for b in range(B)], max_new_tokens=max_new_tokens,
+                             chunk_size=chunk_size)
         done = np.zeros(B, bool)
         logits = state.logits
         for step in range(max_new_tokens):

@@ -15,16 +15,28 @@ Numerics (DESIGN.md §2): zero-centred RMSNorm in fp32, softmax/router/GDN gates
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig
-from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matmul, merge_stacked
+from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matmul, merge_partials, merge_stacked
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
-from pcp_jax.parallel.ring_attention import ring_attention
+from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """Where a prefill piece sits in the KV slots: `offset` (traced) is the first slot it writes;
+    `blocks` (traced, or None for a first piece) counts the blocks of earlier pieces to attend to;
+    `kpos` [B, S] are the positions held by the slots before this piece."""
+    offset: jax.Array
+    blocks: jax.Array | None
+    kpos: jax.Array
 
 
 # Norms and RoPE ------------------------------------------------------------------------------------
@@ -85,10 +97,17 @@ class GatedAttention(nnx.Module):
         y = attn.astype(x.dtype).reshape(B, T, -1) * jax.nn.sigmoid(gate)
         return y @ self.o_proj[...]
 
-    def prefill(self, x, ctx: ShardContext):
+    def prefill(self, x, ctx: ShardContext, cache, history):
+        """cache {"k", "v"} [B, S, Hkv, hd]: this rank's slots; the piece's K/V are written at slot
+        `history.offset`. history.blocks (None on a first piece) counts the filled blocks of earlier
+        pieces, which the queries also attend to (ring over the cache)."""
         q, k, v, gate = self._qkv(x, ctx.positions)
-        out, _ = ring_attention(q, k, v, ctx)
-        return self._out(out, gate, x), {"k": k, "v": v}
+        out, lse = ring_attention(q, k, v, ctx)
+        if history.blocks is not None:
+            out, lse = merge_partials(out, lse, *ring_over_cache(q, cache["k"], cache["v"], history.kpos, ctx,
+                                                                 history.blocks))
+        write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype), history.offset, axis=1)
+        return self._out(out, gate, x), {"k": write(cache["k"], k), "v": write(cache["v"], v)}
 
     def decode(self, x, ctx: ShardContext, cache, kpos, write):
         """One token. cache {"k", "v"} [B, S, Hkv, hd] is this rank's slots; kpos [B, S] their positions
@@ -156,19 +175,18 @@ class GatedDeltaNet(nnx.Module):
 
 
 def _last_tokens(x, ctx: ShardContext, initial):
-    """The K-1 inputs before each row's end (the conv state after this prefill), wherever they live.
-    x [B, T, Cd] local pre-conv tokens; initial [B, K-1, Cd] precedes this prefill's first position.
-    Token at position p goes to state slot p - (length - (K-1)); positions before this prefill's start
-    come from `initial`."""
+    """The K-1 inputs before the end of this prefill piece in each row (the conv state it leaves),
+    wherever they live. x [B, T, Cd] local pre-conv tokens; initial [B, K-1, Cd] precedes the piece's
+    first position. Positions before the piece come from `initial`."""
     h = initial.shape[1]
-    start = ctx.lengths - ctx.psum(jnp.sum(ctx.valid, axis=1))  # [B] first position of this prefill
-    target = ctx.lengths[:, None] - h + jnp.arange(h)[None, :]  # [B, K-1] wanted positions
+    start = ctx.pmin(jnp.min(ctx.positions, axis=1))  # [B] first position of this piece
+    end = start + ctx.psum(jnp.sum(ctx.valid, axis=1))  # [B] one past the row's last real token here
+    target = end[:, None] - h + jnp.arange(h)[None, :]  # [B, K-1] wanted positions
     match = (ctx.positions[:, None, :] == target[:, :, None]) & ctx.valid[:, None, :]  # [B, K-1, T]
-    local = jnp.einsum("bjt,btc->bjc", match.astype(jnp.float32), x.astype(jnp.float32))
-    from_here = ctx.psum(local)
-    back = target - start[:, None]  # < 0: before this prefill, read `initial` at h + back
+    from_here = ctx.psum(jnp.einsum("bjt,btc->bjc", match.astype(jnp.float32), x.astype(jnp.float32)))
+    back = target - start[:, None]  # < 0: before this piece, read `initial` at h + back
     carried = jnp.take_along_axis(initial.astype(jnp.float32), jnp.clip(h + back, 0, h - 1)[..., None], axis=1)
-    carried = jnp.where((back < 0) & (h + back >= 0), 1.0, 0.0)[..., None] * carried
+    carried = jnp.where((h + back >= 0)[..., None], carried, 0.0)
     return jnp.where((back >= 0)[..., None], from_here, carried).astype(x.dtype)
 
 
@@ -240,9 +258,9 @@ class DecoderLayer(nnx.Module):
         h = rms_norm(x, self.post_norm[...], self.cfg.rms_norm_eps)
         return x + (self.moe(h, ctx.kernels) if self.cfg.is_moe else self.mlp(h))
 
-    def prefill(self, x, ctx: ShardContext, initial):
+    def prefill(self, x, ctx: ShardContext, cache, history):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
-        y, cache = self.attn.prefill(h, ctx) if self.is_attention else self.gdn.prefill(h, ctx, initial)
+        y, cache = self.attn.prefill(h, ctx, cache, history) if self.is_attention else self.gdn.prefill(h, ctx, cache)
         return self._channel(x + y, ctx), cache
 
     def decode(self, x, ctx: ShardContext, cache, kpos, write):
@@ -269,15 +287,15 @@ class Qwen35(nnx.Module):
     def embed_tokens(self, ids):
         return jnp.take(self.embed[...], ids, axis=0)
 
-    def prefill(self, ids, ctx: ShardContext, initial: list):
-        """ids [B, T] this rank's tokens; initial[i]: GDN layer i's carried {"conv", "state"} (None for
-        attention layers). Returns (hidden [B, T, D] before the final norm, per-layer cache entries)."""
+    def prefill(self, ids, ctx: ShardContext, caches: list, history: "History"):
+        """ids [B, T] this rank's tokens of one prefill piece; caches[i]: layer i's KV slots or carried
+        GDN {"conv", "state"}. Returns (hidden [B, T, D] before the final norm, updated caches)."""
         x = self.embed_tokens(ids)
-        caches = []
-        for layer, init in zip(self.layers, initial):
-            x, c = layer.prefill(x, ctx, init)
-            caches.append(c)
-        return x, caches
+        new = []
+        for layer, c in zip(self.layers, caches):
+            x, c = layer.prefill(x, ctx, c, history)
+            new.append(c)
+        return x, new
 
     def decode(self, ids, ctx: ShardContext, caches: list, kpos, write):
         """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""

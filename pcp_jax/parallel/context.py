@@ -39,6 +39,9 @@ class ShardContext:
     def psum(self, x):
         return x if self.cp == 1 else jax.lax.psum(x, self.axis)
 
+    def pmin(self, x):
+        return x if self.cp == 1 else jax.lax.pmin(x, self.axis)
+
     def shift(self, x, offset: int):
         """Send x to rank (r + offset) mod C; returns what rank (r - offset) mod C sent."""
         if self.cp == 1:

@@ -67,3 +67,32 @@ def ring_attention(q, k, v, ctx: ShardContext):
         part = _remote_step(q, kv_k, kv_v, pos, kv_pos, ctx.rank >= i, ctx.kernels)
         out, lse = merge_partials(out, lse, *part)
     return out, lse
+
+
+def _attend_filled_blocks(q, k, v, kpos, ctx: ShardContext, n_blocks):
+    """Local queries against the first `n_blocks` (traced) blocks of one cache shard, block by block,
+    so memory is bounded by the block, not by the cache length. Block = the local query length."""
+    block = q.shape[1]
+
+    def body(i, acc):
+        take = lambda a: lax.dynamic_slice_in_dim(a, i * block, block, axis=1)
+        part = attention_block(q, take(k), take(v), ctx.positions, take(kpos), causal=True, kernels=ctx.kernels)
+        return merge_partials(*acc, *part)
+
+    return lax.fori_loop(0, n_blocks, body, _blank(q))
+
+
+def ring_over_cache(q, k_cache, v_cache, kpos, ctx: ShardContext, n_blocks):
+    """Chunked prefill: this piece's local queries attend to the KV cached by earlier pieces, which is
+    spread over all ranks. The cache shards travel around the ring (C steps, next one sent before the
+    current one is used); every rank has filled the same `n_blocks` blocks of its shard.
+    k_cache/v_cache [B, S, Hkv, D], kpos [B, S] (-1 empty). Returns (out fp32, lse)."""
+    visiting = (k_cache, v_cache, kpos)
+    incoming = ctx.shift(visiting, 1) if ctx.cp > 1 else None
+    out, lse = _attend_filled_blocks(q, *visiting, ctx, n_blocks)
+    for i in range(1, ctx.cp):
+        visiting = incoming
+        if i + 1 < ctx.cp:
+            incoming = ctx.shift(visiting, 1)
+        out, lse = merge_partials(out, lse, *_attend_filled_blocks(q, *visiting, ctx, n_blocks))
+    return out, lse

@@ -1,0 +1,106 @@
+"""Prefix cache: reuse the KV blocks and GDN states of an earlier prompt that shares a prefix.
+
+Entries sit at the boundaries of prefill pieces (chunk_size tokens each): the entry for boundary p
+holds piece p's KV slots of every attention layer (the per-rank shards, still spread over `cp`), the KV
+slot positions, the GDN conv + recurrent states after piece p, and the next-token logits there. A prompt
+hashes its pieces in a chain (h_p = H(h_{p-1}, tokens of piece p)), so boundary p matches only if every
+earlier token matches; restoring boundary p copies the blocks of pieces 0..p back into the slots.
+The chain starts from a key of the model's weights fingerprint, dtype, cp, piece size and padded
+piece length, so a different model, dtype or cp layout never hits. Entries are evicted least recently
+used first to stay within `max_bytes`; using an entry refreshes its whole chain.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+
+@dataclasses.dataclass
+class _Entry:
+    kv: list            # per attention layer {"k", "v"} [B, C*block, ...] sharded over cp (piece p's slots)
+    kpos: jax.Array     # [B, C*block]
+    gdn: list           # per GDN layer {"conv", "state"} replicated
+    logits: jax.Array   # [B, V] next-token logits after the boundary
+    nbytes: int
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer")
+        self.max_bytes = int(max_bytes)
+        self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self._bytes = 0
+        self._stats = dict(hits=0, misses=0, tokens_reused=0, evictions=0)
+
+    def stats(self) -> dict:
+        return dict(self._stats, bytes_held=self._bytes, entries=len(self._entries))
+
+    # Keys -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _root(model, piece: int, n_pad: int, batch: int) -> bytes:
+        h = hashlib.sha256()
+        h.update(model.fingerprint())
+        h.update(repr((model.dtype_name, model.cp, piece, n_pad, batch)).encode())
+        return h.digest()
+
+    def _chain(self, model, ids, lengths, piece, n_pad):
+        """Keys of every full piece boundary all rows reach: [(p, key)]."""
+        key = self._root(model, piece, n_pad, len(lengths))
+        out = []
+        for p in range(int(lengths.min()) // piece):
+            key = hashlib.sha256(key + np.ascontiguousarray(ids[:, p * piece:(p + 1) * piece], np.int32).tobytes()).digest()
+            out.append((p, key))
+        return out
+
+    # Store / restore ------------------------------------------------------------------------------
+    def store(self, model, ids, lengths, piece, n_pad, p, caches, kpos, logits) -> None:
+        chain = self._chain(model, ids, lengths, piece, n_pad)
+        if p >= len(chain) or chain[p][1] in self._entries:
+            return
+        block = n_pad // model.cp
+        kv, kp = model._slot_block_fn(len(lengths), block, kpos.shape[1] // model.cp)(
+            [c for c in caches if "k" in c], kpos, model._place(np.int32(p * block), P()))
+        gdn = [jax.tree.map(jnp.copy, c) for c in caches if "k" not in c]
+        entry = _Entry(kv, kp, gdn, jnp.copy(logits), 0)
+        entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((kv, kp, gdn, entry.logits)))
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[chain[p][1]] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+            self._stats["evictions"] += 1
+
+    def restore(self, model, ids, lengths, piece, n_pad, slots, caches, kpos):
+        """Longest cached boundary for this prompt: returns (pieces restored, (caches, kpos, logits))."""
+        chain = self._chain(model, ids, lengths, piece, n_pad)
+        found = 0
+        for p, key in chain:
+            if key not in self._entries:
+                break
+            found = p + 1
+        if found == 0:
+            self._stats["misses"] += 1
+            return 0, None
+        self._stats["hits"] += 1
+        self._stats["tokens_reused"] += found * piece * len(lengths)
+        block = n_pad // model.cp
+        put = model._slot_restore_fn(len(lengths), block, slots)
+        attn = [c for c in caches if "k" in c]
+        for p, key in chain[:found]:
+            self._entries.move_to_end(key)
+            entry = self._entries[key]
+            attn, kpos = put(attn, kpos, entry.kv, entry.kpos, model._place(np.int32(p * block), P()))
+        last = self._entries[chain[found - 1][1]]
+        attn, gdn = iter(attn), iter(last.gdn)
+        caches = [next(attn) if "k" in c else jax.tree.map(jnp.copy, next(gdn)) for c in caches]
+        return found, (caches, kpos, last.logits)
