@@ -83,6 +83,8 @@ class Model:
     # Input checks ---------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
         """Right-pads a batch of prompts; returns (ids [B, N] int32, lengths [B])."""
+        if isinstance(input_ids, (list, tuple)) and len(input_ids) == 0:
+            raise ValueError("input_ids is empty: pass at least one prompt")
         if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
             rows = [np.asarray(r) for r in input_ids]
         else:

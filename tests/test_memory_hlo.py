@@ -16,11 +16,14 @@ N = 4096
 def compiled_prefill(cp, strategy="sequence"):
     cfg = tiny_config(hidden_size=64, intermediate_size=128)
     model = Model(cfg, tiny_params(cfg), cp=cp, dtype="float32", gdn_strategy=strategy)
-    fn = model._prefill_fn(1 if strategy == "sequence" else cp, N, N // cp, False)
     B = 1 if strategy == "sequence" else cp
+    slots = N // cp
+    fn = model._prefill_fn(B, N, N, slots, False, False)
     ids = model._place(np.zeros((B, N), np.int32), P(None, "cp"))
     lengths = model._place(np.full((B,), N, np.int32), P())
-    return fn.lower(model._state, ids, lengths).compile()
+    zero = model._place(np.int32(0), P())
+    caches, kpos = model._alloc_fn(B, slots)()
+    return fn.lower(model._state, ids, lengths, zero, zero, caches, kpos).compile()
 
 
 def test_per_device_memory_falls_as_one_over_cp():

@@ -1,0 +1,210 @@
+"""Generation under context parallelism: decode over the cp-sharded KV cache, chunked prefill, prefix
+cache, ragged batches, streaming, and the input errors of the public API."""
+
+import jax
+import numpy as np
+import pytest
+
+import pcp_jax
+from pcp_jax.engine import Model, to_host
+from hf_models import build, hf_generate, rel_err
+from tiny import tiny_config, tiny_params
+
+
+@pytest.fixture(scope="module")
+def moe_setup():
+    cfg = tiny_config(moe=True)
+    params = tiny_params(cfg, seed=4)
+    return cfg, params
+
+
+def _decode_trace(model, ids, steps, chunk_size=None):
+    """Greedy tokens and the logits of every step (prefill's, then each decode step's)."""
+    state = model.prefill(ids, max_new_tokens=steps, chunk_size=chunk_size)
+    logits, toks = [to_host(state.logits)], []
+    for step in range(steps):
+        tok = logits[-1].argmax(-1).astype(np.int32)
+        toks.append(tok)
+        if step + 1 < steps:
+            logits.append(to_host(model.decode_step(state, tok, step)))
+    return np.stack(toks, 1), np.stack(logits, 1)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_decode_under_cp_equals_cp1(moe_setup, cp):
+    cfg, params = moe_setup
+    ids = np.random.default_rng(cp).integers(0, cfg.vocab_size, (2, 77))
+    ref_tok, ref_logits = _decode_trace(Model(cfg, params, cp=1, dtype="float32"), ids, 12)
+    tok, logits = _decode_trace(Model(cfg, params, cp=cp, dtype="float32"), ids, 12)
+    np.testing.assert_array_equal(tok, ref_tok)
+    assert rel_err(logits, ref_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_greedy_generation_under_cp_matches_transformers(cp, tmp_path):
+    hf = build(moe=False, seed=21)
+    hf.save_pretrained(tmp_path)
+    ids = np.random.default_rng(6).integers(0, hf.config.vocab_size, (2, 40))
+    got = pcp_jax.load_model(tmp_path, cp=cp, dtype="float32").generate(ids, 16)
+    np.testing.assert_array_equal(got, hf_generate(hf, ids, 16))
+
+
+@pytest.mark.parametrize("cp,chunks", [(1, (64, 100)), (4, (128, 200))])
+def test_chunked_prefill_equals_one_shot(moe_setup, cp, chunks):
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=cp, dtype="float32")
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 333))
+    ref_logits = model.logits(ids)
+    ref_tok, ref_trace = _decode_trace(model, ids, 5)
+    one_shot = model.prefill(ids)
+    for chunk in chunks:  # neither divides the 333-token prompt
+        assert rel_err(model.logits(ids, chunk_size=chunk), ref_logits) <= 1e-5, chunk
+        state = model.prefill(ids, chunk_size=chunk)
+        for a, b in zip(state.caches, one_shot.caches):
+            if "state" in a:  # GDN conv and recurrent states carried across pieces
+                assert rel_err(to_host(a["state"]), to_host(b["state"])) <= 1e-5, chunk
+                assert rel_err(to_host(a["conv"]), to_host(b["conv"])) <= 1e-5, chunk
+        tok, trace = _decode_trace(model, ids, 5, chunk_size=chunk)
+        np.testing.assert_array_equal(tok, ref_tok)
+        assert rel_err(trace, ref_trace) <= 1e-5, chunk
+
+
+def test_no_device_holds_the_whole_kv_cache(moe_setup):
+    cfg, params = moe_setup
+    cp = 4
+    model = Model(cfg, params, cp=cp, dtype="float32")
+    state = model.prefill(np.zeros((1, 900), np.int32), max_new_tokens=8)
+    model.decode_step(state, np.zeros(1, np.int32), 0)
+    kv = [c for c in state.caches if "k" in c]
+    assert kv
+    for c in kv:
+        for arr in (c["k"], c["v"]):
+            assert arr.sharding.spec[1] == "cp"
+            shards = arr.addressable_shards
+            assert len({s.device for s in shards}) == cp
+            assert all(s.data.shape[1] * cp == arr.shape[1] for s in shards)
+            assert arr.shape[1] // cp < 900  # each device holds well under the prompt's KV
+
+
+def test_prefix_cache_hits_partial_hits_eviction_and_keys(moe_setup):
+    cfg, params = moe_setup
+    rng = np.random.default_rng(9)
+    a = rng.integers(0, cfg.vocab_size, (1, 300))
+    b = a.copy()
+    b[0, 250:] = rng.integers(0, cfg.vocab_size, 50)  # shares two 100-token pieces with a
+    c = a.copy()
+    c[0, 50:] = rng.integers(0, cfg.vocab_size, 250)  # shares less than one piece
+    model = Model(cfg, params, cp=2, dtype="float32")
+    cold = {k: to_host(model.prefill(x, chunk_size=100).logits) for k, x in (("a", a), ("b", b), ("c", c))}
+    cache = model.enable_prefix_cache(1 << 30)
+    assert model.prefix_cache_stats() == dict(hits=0, misses=0, tokens_reused=0, evictions=0, bytes_held=0, entries=0)
+    warm = lambda x: to_host(model.prefill(x, chunk_size=100, max_new_tokens=2).logits)
+    np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # miss, stores 3 boundaries
+    stats = model.prefix_cache_stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (0, 1, 3)
+    np.testing.assert_allclose(warm(b), cold["b"], rtol=0, atol=1e-6)  # partial hit: 2 pieces
+    assert model.prefix_cache_stats()["tokens_reused"] == 200
+    np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # full hit
+    stats = model.prefix_cache_stats()
+    assert (stats["hits"], stats["tokens_reused"]) == (2, 500)
+    np.testing.assert_allclose(warm(c), cold["c"], rtol=0, atol=1e-6)  # miss
+    assert model.prefix_cache_stats()["misses"] == 2
+    held = model.prefix_cache_stats()["bytes_held"]
+    assert held == sum(e.nbytes for e in cache._entries.values()) > 0
+    # A model with another dtype, another cp, or another piece size never hits the same entries.
+    other = Model(cfg, params, cp=2, dtype="bfloat16")
+    other.enable_prefix_cache(0, cache=cache)
+    other.prefill(a, chunk_size=100)
+    other_cp = Model(cfg, params, cp=4, dtype="float32")
+    other_cp.enable_prefix_cache(0, cache=cache)
+    other_cp.prefill(a, chunk_size=100)
+    model.prefill(a, chunk_size=128)
+    other_weights = Model(cfg, tiny_params(cfg, seed=5), cp=2, dtype="float32")
+    other_weights.enable_prefix_cache(0, cache=cache)
+    other_weights.prefill(a, chunk_size=100)
+    assert cache.stats()["hits"] == 2
+    # Eviction keeps the budget: room for about two entries.
+    small = Model(cfg, params, cp=2, dtype="float32")
+    budget = 2 * held // 6 + 1
+    small.enable_prefix_cache(budget)
+    for x in (a, b, c):
+        small.prefill(x, chunk_size=100)
+        assert small.prefix_cache_stats()["bytes_held"] <= budget
+    assert small.prefix_cache_stats()["evictions"] > 0
+    np.testing.assert_allclose(to_host(small.prefill(b, chunk_size=100).logits), cold["b"], rtol=0, atol=1e-6)
+
+
+def test_ragged_batch_with_eos_and_streaming(moe_setup):
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=2, dtype="float32")
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in (5, 130, 64)]
+    singles = [model.generate(p[None], 10)[0] for p in prompts]
+    eos = int(singles[1][len(prompts[1]) + 3])  # row 1 stops after its 4th new token
+    seen = []
+    out = model.generate(prompts, 10, eos_token_id=eos, callback=lambda step, tok: seen.append(tok))
+    assert out.shape == (3, 130 + 10)
+    for b, (p, single) in enumerate(zip(prompts, singles)):
+        new = out[b, len(p):len(p) + 10]
+        ref = single[len(p):]
+        stop = np.flatnonzero(ref == eos)
+        if stop.size:  # tokens up to and including the first EOS, then EOS padding
+            np.testing.assert_array_equal(new[: stop[0] + 1], ref[: stop[0] + 1])
+            assert np.all(new[stop[0]:] == eos)
+        else:
+            np.testing.assert_array_equal(new, ref)
+        assert np.all(out[b, len(p) + 10:] == eos)
+    assert len(seen) >= 4 and all(t.shape == (3,) for t in seen)
+    np.testing.assert_array_equal(np.stack(seen, 1)[1, :4], out[1, 130:134])
+
+
+def test_sampling_is_seeded(moe_setup):
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=1, dtype="float32")
+    ids = np.ones((2, 9), np.int32)
+    a = model.generate(ids, 8, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    b = model.generate(ids, 8, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert np.all((a[:, 9:] >= 0) & (a[:, 9:] < cfg.vocab_size))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((1, 0), np.int32), "empty"),
+    (np.zeros((4,), np.int32), "shape"),
+    (np.zeros((1, 3), np.float32), "integers"),
+    (np.array([[1, 2, 67]]), "out of range"),
+    (np.array([[-1, 2]]), "out of range"),
+    ([], "empty"),
+])
+def test_bad_inputs_are_clear_errors(moe_setup, bad, message):
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=1, dtype="float32")
+    with pytest.raises(ValueError, match=message):
+        model.generate(bad, 4)
+    with pytest.raises(ValueError, match=message):
+        model.logits(bad)
+
+
+def test_bad_arguments_are_clear_errors(moe_setup):
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=1, dtype="float32")
+    ids = np.ones((1, 4), np.int32)
+    for kwargs, message in ((dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                            (dict(top_p=1.5), "top_p"), (dict(chunk_size=0), "chunk_size")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, 2, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(ids, -1)
+    state = model.prefill(ids, max_new_tokens=2)
+    model.decode_step(state, np.ones(1, np.int32), 0)
+    model.decode_step(state, np.ones(1, np.int32), 1)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model.decode_step(state, np.ones(1, np.int32), 500)
+    with pytest.raises(ValueError, match="cp=16 needs 16 devices"):
+        Model(cfg, params, cp=16)
+    with pytest.raises(ValueError, match="dtype"):
+        Model(cfg, params, dtype="float16")
+    with pytest.raises(ValueError, match="gdn_strategy"):
+        Model(cfg, params, gdn_strategy="ring")
+    with pytest.raises(ValueError, match="prefix cache is not enabled"):
+        model.prefix_cache_stats()
