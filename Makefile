@@ -28,7 +28,10 @@ test: $(VENV)/.test
 
 # GPU benchmarks run on a CUDA machine (see docs/BENCHMARKS.md for the exact commands and results):
 #   python scripts/bench_kernels.py        kernels vs FLA / cuDNN, correctness first
-#   python scripts/bench_prefill.py --preset qwen3.5-9b --tokens 8192,32768,131072
-# On a CPU-only machine `make bench` runs the prefill benchmark of the demo preset.
+#   bash scripts/gpu_prefill_run.sh        end-to-end prefill: GPU-vs-jnp check, qwen3.5-9b, transformers + FLA
+#   pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp N]
+# On a CPU-only machine `make bench` runs the prefill benchmark of the demo preset at cp=1 and cp=4
+# (virtual devices sharing the same cores: it exercises the code, it does not show a speed-up).
 bench: $(VENV)/.base
-	$(VENV)/bin/python scripts/bench_prefill.py --preset demo --tokens 2048,8192 --cp 1,4
+	$(VENV)/bin/pcp-jax bench --preset demo --tokens 2048,8192 --cp 1
+	$(VENV)/bin/pcp-jax bench --preset demo --tokens 2048,8192 --cp 4

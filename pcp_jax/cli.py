@@ -48,10 +48,12 @@ def cmd_generate(args) -> int:
         ids = _parse_ids(args.ids)
     try:
         model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
+        if args.prefix_cache_mb:
+            model.enable_prefix_cache(args.prefix_cache_mb << 20)
         t0 = time.perf_counter()
         out = model.generate(np.asarray([ids]), args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             eos_token_id=model.cfg.eos_token_id if args.eos else None)
+                             eos_token_id=model.cfg.eos_token_id if args.eos else None, chunk_size=args.chunk_size)
     except ValueError as e:
         print(f"pcp-jax generate: error: {e}", file=sys.stderr)
         return 1
@@ -59,6 +61,8 @@ def cmd_generate(args) -> int:
     new = out[0, len(ids):].tolist()
     print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
     print(f"[{len(ids)} prompt tokens, {len(new)} new, {dt:.2f} s, cp={model.cp}]", file=sys.stderr)
+    if args.prefix_cache_mb:
+        print(f"[prefix cache: {model.prefix_cache_stats()}]", file=sys.stderr)
     return 0
 
 
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eos", dest="eos", action="store_false", help="ignore the model's EOS token")
     p.add_argument("--cpu-devices", type=int, help="virtual CPU devices (for --cp > 1 without accelerators)")
+    p.add_argument("--chunk-size", type=int, help="prefill the prompt in pieces of this many tokens")
+    p.add_argument("--prefix-cache-mb", type=int, default=0,
+                   help="keep prefill KV blocks and GDN states up to this many MiB (reported on stderr)")
 
     p = sub.add_parser("demo", help="random small Qwen3.5: long prefill at cp=1 and cp=4, then generation")
     p.add_argument("--tokens", type=int, default=4096, help="prompt length")

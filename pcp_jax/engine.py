@@ -126,7 +126,7 @@ class Model:
         """Empty caches, allocated shard by shard: KV [B, C*slots, Hkv, hd] over `cp`, GDN replicated."""
         key = ("alloc", batch, slots)
         if key not in self._fns:
-            cfg, C, dtype = self.cfg, self.cp, self.dtype
+            cfg, dtype = self.cfg, self.dtype
 
             def per_shard():
                 kv = lambda: jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.head_dim), dtype)

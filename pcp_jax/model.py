@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pcp_jax.config import FULL_ATTENTION, ModelConfig
+from pcp_jax.config import FULL_ATTENTION, ModelConfig, param_shapes
 from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matmul, merge_partials, merge_stacked
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
@@ -310,41 +310,6 @@ class Qwen35(nnx.Module):
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every flat parameter name of `cfg` and its shape (the checkpoint contract)."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    s: dict[str, tuple[int, ...]] = {"embed": (V, D), "final_norm": (D,)}
-    if not cfg.tie_word_embeddings:
-        s["lm_head"] = (D, V)
-    hd, Hq, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    Hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-    for i, t in enumerate(cfg.layer_types):
-        p = f"layers.{i}"
-        s[f"{p}.input_norm"] = (D,)
-        s[f"{p}.post_norm"] = (D,)
-        if t == FULL_ATTENTION:
-            s.update({f"{p}.attn.q_proj": (D, Hq * 2 * hd), f"{p}.attn.k_proj": (D, Hkv * hd),
-                      f"{p}.attn.v_proj": (D, Hkv * hd), f"{p}.attn.o_proj": (Hq * hd, D),
-                      f"{p}.attn.q_norm": (hd,), f"{p}.attn.k_norm": (hd,)})
-        else:
-            s.update({f"{p}.gdn.in_proj_qkv": (D, cfg.conv_dim), f"{p}.gdn.in_proj_z": (D, Hv * dv),
-                      f"{p}.gdn.in_proj_b": (D, Hv), f"{p}.gdn.in_proj_a": (D, Hv),
-                      f"{p}.gdn.conv_weight": (cfg.conv_kernel, cfg.conv_dim), f"{p}.gdn.A_log": (Hv,),
-                      f"{p}.gdn.dt_bias": (Hv,), f"{p}.gdn.norm": (dv,), f"{p}.gdn.out_proj": (Hv * dv, D)})
-        if cfg.is_moe:
-            E, F = cfg.num_experts, cfg.moe_intermediate_size
-            s.update({f"{p}.moe.router": (D, E), f"{p}.moe.gate_proj": (E, D, F), f"{p}.moe.up_proj": (E, D, F),
-                      f"{p}.moe.down_proj": (E, F, D)})
-            if cfg.shared_expert_intermediate_size:
-                Fs = cfg.shared_expert_intermediate_size
-                s.update({f"{p}.moe.shared.gate_proj": (D, Fs), f"{p}.moe.shared.up_proj": (D, Fs),
-                          f"{p}.moe.shared.down_proj": (Fs, D), f"{p}.moe.shared_gate": (D, 1)})
-        else:
-            F = cfg.intermediate_size
-            s.update({f"{p}.mlp.gate_proj": (D, F), f"{p}.mlp.up_proj": (D, F), f"{p}.mlp.down_proj": (F, D)})
-    return s
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, jax.Array]:

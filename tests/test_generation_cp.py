@@ -1,7 +1,6 @@
 """Generation under context parallelism: decode over the cp-sharded KV cache, chunked prefill, prefix
 cache, ragged batches, streaming, and the input errors of the public API."""
 
-import jax
 import numpy as np
 import pytest
 
