@@ -50,9 +50,11 @@ def bench_ours(args, cfg, lengths):
     from pcp_jax.engine import Model
     from pcp_jax.model import random_params
 
+    t0 = time.perf_counter()
     params = random_params(cfg, seed=0, dtype=jax.numpy.bfloat16)
     model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy)
     del params
+    print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for n in lengths:
         ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
@@ -65,6 +67,7 @@ def bench_ours(args, cfg, lengths):
             model.prefill(ids).logits.block_until_ready()
             times.append(time.perf_counter() - t0)
         rows.append((n, statistics.median(times), compile_s))
+        print(f"{n} tokens: first call {compile_s:.1f} s, median {rows[-1][1] * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -80,8 +83,10 @@ def bench_hf(args, cfg, lengths):
         linear_num_value_heads=cfg.linear_num_value_heads, linear_key_head_dim=cfg.linear_key_head_dim,
         linear_value_head_dim=cfg.linear_value_head_dim, layer_types=list(cfg.layer_types))
     torch.set_default_dtype(torch.bfloat16)
+    t0 = time.perf_counter()
     with torch.device("cuda"):
         model = Qwen3_5ForCausalLM(hf_cfg).eval()
+    print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, attn {model.config._attn_implementation}")
     rows = []
     for n in lengths:
@@ -99,6 +104,7 @@ def bench_hf(args, cfg, lengths):
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         rows.append((n, statistics.median(times), compile_s))
+        print(f"{n} tokens: first call {compile_s:.1f} s, median {rows[-1][1] * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -137,15 +143,24 @@ def main(argv=None) -> int:
     parser.add_argument("--gdn-strategy", default="auto", choices=["auto", "batch", "sequence"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--peak", type=float, default=799.0, help="measured bf16 matmul TFLOP/s")
-    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--check", action="store_true", help="run the GPU-vs-fp32 check first")
+    parser.add_argument("--check-only", action="store_true", help="run the check and stop")
+    parser.add_argument("--layers", type=int, help="keep only the first N layers of the preset (N a multiple "
+                        "of its attention period), e.g. to time a slice of a model whose compile is slow")
     args = parser.parse_args(argv)
     from pcp_jax.config import preset
     cfg = preset(args.preset)
+    if args.layers:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, num_layers=args.layers, layer_types=cfg.layer_types[: args.layers])
     lengths = [int(t) for t in args.tokens.split(",")]
-    if args.check and not check_gpu_path():
-        return 1
+    if args.check or args.check_only:
+        ok = check_gpu_path()
+        if args.check_only or not ok:
+            return 0 if ok else 1
     rows = (bench_hf if args.impl == "hf" else bench_ours)(args, cfg, lengths)
-    print(f"\n{args.impl} prefill, preset {args.preset}, batch {args.batch}, cp {args.cp}, bf16")
+    layers = f" (first {args.layers} layers)" if args.layers else ""
+    print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, bf16")
     print("| tokens | time (ms) | tokens/s | model TFLOP/s | MFU | first call (s) |")
     print("|---|---|---|---|---|---|")
     for n, t, c in rows:

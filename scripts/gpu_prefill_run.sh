@@ -12,9 +12,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 ngpu=$(nvidia-smi -L | wc -l)
-stage() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^W0000\|^I0000" | tail -12; }
-stage ours_cp1 ${T_OURS:-200} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --check --preset qwen3.5-9b --tokens ${TOKENS:-8192,32768,131072} --reps 3
+stage() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^W0000\|^I0000\|Autotuning cache miss" | tail -12; }
+stage check ${T_CHECK:-90} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --check-only
+stage ours_cp1 ${T_OURS:-240} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --tokens ${TOKENS:-8192,32768,131072} --reps 3
 stage hf_fla ${T_HF:-110} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --impl hf --preset qwen3.5-9b --tokens 8192,32768 --reps 3
 if [ "$ngpu" -ge 2 ]; then
-  stage ours_cp2 ${T_CP2:-150} python3 scripts/bench_prefill.py --preset qwen3.5-9b --cp 2 --tokens ${TOKENS_CP2:-32768,131072} --reps 3
+  stage ours_cp2 ${T_CP2:-180} python3 scripts/bench_prefill.py --preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --cp 2 --tokens ${TOKENS_CP2:-32768,131072} --reps 3
 fi

@@ -102,7 +102,7 @@ def test_config_from_hf_variants():
     (dict(model_type="llama"), "unsupported model_type 'llama'"),
     (dict(hidden_size=None), "missing required field 'hidden_size'"),
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
-    (dict(linear_num_value_heads=3), "linear_num_value_heads=3"),
+    (dict(linear_num_key_heads=2, linear_num_value_heads=3), "linear_num_value_heads=3 is not a multiple"),
     (dict(layer_types=["full_attention"]), "layer_types has 1 entries"),
     (dict(layer_types=["full_attention", "mamba", "full_attention", "full_attention"]), "unknown layer_types"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_type 'yarn'"),
