@@ -3,8 +3,8 @@
 Everything runs in one `shard_map` over the mesh axis `cp`: prompts are padded to a multiple of 2·C·64,
 put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The KV cache of full-attention layers
 stays where prefill left it: each rank holds its own tokens' K/V plus a share of the decode slots (new
-tokens go round-robin: decode step j writes on rank j mod C, slot 2·Lc + j div C). GDN conv and
-recurrent states are small and replicated. No rank ever holds the whole KV cache.
+tokens go round-robin: decode step j writes on rank j mod C, at slot prefill_slots + j div C). GDN conv
+and recurrent states are small and replicated. No rank ever holds the whole KV cache.
 """
 
 from __future__ import annotations
@@ -158,16 +158,18 @@ class Model:
             history = History(offset, offset // (2 * lc) if with_history else None, kpos)
             x, caches = model.prefill(ids, ctx, caches, history)
             kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(ctx.valid, pos, -1), offset, axis=1)
+            hidden_at = lambda mask: ctx.psum(jnp.einsum("bt,btd->bd", mask.astype(x.dtype), x))
             is_last = (pos == lengths[:, None] - 1) & ctx.valid
-            last = ctx.psum(jnp.einsum("bt,btd->bd", is_last.astype(x.dtype), x))
             has_last = ctx.psum(jnp.sum(is_last, axis=1)) > 0
+            # Logits after the piece's last position, for the prefix cache: a later prompt may end there.
+            at_edge = hidden_at((pos == piece_start + piece - 1) & ctx.valid)
             logits = model.head(x) if all_logits else None
-            return model.head(last), has_last, caches, kpos, logits
+            return model.head(hidden_at(is_last)), has_last, model.head(at_edge), caches, kpos, logits
 
         cache_specs = self._cache_specs()
         fn = jax.shard_map(per_shard, mesh=self.mesh,
                            in_specs=(P(), P(None, AXIS), P(), P(), P(), cache_specs, P(None, AXIS)),
-                           out_specs=(P(), P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
+                           out_specs=(P(), P(), P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
                            check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(5, 6))
         return self._fns[key]
@@ -198,7 +200,7 @@ class Model:
             part = ids[:, p * piece:(p + 1) * piece]
             chunk[:, : part.shape[1]] = part
             fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0)
-            last, has_last, caches, kpos, piece_logits = fn(
+            last, has_last, edge_logits, caches, kpos, piece_logits = fn(
                 self._state, self._place(chunk[:, token_permutation(n_pad, C)], P(None, AXIS)),
                 self._place(lengths, P()), self._place(np.int32(p * piece), P()),
                 self._place(np.int32(p * block), P()), caches, kpos)
@@ -206,7 +208,7 @@ class Model:
             if all_logits:
                 all_out.append((piece_logits, part.shape[1]))
             if self._prefix_cache is not None:
-                self._prefix_cache.store(self, ids, lengths, piece, n_pad, p, caches, kpos, logits)
+                self._prefix_cache.store(self, ids, lengths, piece, n_pad, p, caches, kpos, edge_logits)
         result = PrefillResult(logits, lengths, caches, kpos, lc, slots, prefill_slots)
         return result, all_out
 
@@ -228,12 +230,14 @@ class Model:
         return np.concatenate(out, axis=1)
 
     # Prefix cache ---------------------------------------------------------------------------------
-    def enable_prefix_cache(self, max_bytes: int, cache=None):
+    def enable_prefix_cache(self, max_bytes: int | None = None, *, cache=None):
         """Keep the KV blocks and GDN states at the end of every prefill piece (within `max_bytes`, LRU),
         so a later prompt sharing a prefix restores the longest cached boundary and prefills only the rest.
-        Pass an existing `PrefixCache` to share one between models: entries are keyed by the model's
-        weights, dtype, cp layout and piece size, so they never cross."""
+        Or pass `cache=` an existing `PrefixCache` to share it between models: entries are keyed by the
+        model's weights, dtype, cp layout and piece size, so they never cross."""
         from pcp_jax.prefix_cache import PrefixCache
+        if (max_bytes is None) == (cache is None):
+            raise ValueError("give exactly one of max_bytes (a new cache) or cache= (a shared PrefixCache)")
         self._prefix_cache = cache if cache is not None else PrefixCache(max_bytes)
         return self._prefix_cache
 
@@ -289,9 +293,8 @@ class Model:
         key = ("decode", batch, slots)
         if key in self._fns:
             return self._fns[key]
-        cfg, C, graphdef, kernels = self.cfg, self.cp, self._graphdef, self.kernels
-        cache_specs = [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
-                       for t in cfg.layer_types]
+        C, graphdef, kernels = self.cp, self._graphdef, self.kernels
+        cache_specs = self._cache_specs()
 
         def per_shard(state, tokens, positions, caches, kpos, owner, slot):
             model = nnx.merge(graphdef, state)

@@ -27,7 +27,7 @@ class _Entry:
     kv: list            # per attention layer {"k", "v"} [B, C*block, ...] sharded over cp (piece p's slots)
     kpos: jax.Array     # [B, C*block]
     gdn: list           # per GDN layer {"conv", "state"} replicated
-    logits: jax.Array   # [B, V] next-token logits after the boundary
+    logits: jax.Array   # [B, V] next-token logits after the boundary token (for prompts ending there)
     nbytes: int
 
 

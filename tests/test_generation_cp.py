@@ -108,20 +108,25 @@ def test_prefix_cache_hits_partial_hits_eviction_and_keys(moe_setup):
     assert (stats["hits"], stats["tokens_reused"]) == (2, 500)
     np.testing.assert_allclose(warm(c), cold["c"], rtol=0, atol=1e-6)  # miss
     assert model.prefix_cache_stats()["misses"] == 2
+    # A prompt that ends exactly on a cached boundary is restored whole, logits included.
+    cold_200 = to_host(Model(cfg, params, cp=2, dtype="float32").prefill(a[:, :200], chunk_size=100).logits)
+    np.testing.assert_allclose(warm(a[:, :200]), cold_200, rtol=0, atol=1e-6)
+    stats = model.prefix_cache_stats()
+    assert (stats["hits"], stats["tokens_reused"]) == (3, 700)
     held = model.prefix_cache_stats()["bytes_held"]
     assert held == sum(e.nbytes for e in cache._entries.values()) > 0
     # A model with another dtype, another cp, or another piece size never hits the same entries.
     other = Model(cfg, params, cp=2, dtype="bfloat16")
-    other.enable_prefix_cache(0, cache=cache)
+    other.enable_prefix_cache(cache=cache)
     other.prefill(a, chunk_size=100)
     other_cp = Model(cfg, params, cp=4, dtype="float32")
-    other_cp.enable_prefix_cache(0, cache=cache)
+    other_cp.enable_prefix_cache(cache=cache)
     other_cp.prefill(a, chunk_size=100)
     model.prefill(a, chunk_size=128)
     other_weights = Model(cfg, tiny_params(cfg, seed=5), cp=2, dtype="float32")
-    other_weights.enable_prefix_cache(0, cache=cache)
+    other_weights.enable_prefix_cache(cache=cache)
     other_weights.prefill(a, chunk_size=100)
-    assert cache.stats()["hits"] == 2
+    assert cache.stats()["hits"] == 3
     # Eviction keeps the budget: room for about two entries.
     small = Model(cfg, params, cp=2, dtype="float32")
     budget = 2 * held // 6 + 1
