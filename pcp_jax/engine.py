@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
@@ -25,8 +25,8 @@ from pcp_jax.model import History, Qwen35, _write_slot
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.zigzag import local_positions, padded_length, rank_index, token_permutation
-
-AXIS = "cp"
+from pcp_jax.sharding import CP_AXIS as AXIS
+from pcp_jax.sharding import KV_SLOTS, REPLICATED, TOKENS
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
@@ -75,7 +75,7 @@ class Model:
         self.dtype = _DTYPES[dtype]
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
-        self._state = _replicate(state, NamedSharding(mesh, P()))
+        self._state = _replicate(state, NamedSharding(mesh, REPLICATED))
         self._fns: dict = {}
         self._prefix_cache = None
         self._fingerprint = None
@@ -119,7 +119,7 @@ class Model:
 
     # Prefill --------------------------------------------------------------------------------------
     def _cache_specs(self):
-        return [{"k": P(None, AXIS), "v": P(None, AXIS)} if t == FULL_ATTENTION else {"conv": P(), "state": P()}
+        return [{"k": KV_SLOTS, "v": KV_SLOTS} if t == FULL_ATTENTION else {"conv": REPLICATED, "state": REPLICATED}
                 for t in self.cfg.layer_types]
 
     def _alloc_fn(self, batch: int, slots: int):
@@ -135,7 +135,7 @@ class Model:
                 return caches, jnp.full((batch, slots), -1, jnp.int32)
 
             self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(),
-                                                   out_specs=(self._cache_specs(), P(None, AXIS)), check_vma=False))
+                                                   out_specs=(self._cache_specs(), KV_SLOTS), check_vma=False))
         return self._fns[key]
 
     def _prefill_fn(self, batch: int, piece: int, n_pad: int, slots: int, all_logits: bool, with_history: bool):
@@ -168,8 +168,8 @@ class Model:
 
         cache_specs = self._cache_specs()
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(P(), P(None, AXIS), P(), P(), P(), cache_specs, P(None, AXIS)),
-                           out_specs=(P(), P(), P(), cache_specs, P(None, AXIS), P(None, AXIS) if all_logits else None),
+                           in_specs=(REPLICATED, TOKENS, REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS),
+                           out_specs=(REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS, TOKENS if all_logits else None),
                            check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(5, 6))
         return self._fns[key]
@@ -201,9 +201,9 @@ class Model:
             chunk[:, : part.shape[1]] = part
             fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0)
             last, has_last, edge_logits, caches, kpos, piece_logits = fn(
-                self._state, self._place(chunk[:, token_permutation(n_pad, C)], P(None, AXIS)),
-                self._place(lengths, P()), self._place(np.int32(p * piece), P()),
-                self._place(np.int32(p * block), P()), caches, kpos)
+                self._state, self._place(chunk[:, token_permutation(n_pad, C)], TOKENS),
+                self._place(lengths, REPLICATED), self._place(np.int32(p * piece), REPLICATED),
+                self._place(np.int32(p * block), REPLICATED), caches, kpos)
             logits = jnp.where(has_last[:, None], last, logits)
             if all_logits:
                 all_out.append((piece_logits, part.shape[1]))
@@ -261,9 +261,9 @@ class Model:
                 take = lambda a: jax.lax.dynamic_slice_in_dim(a, offset, block, axis=1)
                 return jax.tree.map(take, kv), take(kpos)
 
-            kv_spec = [{"k": P(None, AXIS), "v": P(None, AXIS)}] * n_attn
-            self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(kv_spec, P(None, AXIS), P()),
-                                                   out_specs=(kv_spec, P(None, AXIS)), check_vma=False))
+            kv_spec = [{"k": KV_SLOTS, "v": KV_SLOTS}] * n_attn
+            self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(kv_spec, KV_SLOTS, REPLICATED),
+                                                   out_specs=(kv_spec, KV_SLOTS), check_vma=False))
         return self._fns[key]
 
     def _slot_restore_fn(self, batch: int, block: int, slots: int):
@@ -276,11 +276,11 @@ class Model:
                 put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, offset, axis=1)
                 return jax.tree.map(put, kv, kv_block), put(kpos, kpos_block)
 
-            kv_spec = [{"k": P(None, AXIS), "v": P(None, AXIS)}] * n_attn
+            kv_spec = [{"k": KV_SLOTS, "v": KV_SLOTS}] * n_attn
             self._fns[key] = jax.jit(
                 jax.shard_map(per_shard, mesh=self.mesh,
-                              in_specs=(kv_spec, P(None, AXIS), kv_spec, P(None, AXIS), P()),
-                              out_specs=(kv_spec, P(None, AXIS)), check_vma=False), donate_argnums=(0, 1))
+                              in_specs=(kv_spec, KV_SLOTS, kv_spec, KV_SLOTS, REPLICATED),
+                              out_specs=(kv_spec, KV_SLOTS), check_vma=False), donate_argnums=(0, 1))
         return self._fns[key]
 
     def prefix_cache_stats(self) -> dict:
@@ -305,8 +305,8 @@ class Model:
             return logits, caches, kpos
 
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(P(), P(), P(), cache_specs, P(None, AXIS), P(), P()),
-                           out_specs=(P(), cache_specs, P(None, AXIS)), check_vma=False)
+                           in_specs=(REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS, REPLICATED, REPLICATED),
+                           out_specs=(REPLICATED, cache_specs, KV_SLOTS), check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(3, 4))
         return self._fns[key]
 
@@ -321,8 +321,8 @@ class Model:
         positions = (state.lengths + step).astype(np.int32)
         fn = self._decode_fn(len(state.lengths), state.slots_per_rank)
         logits, state.caches, state.kpos = fn(
-            self._state, self._place(np.asarray(tokens, np.int32), P()), self._place(positions, P()),
-            state.caches, state.kpos, self._place(np.int32(step % C), P()), self._place(np.int32(slot), P()))
+            self._state, self._place(np.asarray(tokens, np.int32), REPLICATED), self._place(positions, REPLICATED),
+            state.caches, state.kpos, self._place(np.int32(step % C), REPLICATED), self._place(np.int32(slot), REPLICATED))
         state.logits = logits
         return logits
 

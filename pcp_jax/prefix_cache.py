@@ -19,7 +19,8 @@ import hashlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+
+from pcp_jax.sharding import REPLICATED
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ class PrefixCache:
             return
         block = n_pad // model.cp
         kv, kp = model._slot_block_fn(len(lengths), block, kpos.shape[1] // model.cp)(
-            [c for c in caches if "k" in c], kpos, model._place(np.int32(p * block), P()))
+            [c for c in caches if "k" in c], kpos, model._place(np.int32(p * block), REPLICATED))
         gdn = [jax.tree.map(jnp.copy, c) for c in caches if "k" not in c]
         entry = _Entry(kv, kp, gdn, jnp.copy(logits), 0)
         entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((kv, kp, gdn, entry.logits)))
@@ -99,7 +100,7 @@ class PrefixCache:
         for p, key in chain[:found]:
             self._entries.move_to_end(key)
             entry = self._entries[key]
-            attn, kpos = put(attn, kpos, entry.kv, entry.kpos, model._place(np.int32(p * block), P()))
+            attn, kpos = put(attn, kpos, entry.kv, entry.kpos, model._place(np.int32(p * block), REPLICATED))
         last = self._entries[chain[found - 1][1]]
         attn, gdn = iter(attn), iter(last.gdn)
         caches = [next(attn) if "k" in c else jax.tree.map(jnp.copy, next(gdn)) for c in caches]

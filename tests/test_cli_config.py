@@ -125,3 +125,13 @@ def test_presets_have_the_real_shapes():
         60, 32, 2, 64, 512, 10, 1024, 15)
     n_params = sum(int(np.prod(s)) for s in param_shapes(nine).values())
     assert 8.5e9 < n_params < 10.5e9, n_params
+
+
+def test_sharding_rules_name_the_cp_axis_once():
+    from jax.sharding import PartitionSpec
+    from pcp_jax.sharding import KV_SLOTS, RULES, TOKENS
+    assert TOKENS == PartitionSpec(None, "cp") and KV_SLOTS == PartitionSpec(None, "cp")
+    with pytest.raises(ValueError, match="two dimensions on one mesh axis"):
+        RULES.spec("sequence", "kv_slots")
+    with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
+        RULES.spec("batch", "heads")
