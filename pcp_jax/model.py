@@ -102,12 +102,15 @@ class GatedAttention(nnx.Module):
         `history.offset`. history.blocks (None on a first piece) counts the filled blocks of earlier
         pieces, which the queries also attend to (ring over the cache)."""
         q, k, v, gate = self._qkv(x, ctx.positions)
+        # Write first, then read only the blocks of earlier pieces: a read of the old buffer after the
+        # write would make XLA copy the whole cache instead of updating it in place.
+        write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype), history.offset, axis=1)
+        cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
         out, lse = ring_attention(q, k, v, ctx)
         if history.blocks is not None:
             out, lse = merge_partials(out, lse, *ring_over_cache(q, cache["k"], cache["v"], history.kpos, ctx,
                                                                  history.blocks))
-        write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype), history.offset, axis=1)
-        return self._out(out, gate, x), {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+        return self._out(out, gate, x), cache
 
     def decode(self, x, ctx: ShardContext, cache, kpos, write):
         """One token. cache {"k", "v"} [B, S, Hkv, hd] is this rank's slots; kpos [B, S] their positions

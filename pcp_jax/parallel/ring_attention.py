@@ -69,14 +69,14 @@ def ring_attention(q, k, v, ctx: ShardContext):
     return out, lse
 
 
-def _attend_filled_blocks(q, k, v, kpos, ctx: ShardContext, n_blocks):
-    """Local queries against the first `n_blocks` (traced) blocks of one cache shard, block by block,
+def _attend_filled_blocks(q, q_pos, k, v, kpos, ctx: ShardContext, n_blocks):
+    """Queries against the first `n_blocks` (traced) blocks of this rank's cache shard, block by block,
     so memory is bounded by the block, not by the cache length. Block = the local query length."""
     block = q.shape[1]
 
     def body(i, acc):
         take = lambda a: lax.dynamic_slice_in_dim(a, i * block, block, axis=1)
-        part = attention_block(q, take(k), take(v), ctx.positions, take(kpos), causal=True, kernels=ctx.kernels)
+        part = attention_block(q, take(k), take(v), q_pos, take(kpos), causal=True, kernels=ctx.kernels)
         return merge_partials(*acc, *part)
 
     return lax.fori_loop(0, n_blocks, body, _blank(q))
@@ -84,15 +84,18 @@ def _attend_filled_blocks(q, k, v, kpos, ctx: ShardContext, n_blocks):
 
 def ring_over_cache(q, k_cache, v_cache, kpos, ctx: ShardContext, n_blocks):
     """Chunked prefill: this piece's local queries attend to the KV cached by earlier pieces, which is
-    spread over all ranks. The cache shards travel around the ring (C steps, next one sent before the
-    current one is used); every rank has filled the same `n_blocks` blocks of its shard.
-    k_cache/v_cache [B, S, Hkv, D], kpos [B, S] (-1 empty). Returns (out fp32, lse)."""
-    visiting = (k_cache, v_cache, kpos)
-    incoming = ctx.shift(visiting, 1) if ctx.cp > 1 else None
-    out, lse = _attend_filled_blocks(q, *visiting, ctx, n_blocks)
-    for i in range(1, ctx.cp):
+    spread over all ranks. The cache stays put; the queries travel around the ring with their running
+    (out, lse): at step i rank r serves the queries of rank r - i against its own shard, then passes them
+    on, and after C steps every accumulator is back home. Per step a rank sends 2Lc queries (bf16) and
+    their fp32 accumulator, independent of how long the cached prefix is, and holds no other rank's cache
+    (so memory follows the piece, not the prompt). The next queries are sent before the current ones are
+    served; the accumulator can only leave once served. Every rank has filled the same `n_blocks` blocks.
+    k_cache/v_cache [B, S, Hkv, D], kpos [B, S] (-1 empty). Returns (out fp32, lse) for the local queries."""
+    visiting = (q, ctx.positions)
+    acc = _blank(q)
+    for i in range(ctx.cp):
+        incoming = ctx.shift(visiting, 1) if i + 1 < ctx.cp else None
+        acc = merge_partials(*acc, *_attend_filled_blocks(*visiting, k_cache, v_cache, kpos, ctx, n_blocks))
+        acc = ctx.shift(acc, 1)  # to the next rank; after the last step, back to the queries' own rank
         visiting = incoming
-        if i + 1 < ctx.cp:
-            incoming = ctx.shift(visiting, 1)
-        out, lse = merge_partials(out, lse, *_attend_filled_blocks(q, *visiting, ctx, n_blocks))
-    return out, lse
+    return acc
