@@ -212,3 +212,15 @@ def test_bad_arguments_are_clear_errors(moe_setup):
         Model(cfg, params, gdn_strategy="ring")
     with pytest.raises(ValueError, match="prefix cache is not enabled"):
         model.prefix_cache_stats()
+
+
+def test_chunked_prefill_with_batch_strategy_and_ragged_rows():
+    cfg = tiny_config()
+    params = tiny_params(cfg, seed=6)
+    prompts = [np.random.default_rng(i).integers(0, cfg.vocab_size, n) for i, n in enumerate((300, 257, 64, 5))]
+    ref = Model(cfg, params, cp=1, dtype="float32")
+    model = Model(cfg, params, cp=4, dtype="float32", gdn_strategy="batch")
+    want, got = ref.logits(prompts), model.logits(prompts, chunk_size=128)
+    for b, p in enumerate(prompts):
+        assert rel_err(got[b, :len(p)], want[b, :len(p)]) <= 1e-5, b
+    np.testing.assert_array_equal(model.generate(prompts, 6, chunk_size=128), ref.generate(prompts, 6))
