@@ -100,7 +100,7 @@ class GatedAttention(nnx.Module):
     def prefill(self, x, ctx: ShardContext, cache, history):
         """cache {"k", "v"} [B, S, Hkv, hd]: this rank's slots; the piece's K/V are written at slot
         `history.offset`. history.blocks (None on a first piece) counts the filled blocks of earlier
-        pieces, which the queries also attend to (ring over the cache)."""
+        pieces, which the queries also attend to (they travel to every rank's cache shard)."""
         q, k, v, gate = self._qkv(x, ctx.positions)
         # Write first, then read only the blocks of earlier pieces: a read of the old buffer after the
         # write would make XLA copy the whole cache instead of updating it in place.
