@@ -189,9 +189,10 @@ class Model:
         slots = -(-(prefill_slots + -(-max(max_new_tokens, 0) // C)) // block) * block
         caches, kpos = self._alloc_fn(B, slots)()
         logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
-        first = 0
+        first, chain = 0, None
         if self._prefix_cache is not None:
-            first, restored = self._prefix_cache.restore(self, ids, lengths, piece, n_pad, slots, caches, kpos)
+            chain = self._prefix_cache.chain(self, ids, lengths, piece, n_pad)
+            first, restored = self._prefix_cache.restore(self, chain, piece, n_pad, caches, kpos)
             if first:
                 caches, kpos, logits = restored
         all_out = []
@@ -208,7 +209,7 @@ class Model:
             if all_logits:
                 all_out.append((piece_logits, part.shape[1]))
             if self._prefix_cache is not None:
-                self._prefix_cache.store(self, ids, lengths, piece, n_pad, p, caches, kpos, edge_logits)
+                self._prefix_cache.store(self, chain, n_pad, p, caches, kpos, edge_logits)
         result = PrefillResult(logits, lengths, caches, kpos, lc, slots, prefill_slots)
         return result, all_out
 
@@ -251,9 +252,9 @@ class Model:
             self._fingerprint = digest.digest()
         return self._fingerprint
 
-    def _slot_block_fn(self, batch: int, block: int, slots: int):
+    def _slot_block_fn(self, block: int, slots: int):
         """Copy out `block` slots at a slot offset from every rank's KV shard (and their positions)."""
-        key = ("slot_block", batch, block, slots)
+        key = ("slot_block", block, slots)
         if key not in self._fns:
             n_attn = len(self.cfg.attention_layers)
 
@@ -266,9 +267,9 @@ class Model:
                                                    out_specs=(kv_spec, KV_SLOTS), check_vma=False))
         return self._fns[key]
 
-    def _slot_restore_fn(self, batch: int, block: int, slots: int):
+    def _slot_restore_fn(self, block: int, slots: int):
         """Write a block taken by `_slot_block_fn` back at a slot offset of every rank's KV shard."""
-        key = ("slot_restore", batch, block, slots)
+        key = ("slot_restore", block, slots)
         if key not in self._fns:
             n_attn = len(self.cfg.attention_layers)
 

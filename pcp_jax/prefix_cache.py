@@ -52,8 +52,8 @@ class PrefixCache:
         h.update(repr((model.dtype_name, model.cp, piece, n_pad, batch)).encode())
         return h.digest()
 
-    def _chain(self, model, ids, lengths, piece, n_pad):
-        """Keys of every full piece boundary all rows reach: [(p, key)]."""
+    def chain(self, model, ids, lengths, piece, n_pad) -> list[tuple[int, bytes]]:
+        """Keys of every full piece boundary all rows reach: [(p, key)]. Computed once per prefill."""
         key = self._root(model, piece, n_pad, len(lengths))
         out = []
         for p in range(int(lengths.min()) // piece):
@@ -62,12 +62,12 @@ class PrefixCache:
         return out
 
     # Store / restore ------------------------------------------------------------------------------
-    def store(self, model, ids, lengths, piece, n_pad, p, caches, kpos, logits) -> None:
-        chain = self._chain(model, ids, lengths, piece, n_pad)
+    def store(self, model, chain, n_pad, p, caches, kpos, logits) -> None:
+        """Keep boundary p (the end of piece p) of a prompt whose keys are `chain`."""
         if p >= len(chain) or chain[p][1] in self._entries:
             return
         block = n_pad // model.cp
-        kv, kp = model._slot_block_fn(len(lengths), block, kpos.shape[1] // model.cp)(
+        kv, kp = model._slot_block_fn(block, kpos.shape[1] // model.cp)(
             [c for c in caches if "k" in c], kpos, model._place(np.int32(p * block), REPLICATED))
         gdn = [jax.tree.map(jnp.copy, c) for c in caches if "k" not in c]
         entry = _Entry(kv, kp, gdn, jnp.copy(logits), 0)
@@ -81,9 +81,9 @@ class PrefixCache:
             self._bytes -= old.nbytes
             self._stats["evictions"] += 1
 
-    def restore(self, model, ids, lengths, piece, n_pad, slots, caches, kpos):
-        """Longest cached boundary for this prompt: returns (pieces restored, (caches, kpos, logits))."""
-        chain = self._chain(model, ids, lengths, piece, n_pad)
+    def restore(self, model, chain, piece, n_pad, caches, kpos):
+        """Longest cached boundary of a prompt whose keys are `chain`: returns (pieces restored,
+        (caches, kpos, logits)) or (0, None)."""
         found = 0
         for p, key in chain:
             if key not in self._entries:
@@ -93,9 +93,9 @@ class PrefixCache:
             self._stats["misses"] += 1
             return 0, None
         self._stats["hits"] += 1
-        self._stats["tokens_reused"] += found * piece * len(lengths)
+        self._stats["tokens_reused"] += found * piece * kpos.shape[0]
         block = n_pad // model.cp
-        put = model._slot_restore_fn(len(lengths), block, slots)
+        put = model._slot_restore_fn(block, kpos.shape[1] // model.cp)
         attn = [c for c in caches if "k" in c]
         for p, key in chain[:found]:
             self._entries.move_to_end(key)
