@@ -48,7 +48,6 @@ class PrefillResult:
     lengths: np.ndarray        # [B] prompt lengths
     caches: list               # per layer: {"k","v"} [B, C*S, Hkv, hd] sharded on slots, or {"conv","state"}
     kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
-    chunk_len: int             # Lc of the prefill layout (per piece)
     slots_per_rank: int        # S
     prefill_slots: int         # slots per rank written by prefill; decode appends after them
 
@@ -138,11 +137,13 @@ class Model:
                                                    out_specs=(self._cache_specs(), KV_SLOTS), check_vma=False))
         return self._fns[key]
 
-    def _prefill_fn(self, batch: int, piece: int, n_pad: int, slots: int, all_logits: bool, with_history: bool):
+    def _prefill_fn(self, batch: int, piece: int, n_pad: int, slots: int, all_logits: bool, with_history: bool,
+                    edge_logits: bool = False):
         """One prefill piece of `piece` tokens padded to n_pad (zigzag over `cp`), written into the slots
         at `offset`. A piece's padding overlaps the next piece's positions, so tokens count as real only
-        below min(length, piece_start + piece)."""
-        key = ("prefill", batch, piece, n_pad, slots, all_logits, with_history)
+        below min(length, piece_start + piece). `edge_logits`: also return the logits after the piece's last
+        position (what the prefix cache keeps for prompts that end there)."""
+        key = ("prefill", batch, piece, n_pad, slots, all_logits, with_history, edge_logits)
         if key in self._fns:
             return self._fns[key]
         C = self.cp
@@ -154,22 +155,22 @@ class Model:
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             pos = jnp.broadcast_to(piece_start + local_positions(rank, C, lc), ids.shape)
-            ctx = ShardContext(AXIS, C, lc, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece))
+            ctx = ShardContext(AXIS, C, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece))
             history = History(offset, offset // (2 * lc) if with_history else None, kpos)
             x, caches = model.prefill(ids, ctx, caches, history)
             kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(ctx.valid, pos, -1), offset, axis=1)
             hidden_at = lambda mask: ctx.psum(jnp.einsum("bt,btd->bd", mask.astype(x.dtype), x))
             is_last = (pos == lengths[:, None] - 1) & ctx.valid
             has_last = ctx.psum(jnp.sum(is_last, axis=1)) > 0
-            # Logits after the piece's last position, for the prefix cache: a later prompt may end there.
-            at_edge = hidden_at((pos == piece_start + piece - 1) & ctx.valid)
+            edge = model.head(hidden_at((pos == piece_start + piece - 1) & ctx.valid)) if edge_logits else None
             logits = model.head(x) if all_logits else None
-            return model.head(hidden_at(is_last)), has_last, model.head(at_edge), caches, kpos, logits
+            return model.head(hidden_at(is_last)), has_last, edge, caches, kpos, logits
 
         cache_specs = self._cache_specs()
         fn = jax.shard_map(per_shard, mesh=self.mesh,
                            in_specs=(REPLICATED, TOKENS, REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS),
-                           out_specs=(REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS, TOKENS if all_logits else None),
+                           out_specs=(REPLICATED, REPLICATED, REPLICATED if edge_logits else None, cache_specs,
+                                      KV_SLOTS, TOKENS if all_logits else None),
                            check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(5, 6))
         return self._fns[key]
@@ -200,7 +201,8 @@ class Model:
             chunk = np.zeros((B, n_pad), np.int32)
             part = ids[:, p * piece:(p + 1) * piece]
             chunk[:, : part.shape[1]] = part
-            fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0)
+            fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0,
+                                  edge_logits=self._prefix_cache is not None)
             last, has_last, edge_logits, caches, kpos, piece_logits = fn(
                 self._state, self._place(chunk[:, token_permutation(n_pad, C)], TOKENS),
                 self._place(lengths, REPLICATED), self._place(np.int32(p * piece), REPLICATED),
@@ -210,7 +212,7 @@ class Model:
                 all_out.append((piece_logits, part.shape[1]))
             if self._prefix_cache is not None:
                 self._prefix_cache.store(self, chain, n_pad, p, caches, kpos, edge_logits)
-        result = PrefillResult(logits, lengths, caches, kpos, lc, slots, prefill_slots)
+        result = PrefillResult(logits, lengths, caches, kpos, slots, prefill_slots)
         return result, all_out
 
     def prefill(self, input_ids, *, max_new_tokens: int = 0, chunk_size: int | None = None) -> PrefillResult:
@@ -300,7 +302,7 @@ class Model:
         def per_shard(state, tokens, positions, caches, kpos, owner, slot):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
-            ctx = ShardContext(AXIS, C, 0, "sequence", kernels, rank, positions[:, None], positions + 1)
+            ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1)
             kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
             logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot))
             return logits, caches, kpos

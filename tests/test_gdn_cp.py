@@ -42,7 +42,7 @@ def test_strategies_equal_serial_with_initial_state(strategy, cp):
     def per_shard(qkv, g, beta, w, conv0, s0):
         rank = jax.lax.axis_index("cp") if cp > 1 else jnp.int32(0)
         pos = jnp.broadcast_to(local_positions(rank, cp, lc), (B, 2 * lc))
-        ctx = ShardContext("cp", cp, lc, strategy, "jnp", rank, pos, jnp.full((B,), T, jnp.int32))
+        ctx = ShardContext("cp", cp, strategy, "jnp", rank, pos, jnp.full((B,), T, jnp.int32))
         return run_fn(qkv, g, beta, w, ctx, cfg, conv0, s0)
 
     zig = lambda a: np.asarray(to_zigzag(jnp.asarray(a), cp))

@@ -77,7 +77,7 @@ def test_ring_attention_equals_dense_causal(cp):
     def per_shard(q, k, v):
         rank = jax.lax.axis_index("cp")
         pos = jnp.broadcast_to(local_positions(rank, cp, lc), (B, 2 * lc))
-        ctx = ShardContext("cp", cp, lc, "sequence", "jnp", rank, pos, jnp.full((B,), T, jnp.int32))
+        ctx = ShardContext("cp", cp, "sequence", "jnp", rank, pos, jnp.full((B,), T, jnp.int32))
         return ring_attention(q, k, v, ctx)[0]
 
     zig = lambda a: np.asarray(to_zigzag(jnp.asarray(a), cp))

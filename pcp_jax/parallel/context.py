@@ -1,6 +1,6 @@
 """What per-shard model code knows about its place in the mesh.
 
-Built inside the `shard_map`'d function: static fields (axis name, C, chunk length, strategies) come
+Built inside the `shard_map`'d function: static fields (axis name, C, strategies) come
 from the engine, traced fields (rank, positions, row lengths) from the inputs. With cp == 1 every
 collective helper is the identity, so there is one code path.
 """
@@ -19,7 +19,6 @@ GDN_STRATEGIES = ("auto", "batch", "sequence")
 class ShardContext:
     axis: str            # mesh axis name, "cp"
     cp: int              # number of ranks C
-    chunk_len: int       # Lc: tokens per zigzag chunk (prefill); 0 in decode
     gdn_strategy: str    # "batch" | "sequence" (resolved, never "auto")
     kernels: str         # "auto" | "jnp" | "gpu"
     rank: jax.Array      # scalar int32, this shard's index on `axis`
