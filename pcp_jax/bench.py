@@ -10,6 +10,10 @@ only for the last token), causal attention as half the square, and the chunked G
 (per 64-token chunk and value head: the WY system, w/u, state reads/updates and the intra-chunk
 output). MFU = achieved FLOP/s over the measured bf16 matmul peak of the machine (`--peak`, TFLOP/s).
 `--check` first compares the GPU-kernel path with the plain-jnp path on the demo preset (bf16).
+`--decode N` times N decode steps after each prefill (the prefill then reserves room for them);
+`--profile DIR` traces one more prefill and prints how much NCCL kernel time overlapped compute
+(pcp_jax/overlap.py). A length that fails (e.g. out of memory) is reported in the table and the run goes
+on; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ def model_flops(cfg, n: int) -> float:
     return flops
 
 
+def _peak_gib(devices) -> float | None:
+    """Largest peak allocation over `devices` so far in this process (None where the backend has no stats)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    return max(peaks) / 2**30 if peaks and None not in peaks else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def bench_ours(args, cfg, lengths):
     import jax
     from pcp_jax.engine import Model
@@ -55,20 +70,66 @@ def bench_ours(args, cfg, lengths):
     model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy)
     del params
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
+    devices = list(model.mesh.devices.flat)
     rows = []
     for n in lengths:
-        ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
-        t0 = time.perf_counter()
-        model.prefill(ids).logits.block_until_ready()
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            model.prefill(ids).logits.block_until_ready()
-            times.append(time.perf_counter() - t0)
-        rows.append((n, statistics.median(times), compile_s))
-        print(f"{n} tokens: first call {compile_s:.1f} s, median {rows[-1][1] * 1e3:.1f} ms", flush=True)
+        try:
+            rows.append(_time_one_length(args, cfg, model, devices, n))
+        except Exception as e:  # e.g. out of memory at the longest prompt: report it, go on
+            print(f"{n} tokens: failed: {_first_line(e)}", flush=True)
+            rows.append({"n": n, "error": _first_line(e)})
+    if args.profile:
+        done = [r for r in rows if "error" not in r]
+        if done:
+            _profile_prefill(args, cfg, model, done[-1]["n"])
     return rows
+
+
+def _time_one_length(args, cfg, model, devices, n):
+    """Prefill time (median of reps after a compiling call) at n tokens, then decode step times."""
+    ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
+    new = args.decode + 1 if args.decode else 0
+    t0 = time.perf_counter()
+    state = model.prefill(ids, max_new_tokens=new)
+    state.logits.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.reps):
+        del state
+        t0 = time.perf_counter()
+        state = model.prefill(ids, max_new_tokens=new)
+        state.logits.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    row = {"n": n, "time": statistics.median(times), "compile": compile_s}
+    msg = f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms"
+    if args.decode:
+        tok = np.asarray(ids[:, -1], np.int32)
+        t0 = time.perf_counter()
+        model.decode_step(state, tok, 0).block_until_ready()
+        steps = []
+        for step in range(1, args.decode + 1):
+            t0 = time.perf_counter()
+            model.decode_step(state, tok, step).block_until_ready()
+            steps.append(time.perf_counter() - t0)
+        row["decode"] = statistics.median(steps)
+        msg += f", decode step median {row['decode'] * 1e3:.2f} ms over {args.decode}"
+    row["peak_gib"] = _peak_gib(devices)
+    if row["peak_gib"] is not None:
+        msg += f", peak memory so far {row['peak_gib']:.1f} GiB"
+    print(msg, flush=True)
+    return row
+
+
+def _profile_prefill(args, cfg, model, n):
+    """One traced prefill at n tokens (already compiled); prints the NCCL/compute overlap per GPU."""
+    import jax
+    from pcp_jax.overlap import report
+    ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
+    new = args.decode + 1 if args.decode else 0
+    jax.profiler.start_trace(args.profile)
+    model.prefill(ids, max_new_tokens=new).logits.block_until_ready()
+    jax.profiler.stop_trace()
+    print(f"\nprofile of one {n}-token prefill (trace under {args.profile}):\n{report(args.profile)}", flush=True)
 
 
 def bench_hf(args, cfg, lengths):
@@ -88,24 +149,41 @@ def bench_hf(args, cfg, lengths):
         model = Qwen3_5ForCausalLM(hf_cfg).eval()
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, attn {model.config._attn_implementation}")
+    gdn = next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    modeling = sys.modules[type(gdn).__module__]
+    for name in ("chunk_gated_delta_rule", "causal_conv1d_fn", "is_fast_path_available"):
+        fn = getattr(gdn, name, None) or getattr(modeling, name, None)  # which GDN kernels HF runs
+        print(f"  {name}: {getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)}")
     rows = []
     for n in lengths:
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, n), device="cuda")
-        with torch.no_grad():
+        try:
+            rows.append(_time_hf_length(args, cfg, model, n))
+        except Exception as e:  # e.g. out of memory: report it, go on
+            print(f"{n} tokens: failed: {_first_line(e)}", flush=True)
+            rows.append({"n": n, "error": _first_line(e)})
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _time_hf_length(args, cfg, model, n):
+    import torch
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, n), device="cuda")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.reps):
+            torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(ids, logits_to_keep=1)
             torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            times = []
-            for _ in range(args.reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model(ids, logits_to_keep=1)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        rows.append((n, statistics.median(times), compile_s))
-        print(f"{n} tokens: first call {compile_s:.1f} s, median {rows[-1][1] * 1e3:.1f} ms", flush=True)
-    return rows
+            times.append(time.perf_counter() - t0)
+    row = {"n": n, "time": statistics.median(times), "compile": compile_s,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms", flush=True)
+    return row
 
 
 def check_gpu_path():
@@ -145,6 +223,10 @@ def main(argv=None) -> int:
     parser.add_argument("--peak", type=float, default=799.0, help="measured bf16 matmul TFLOP/s")
     parser.add_argument("--check", action="store_true", help="run the GPU-vs-fp32 check first")
     parser.add_argument("--check-only", action="store_true", help="run the check and stop")
+    parser.add_argument("--decode", type=int, default=0, metavar="N",
+                        help="after each prefill, time N decode steps (median per step; ours only)")
+    parser.add_argument("--profile", metavar="DIR", help="trace one prefill at the longest length that ran and "
+                        "print how much NCCL time overlapped compute (ours only)")
     parser.add_argument("--layers", type=int, help="keep only the first N layers of the preset (N a multiple "
                         "of its attention period), e.g. to time a slice of a model whose compile is slow")
     args = parser.parse_args(argv)
@@ -161,12 +243,20 @@ def main(argv=None) -> int:
     rows = (bench_hf if args.impl == "hf" else bench_ours)(args, cfg, lengths)
     layers = f" (first {args.layers} layers)" if args.layers else ""
     print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, bf16")
-    print("| tokens | time (ms) | tokens/s | model TFLOP/s | MFU | first call (s) |")
-    print("|---|---|---|---|---|---|")
-    for n, t, c in rows:
+    print("| tokens | time (ms) | tokens/s | model TFLOP/s | MFU | first call (s) | decode step (ms) | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["n"]
+        if "error" in r:
+            print(f"| {n} | {r['error']} | | | | | | |")
+            continue
+        t = r["time"]
         tf = model_flops(cfg, n) * args.batch / t / 1e12
-        print(f"| {n} | {t * 1e3:.1f} | {args.batch * n / t:,.0f} | {tf:.0f} | {tf / args.peak:.1%} | {c:.1f} |")
-    return 0
+        dec = f"{r['decode'] * 1e3:.2f}" if "decode" in r else ""
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
+        print(f"| {n} | {t * 1e3:.1f} | {args.batch * n / t:,.0f} | {tf:.0f} | {tf / args.peak:.1%} | "
+              f"{r['compile']:.1f} | {dec} | {peak} |")
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

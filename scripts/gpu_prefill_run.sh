@@ -1,24 +1,48 @@
 #!/usr/bin/env bash
-# One device call for the end-to-end numbers in docs/BENCHMARKS.md: GPU path checked against the jnp
-# path, then qwen3.5-9b prefill with our model at cp=1 (and cp=2 when two GPUs are visible) and with
-# transformers + FLA. Every stage has its own time limit and log under $OUT, so partial results survive.
+# One device call for the end-to-end numbers in docs/BENCHMARKS.md (qwen3.5-9b, bf16, random weights):
+#   phase A, single GPU:  our prefill at cp=1 on GPU 0 (plus decode steps)  |  on GPU 1 (GPU 0 if only one):
+#                         the GPU-vs-fp32 check, then transformers + FLA prefill
+#   phase B, two GPUs:    our prefill at cp=2 (plus decode steps and a profile of the K/V transfers)
+# With two GPUs the two columns of phase A run at the same time, one process per GPU.
+# Every stage has its own time limit and log under $OUT, so partial results survive.
 # Carry `.whl` (../shared/device-wheels.sh plus flax 0.12.12) with the call.
-# Stage limits (seconds) and sizes can be set from the environment: T_CHECK, T_OURS, T_HF, T_CP2, TOKENS,
-# TOKENS_CP2, LAYERS (time only the first N layers of the preset). The defaults fit one 10-minute call;
-# run D (docs/BENCHMARKS.md) ran out of time with 200/110/150 s for the three 9B stages.
+# Environment: T_A, T_B (phase limits, s), TOKENS_CP1, TOKENS_HF, TOKENS_CP2, REPS, DECODE, BATCH,
+# STRATEGY (GDN strategy at cp=2), LAYERS (time only the first N layers of the preset), SKIP (stage names).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export JAX_LOG_COMPILES=1  # compile times of every jitted program go to the logs
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+git log -1 --format='commit %h %s' 2>/dev/null
 ngpu=$(nvidia-smi -L | wc -l)
-stage() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^W0000\|^I0000\|Autotuning cache miss" | tail -12; }
-stage check ${T_CHECK:-90} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --check-only
-stage ours_cp1 ${T_OURS:-240} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --tokens ${TOKENS:-8192,32768,131072} --reps 3
-stage hf_fla ${T_HF:-200} env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py --impl hf --preset qwen3.5-9b --tokens 8192,32768 --reps 3
+other=$(( ngpu >= 2 ? 1 : 0 ))
+common="--preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --reps ${REPS:-2} --batch ${BATCH:-1}"
+stage() {  # name, time limit, command...
+  local name=$1 limit=$2; shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name skipped"; return;; esac
+  echo "== $name (limit ${limit}s) start $(date +%T)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $? at $(date +%T)" >> "$OUT/$name.log"
+}
+show() { echo "---- $1"; grep -v "^W0000\|^I0000\|Autotuning cache miss\|Finished tracing\|Finished jaxpr\|Compiling \|WARNING:jax._src.dispatch\|WARNING:jax._src.interpreters" "$OUT/$1.log" | tail -${2:-16}; grep -h "Finished XLA compilation of jit(per_shard)" "$OUT/$1.log" | sed 's/.*Finished/  Finished/' | head -6; }
+
+T_A=${T_A:-300}; T_B=${T_B:-220}
+start=$(date +%s)
+( stage ours_cp1 "$T_A" env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py $common --cp 1 \
+    --tokens ${TOKENS_CP1:-8192,32768,131072} --decode ${DECODE:-8} ) &
+if [ "$other" = 0 ]; then wait; fi
+( stage check 90 env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py --check-only
+  stage hf_fla $(( T_A - 90 )) env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py $common --impl hf \
+    --tokens ${TOKENS_HF:-8192,32768,131072} ) &
+wait
+echo "phase A took $(( $(date +%s) - start )) s"
+for s in ours_cp1 check hf_fla; do [ -f "$OUT/$s.log" ] && show $s; done
 if [ "$ngpu" -ge 2 ]; then
-  stage ours_cp2 ${T_CP2:-120} python3 scripts/bench_prefill.py --preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --cp 2 --tokens ${TOKENS_CP2:-32768,131072} --reps 3
+  stage ours_cp2 "$T_B" python3 scripts/bench_prefill.py $common --cp 2 --gdn-strategy ${STRATEGY:-auto} \
+    --tokens ${TOKENS_CP2:-32768,131072} --decode ${DECODE:-8} --profile /tmp/profile
+  show ours_cp2 24
 fi
+echo "total $(( $(date +%s) - start )) s"

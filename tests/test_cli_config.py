@@ -74,6 +74,27 @@ def test_bench_cli_on_cpu():
     assert "| 256 |" in r.stdout
 
 
+def test_bench_decode_and_profile_on_cpu(tmp_path):
+    r = cli("bench", "--preset", "demo", "--tokens", "256", "--reps", "1", "--decode", "2",
+            "--profile", str(tmp_path / "prof"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| 256 |"))
+    assert float(row.split("|")[7]) > 0  # decode step column
+    assert list((tmp_path / "prof").rglob("*.xplane.pb"))
+    assert "no GPU device planes" in r.stdout
+
+
+def test_overlap_summary_counts_only_covered_collective_time():
+    from pcp_jax.overlap import merge_intervals, overlap_summary
+    assert merge_intervals([(5, 9), (0, 3), (2, 4), (9, 10), (12, 12)]) == [(0, 4), (5, 10)]
+    kernels = [("ncclDevKernel_SendRecv", 0, 100), ("fmha_fwd", 20, 50), ("gemm", 40, 70),
+               ("ncclDevKernel_SendRecv", 200, 210), ("gemm", 300, 400)]
+    s = overlap_summary(kernels)
+    assert s["comm_kernels"] == 2 and s["comm_ns"] == 110
+    assert s["overlapped_ns"] == 50 and s["exposed_ns"] == 60
+    assert s["compute_ns"] == 150 and s["span_ns"] == 400
+
+
 def _hf_dict(**kw):
     d = dict(model_type="qwen3_5_text", vocab_size=10, hidden_size=8, num_hidden_layers=4, num_attention_heads=2,
              num_key_value_heads=1, head_dim=4, intermediate_size=16, linear_num_key_heads=1,
