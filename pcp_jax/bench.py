@@ -155,9 +155,12 @@ def bench_hf(args, cfg, lengths):
         fn = getattr(gdn, name, None) or getattr(modeling, name, None)  # which GDN kernels HF runs
         print(f"  {name}: {getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)}")
     rows = []
-    for n in lengths:
+    for i, n in enumerate(lengths):
         try:
             rows.append(_time_hf_length(args, cfg, model, n))
+            if i == 0:  # which GDN kernels transformers actually ran
+                fla = sorted(m for m in sys.modules if m.startswith("fla.ops"))
+                print(f"  flash-linear-attention modules loaded: {fla[:6] if fla else 'none (torch fallback)'}")
         except Exception as e:  # e.g. out of memory: report it, go on
             print(f"{n} tokens: failed: {_first_line(e)}", flush=True)
             rows.append({"n": n, "error": _first_line(e)})

@@ -117,7 +117,9 @@ class GatedAttention(nnx.Module):
         (-1 empty, already including the new token); write = (owner rank, slot) of the new token."""
         q, k, v, gate = self._qkv(x, ctx.positions)
         cache = {"k": _write_slot(cache["k"], k, ctx, write), "v": _write_slot(cache["v"], v, ctx, write)}
-        out, lse = attention_block(q, cache["k"], cache["v"], ctx.positions, kpos, causal=True, kernels=ctx.kernels)
+        # One query row per sequence: memory-bound, and a flash kernel's 64-row query tiles would be almost
+        # empty, so decode attends with the jnp path (a fused einsum/softmax) on every backend.
+        out, lse = attention_block(q, cache["k"], cache["v"], ctx.positions, kpos, causal=True, kernels="jnp")
         if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
             out, _ = merge_stacked(ctx.all_gather(out), ctx.all_gather(lse))
         return self._out(out, gate, x), cache

@@ -29,13 +29,13 @@ stage() {  # name, time limit, command...
 }
 show() { echo "---- $1"; grep -v "^W0000\|^I0000\|Autotuning cache miss\|Finished tracing\|Finished jaxpr\|Compiling \|WARNING:jax._src.dispatch\|WARNING:jax._src.interpreters" "$OUT/$1.log" | tail -${2:-16}; grep -h "Finished XLA compilation of jit(per_shard)" "$OUT/$1.log" | sed 's/.*Finished/  Finished/' | head -6; }
 
-T_A=${T_A:-300}; T_B=${T_B:-220}
+T_A=${T_A:-330}; T_B=${T_B:-200}
 start=$(date +%s)
 ( stage ours_cp1 "$T_A" env CUDA_VISIBLE_DEVICES=0 python3 scripts/bench_prefill.py $common --cp 1 \
     --tokens ${TOKENS_CP1:-8192,32768,131072} --decode ${DECODE:-8} ) &
 if [ "$other" = 0 ]; then wait; fi
-( stage check 90 env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py --check-only
-  stage hf_fla $(( T_A - 90 )) env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py $common --impl hf \
+( stage check 100 env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py --check-only
+  stage hf_fla $(( T_A - 100 )) env CUDA_VISIBLE_DEVICES=$other python3 scripts/bench_prefill.py $common --impl hf \
     --tokens ${TOKENS_HF:-8192,32768,131072} ) &
 wait
 echo "phase A took $(( $(date +%s) - start )) s"

@@ -1,5 +1,7 @@
 """Zigzag layout, LSE merge and ring attention against dense causal attention (GQA, head_dim 256)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,40 @@ def test_ring_attention_equals_dense_causal(cp):
     out = run(per_shard, cp, (P(None, "cp"),) * 3, P(None, "cp"), zig(q), zig(k), zig(v))
     got = np.asarray(from_zigzag(out, cp))
     assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("cp,start", [(1, 0), (2, 0), (4, 0), (4, 384)])
+def test_ring_mask_promises_match_the_run_time_chooser(cp, start, monkeypatch):
+    """The ring tells the GPU kernel each block's mask form (`visible=`) instead of letting it choose at run
+    time. Every promise made must be what the run-time chooser (tokamax_gpu._choose_path, pure jnp) picks
+    from the positions themselves, on every rank and step; `start` offsets the piece (chunked prefill)."""
+    import pcp_jax.parallel.ring_attention as ring
+    from pcp_jax.kernels.attention import tokamax_gpu
+
+    seen = []
+
+    def record(visible, choice):
+        seen.append((visible, tokamax_gpu.PATHS[int(choice)]))
+
+    def checked_block(q, k, v, q_pos, k_pos, *, causal, kernels, visible="auto"):
+        _, _, exact = tokamax_gpu._key_ranges(q_pos, k_pos, causal)
+        jax.debug.callback(functools.partial(record, visible), tokamax_gpu._choose_path(q_pos, k_pos, causal, exact))
+        return attention_block(q, k, v, q_pos, k_pos, causal=causal, kernels=kernels)
+
+    monkeypatch.setattr(ring, "attention_block", checked_block)
+    B, lc, H, D = 2, 64, 2, 8
+    T = 2 * cp * lc
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(B, T, H, D)).astype(np.float32) for _ in range(3))
+
+    def per_shard(q, k, v):
+        rank = jax.lax.axis_index("cp")
+        pos = jnp.broadcast_to(start + local_positions(rank, cp, lc), (B, 2 * lc))
+        ctx = ShardContext("cp", cp, "sequence", "jnp", rank, pos, jnp.full((B,), start + T - 5, jnp.int32))
+        return ring.ring_attention(q, k, v, ctx)[0]
+
+    run(per_shard, cp, (P(None, "cp"),) * 3, P(None, "cp"), q, k, v)
+    jax.effects_barrier()
+    expected = {"diagonal": "causal", "all": "plain"}
+    assert len(seen) == cp * (3 + (cp - 1))  # three blocks at step 0, one per later step, on each rank
+    assert all(expected[promise] == chosen for promise, chosen in seen), seen

@@ -10,6 +10,8 @@ Rank r holds queries and keys of chunks r and 2C-1-r (each Lc tokens). K/V trave
 Every step is the same amount of work. Partial outputs are merged exactly by their log-sum-exp. The
 next step's K/V is sent before the current step is computed so the transfer can overlap compute.
 Padding sits at the end of the sequence, so causality alone keeps it away from real queries.
+Every block's mask is known from this structure, so each call tells the kernel its form (`visible=`:
+"diagonal" for the two causal blocks of step 0, "all" for the rest) and one kernel is compiled per call.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def _local_step(q, k, v, pos, kernels):
     q0, q1 = q[:, :lc], q[:, lc:]
     k0, k1, v0, v1 = k[:, :lc], k[:, lc:], v[:, :lc], v[:, lc:]
     p0, p1 = pos[:, :lc], pos[:, lc:]
-    o0, l0 = attention_block(q0, k0, v0, p0, p0, causal=True, kernels=kernels)
-    o1, l1 = merge_partials(*attention_block(q1, k0, v0, p1, p0, causal=False, kernels=kernels),
-                            *attention_block(q1, k1, v1, p1, p1, causal=True, kernels=kernels))
+    o0, l0 = attention_block(q0, k0, v0, p0, p0, causal=True, kernels=kernels, visible="diagonal")
+    o1, l1 = merge_partials(*attention_block(q1, k0, v0, p1, p0, causal=False, kernels=kernels, visible="all"),
+                            *attention_block(q1, k1, v1, p1, p1, causal=True, kernels=kernels, visible="diagonal"))
     return jnp.concatenate([o0, o1], axis=1), jnp.concatenate([l0, l1], axis=2)
 
 
@@ -42,10 +44,11 @@ def _remote_step(q, k, v, q_pos, k_pos, source_precedes, kernels):
     lc = q.shape[1] // 2
 
     def all_queries_first_half():
-        return attention_block(q, k[:, :lc], v[:, :lc], q_pos, k_pos[:, :lc], causal=False, kernels=kernels)
+        return attention_block(q, k[:, :lc], v[:, :lc], q_pos, k_pos[:, :lc], causal=False, kernels=kernels,
+                               visible="all")
 
     def second_half_queries_all():
-        o, l = attention_block(q[:, lc:], k, v, q_pos[:, lc:], k_pos, causal=False, kernels=kernels)
+        o, l = attention_block(q[:, lc:], k, v, q_pos[:, lc:], k_pos, causal=False, kernels=kernels, visible="all")
         o_blank, l_blank = _blank(q[:, :lc])
         return jnp.concatenate([o_blank, o], axis=1), jnp.concatenate([l_blank, l], axis=2)
 
