@@ -18,3 +18,32 @@ def use_gpu_kernels(kernels: str) -> bool:
     if kernels == "gpu" and not on_gpu:
         raise ValueError(f"kernels='gpu' needs a GPU backend; this process runs on {jax.default_backend()!r}")
     return kernels != "jnp" and on_gpu
+
+
+# Modules the GPU backends import. Some of them register JAX config options when first imported, and
+# those options are part of every jitted function's cache key: imported lazily inside the first trace,
+# they make the next call of the same function trace and compile again (seen on an H100: a 32-layer
+# prefill compiled twice, 70 s lost). Importing them before anything is traced avoids that.
+GPU_BACKEND_MODULES = (
+    "jax.experimental.pallas.triton",
+    "jax.experimental.pallas.mosaic_gpu",
+    "tokamax",
+    "tokamax._src.ops.attention.pallas_mosaic_gpu",
+    "tokamax._src.ops.ragged_dot.pallas_mosaic_gpu",
+)
+
+
+def preload_gpu_backends(kernels: str) -> list[str]:
+    """Import the GPU backends' modules now when `kernels` selects them on this backend. Returns the
+    modules that could not be imported (kernels="auto" then falls back to jnp per op, as before)."""
+    if not use_gpu_kernels(kernels):
+        return []
+    import importlib
+
+    missing = []
+    for name in GPU_BACKEND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing

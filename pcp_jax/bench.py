@@ -11,7 +11,7 @@ only for the last token), causal attention as half the square, and the chunked G
 output). MFU = achieved FLOP/s over the measured bf16 matmul peak of the machine (`--peak`, TFLOP/s).
 `--check` first compares the GPU-kernel path with the plain-jnp path on the demo preset (bf16).
 `--decode N` times N decode steps after each prefill (the prefill then reserves room for them);
-`--profile DIR` traces one more prefill and prints how much NCCL kernel time overlapped compute
+`--profile DIR` traces one more prefill at the longest length and prints how much NCCL kernel time overlapped compute
 (pcp_jax/overlap.py). A length that fails (e.g. out of memory) is reported in the table and the run goes
 on; the exit status is then 1.
 """
@@ -78,10 +78,9 @@ def bench_ours(args, cfg, lengths):
         except Exception as e:  # e.g. out of memory at the longest prompt: report it, go on
             print(f"{n} tokens: failed: {_first_line(e)}", flush=True)
             rows.append({"n": n, "error": _first_line(e)})
-    if args.profile:
-        done = [r for r in rows if "error" not in r]
-        if done:
-            _profile_prefill(args, cfg, model, done[-1]["n"])
+            continue
+        if args.profile and n == max(lengths):  # right away: a time limit may stop the run later
+            _profile_prefill(args, cfg, model, n)
     return rows
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
+from pcp_jax.kernels.backend import preload_gpu_backends
 from pcp_jax.model import History, Qwen35, _write_slot
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
@@ -72,6 +73,7 @@ class Model:
         self.cp = mesh.shape[AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = _DTYPES[dtype]
+        preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
         self._state = _replicate(state, NamedSharding(mesh, REPLICATED))

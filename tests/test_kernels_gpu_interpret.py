@@ -223,3 +223,34 @@ def test_api_falls_back_for_unsupported_inputs_only_under_auto(monkeypatch):
     assert _rel(moe_api.grouped_matmul(lhs, rhs, sizes, kernels="auto"), moe_ref.grouped_matmul(lhs, rhs, sizes)) == 0.0
     with pytest.raises(NotImplementedError, match="bf16"):
         moe_api.grouped_matmul(lhs, rhs, sizes, kernels="gpu")
+
+
+def test_gpu_backend_preload_runs_before_tracing_and_keeps_jit_caches(monkeypatch):
+    """Importing a Pallas GPU backend registers JAX config options that are part of every jit cache key;
+    a lazy import inside the first trace made the model's next call compile again (H100, 70 s). Model
+    construction therefore imports them up front when GPU kernels are selected."""
+    import sys
+
+    from pcp_jax.kernels import backend
+
+    seen = []
+    monkeypatch.setattr(backend, "use_gpu_kernels", lambda kernels: kernels != "jnp")
+    monkeypatch.setattr("importlib.import_module", lambda name: seen.append(name) or sys.modules.get(name))
+    assert backend.preload_gpu_backends("jnp") == [] and seen == []
+    backend.preload_gpu_backends("auto")
+    assert seen == list(backend.GPU_BACKEND_MODULES)
+
+
+def test_model_prefill_traces_once_across_calls():
+    from pcp_jax.config import PRESETS
+    from pcp_jax.engine import Model
+    from pcp_jax.model import random_params
+
+    cfg = PRESETS["demo"]
+    model = Model(cfg, random_params(cfg, seed=3, dtype=jnp.float32), dtype="float32")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 200))
+    first = np.asarray(model.prefill(ids).logits)
+    second = np.asarray(model.prefill(ids).logits)
+    np.testing.assert_array_equal(first, second)
+    prefill_fns = [f for key, f in model._fns.items() if key[0] == "prefill"]
+    assert len(prefill_fns) == 1 and prefill_fns[0]._cache_size() == 1
