@@ -51,3 +51,41 @@ def test_strategies_equal_serial_with_initial_state(strategy, cp):
                zig(qkv), zig(g), zig(beta), w, conv0, s0)
     assert rel_err(np.asarray(from_zigzag(o, cp)), o_ref) <= 1e-5
     assert rel_err(s, s_ref) <= 1e-5
+
+
+def test_sequence_strategy_hands_bf16_values_to_the_kernel(monkeypatch):
+    """A bf16 model must reach the GDN kernel with bf16 values under `sequence` too: [v | 0] built in fp32
+    once sent it down the kernels' exact-fp32 path, 177x slower on an H100 (docs/BENCHMARKS.md)."""
+    import pcp_jax.parallel.gdn_cp as gdn_cp
+
+    seen = []
+    real = gdn_cp.gated_delta_rule
+
+    def recording(q, k, v, *args, **kw):
+        seen.append(v.dtype)
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(gdn_cp, "gated_delta_rule", recording)
+    cfg, cp, B, lc = tiny_config(), 2, 1, 64
+    T, H = 2 * cp * lc, cfg.linear_num_value_heads
+    rng = np.random.default_rng(7)
+    qkv = rng.normal(size=(B, T, cfg.conv_dim)).astype(np.float32)
+    g = (-np.abs(rng.normal(size=(B, T, H))) * 0.3).astype(np.float32)
+    beta = rng.uniform(size=(B, T, H)).astype(np.float32)
+    w = rng.normal(size=(cfg.conv_kernel, cfg.conv_dim)).astype(np.float32)
+    conv0 = np.zeros((B, cfg.conv_kernel - 1, cfg.conv_dim), np.float32)
+    s0 = np.zeros((B, H, cfg.linear_key_head_dim, cfg.linear_value_head_dim), np.float32)
+    o_ref, _ = serial(qkv, g, beta, w, cfg, conv0, s0)
+
+    def per_shard(qkv, g, beta, w, conv0, s0):
+        rank = jax.lax.axis_index("cp")
+        pos = jnp.broadcast_to(local_positions(rank, cp, lc), (B, 2 * lc))
+        ctx = ShardContext("cp", cp, "sequence", "jnp", rank, pos, jnp.full((B,), T, jnp.int32))
+        return gdn_sequence(qkv, g, beta, w, ctx, cfg, conv0, s0)
+
+    bf = lambda a: np.asarray(to_zigzag(jnp.asarray(a, jnp.bfloat16), cp))
+    seq = P(None, "cp")
+    o, _ = run(per_shard, cp, (seq, seq, seq, P(), P(), P()), (seq, P()), bf(qkv), np.asarray(to_zigzag(g, cp)),
+               np.asarray(to_zigzag(beta, cp)), jnp.asarray(w, jnp.bfloat16), conv0, s0)
+    assert seen and all(d == jnp.bfloat16 for d in seen), seen
+    assert rel_err(np.asarray(from_zigzag(o, cp), np.float32), o_ref) <= 2e-2

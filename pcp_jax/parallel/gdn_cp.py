@@ -94,7 +94,9 @@ def gdn_sequence(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, ini
                                     v.reshape(B, T, *v.shape[2:]), g, beta, initial_state, kernels=ctx.kernels)
         return o, final
     H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    v_aug = jnp.concatenate([v.astype(jnp.float32), jnp.zeros(v.shape[:-1] + (dk,), jnp.float32)], axis=-1)
+    # [v | 0] keeps v's dtype: fp32 values would send a bf16 model down the kernels' exact-fp32 path
+    # (H100, 64k tokens per rank, 32 heads: 1468 ms per layer instead of 8.3 ms).
+    v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (dk,), v.dtype)], axis=-1)
     init_aug = jnp.concatenate([jnp.zeros((B * 2, H, dk, dv), jnp.float32),
                                 jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (B * 2, H, dk, dk))], axis=-1)
     o_aug, maps = gated_delta_rule(q, k, v_aug, g2, beta2, init_aug, kernels=ctx.kernels)
