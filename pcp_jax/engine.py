@@ -189,7 +189,7 @@ class Model:
         lc = n_pad // (2 * C)
         block = 2 * lc
         prefill_slots = n_pieces * block
-        slots = -(-(prefill_slots + -(-max(max_new_tokens, 0) // C)) // block) * block
+        slots = prefill_slots + _decode_room(max_new_tokens, C, block)
         caches, kpos = self._alloc_fn(B, slots)()
         logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
         first, chain = 0, None
@@ -374,6 +374,19 @@ class Model:
                 break
             logits = self.decode_step(state, tok, step)
         return out
+
+
+def _decode_room(max_new_tokens: int, cp: int, block: int) -> int:
+    """KV slots per rank reserved after the prompt for `max_new_tokens` (round-robin: ceil(n / cp) each).
+    Rounded up to a power of two (at least 256, at most one prefill block) so that nearby values of
+    max_new_tokens share one compiled prefill and decode program; the waste is under 2x of the decode room,
+    never a prompt's worth (rounding to a whole block once doubled a long prompt's KV cache)."""
+    room = -(-max(int(max_new_tokens), 0) // cp)
+    if room == 0:
+        return 0
+    pow2 = max(256, 1 << (room - 1).bit_length())
+    whole_blocks = -(-room // block) * block
+    return min(pow2, whole_blocks)
 
 
 def _replicate(tree, sharding: NamedSharding):

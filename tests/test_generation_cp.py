@@ -224,3 +224,18 @@ def test_chunked_prefill_with_batch_strategy_and_ragged_rows():
     for b, p in enumerate(prompts):
         assert rel_err(got[b, :len(p)], want[b, :len(p)]) <= 1e-5, b
     np.testing.assert_array_equal(model.generate(prompts, 6, chunk_size=128), ref.generate(prompts, 6))
+
+
+def test_decode_room_follows_max_new_tokens_not_the_prompt(moe_setup):
+    """Room for new tokens is a power of two >= 256 slots per rank (at most one prefill block), so a long
+    prompt's KV cache is not doubled to make room for a few tokens."""
+    cfg, params = moe_setup
+    model = Model(cfg, params, cp=2, dtype="float32")
+    state = model.prefill(np.zeros((1, 2048), np.int32), max_new_tokens=8)
+    assert state.prefill_slots == 1024 and state.slots_per_rank == 1024 + 256
+    assert state.caches[cfg.attention_layers[0]]["k"].shape[1] == 2 * (1024 + 256)
+    model.decode_step(state, np.zeros(1, np.int32), 2 * 256 - 1)  # the last reserved slot on rank 1
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model.decode_step(state, np.zeros(1, np.int32), 2 * 256)
+    assert model.prefill(np.zeros((1, 2048), np.int32), max_new_tokens=600).slots_per_rank == 1024 + 512
+    assert model.prefill(np.zeros((1, 2048), np.int32)).slots_per_rank == 1024
