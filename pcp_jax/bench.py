@@ -229,9 +229,12 @@ def main(argv=None) -> int:
                         help="after each prefill, time N decode steps (median per step; ours only)")
     parser.add_argument("--profile", metavar="DIR", help="trace one prefill at the longest length that ran and "
                         "print how much NCCL time overlapped compute (ours only)")
+    parser.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache folder")
     parser.add_argument("--layers", type=int, help="keep only the first N layers of the preset (N a multiple "
                         "of its attention period), e.g. to time a slice of a model whose compile is slow")
     args = parser.parse_args(argv)
+    from pcp_jax.cli import use_compile_cache
+    use_compile_cache(args.compile_cache)
     from pcp_jax.config import preset
     cfg = preset(args.preset)
     if args.layers:

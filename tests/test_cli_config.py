@@ -51,6 +51,21 @@ def test_generate_with_ids_and_prompt_matches_api(hf_folder):
     assert "prefix cache" in r.stderr
 
 
+def test_generate_with_compile_cache_reuses_programs(hf_folder, tmp_path):
+    import re
+    _, path = hf_folder
+    args = ("generate", "--model", str(path), "--ids", "5,6,7", "--max-new-tokens", "3", "--dtype", "float32",
+            "--compile-cache", str(tmp_path / "xla"))
+    counts = lambda r: tuple(map(int, re.search(r"compile cache: (\d+) programs read, (\d+) compiled", r.stderr).groups()))
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    read, compiled = counts(first)
+    assert compiled > 0 and read == 0
+    second = cli(*args)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert counts(second) == (compiled, 0)  # every program read back, none compiled
+
+
 def test_generate_errors(hf_folder, tmp_path):
     _, path = hf_folder
     r = cli("generate", "--model", str(path), "--ids", "5,6,999", "--max-new-tokens", "2")
