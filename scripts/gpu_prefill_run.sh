@@ -17,7 +17,6 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-git log -1 --format='commit %h %s' 2>/dev/null
 ngpu=$(nvidia-smi -L | wc -l)
 other=$(( ngpu >= 2 ? 1 : 0 ))
 common="--preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --reps ${REPS:-2} --batch ${BATCH:-1}"
