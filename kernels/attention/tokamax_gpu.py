@@ -97,14 +97,16 @@ def _choose_path(q_pos, k_pos, causal, range_exact):
 
 
 def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, path: str = "auto"):
-    """See module docstring. `path` forces one of PATHS (benchmarks); "auto" picks at run time."""
+    """See module docstring. `path` forces one of PATHS (benchmarks, and callers that know the layout:
+    api.attention_block's `visible`); "auto" picks at run time."""
     check_supported(q, k, v)
     flash, Mask = _flash()
     B, Tq, Hq, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
     q_pos = q_pos.astype(jnp.int32)
     k_pos = k_pos.astype(jnp.int32)
-    k_start, k_end, range_exact = _key_ranges(q_pos, k_pos, causal)
+    # The per-row ranges (a sort and a search per row) are needed only by the range path and the chooser.
+    ranges = _key_ranges(q_pos, k_pos, causal) if path in ("auto", "range") else None
     call = functools.partial(flash, q, k, v, logits_scale=scale, return_residuals=True)
 
     def finish(out, res):
@@ -122,6 +124,7 @@ def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, path: str
 
     def ranged():
         # k_start/k_end broadcast over heads: [B, 1, Tq]. A row that sees no key gets an empty range.
+        k_start, k_end, _ = ranges
         return finish(*call(mask=Mask(k_start=k_start[:, None], k_end=k_end[:, None])))
 
     def dense():
@@ -140,5 +143,5 @@ def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, path: str
         if path not in branches:
             raise ValueError(f"path={path!r}; expected 'auto' or one of {list(PATHS)}")
         return branches[path]()
-    index = _choose_path(q_pos, k_pos, causal, range_exact)
+    index = _choose_path(q_pos, k_pos, causal, ranges[2])
     return lax.switch(index, [branches[p] for p in PATHS])
