@@ -60,6 +60,28 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
+def _first_and_median(call, reps: int):
+    """Time `call()` (which must finish its device work before returning) once, then `reps` more times.
+    Returns (first-call seconds, median seconds, the last result). The previous result is dropped before
+    each call, so two results (e.g. two KV caches) never live at once."""
+    t0 = time.perf_counter()
+    result = call()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        result = None
+        t0 = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), result
+
+
+def _prompt_and_room(args, cfg, n):
+    """The benchmark's prompt of n tokens ([batch, n], fixed seed) and the decode room its prefill reserves."""
+    ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
+    return ids, (args.decode + 1 if args.decode else 0)
+
+
 def bench_ours(args, cfg, lengths):
     import jax
     from pcp_jax.engine import Model
@@ -86,25 +108,19 @@ def bench_ours(args, cfg, lengths):
 
 def _time_one_length(args, cfg, model, devices, n):
     """Prefill time (median of reps after a compiling call) at n tokens, then decode step times."""
-    ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
-    new = args.decode + 1 if args.decode else 0
-    t0 = time.perf_counter()
-    state = model.prefill(ids, max_new_tokens=new)
-    state.logits.block_until_ready()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.reps):
-        del state
-        t0 = time.perf_counter()
+    ids, new = _prompt_and_room(args, cfg, n)
+
+    def prefill():
         state = model.prefill(ids, max_new_tokens=new)
         state.logits.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    row = {"n": n, "time": statistics.median(times), "compile": compile_s}
+        return state
+
+    compile_s, median, state = _first_and_median(prefill, args.reps)
+    row = {"n": n, "time": median, "compile": compile_s}
     msg = f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms"
     if args.decode:
         tok = np.asarray(ids[:, -1], np.int32)
-        t0 = time.perf_counter()
-        model.decode_step(state, tok, 0).block_until_ready()
+        model.decode_step(state, tok, 0).block_until_ready()  # compiles the step
         steps = []
         for step in range(1, args.decode + 1):
             t0 = time.perf_counter()
@@ -123,8 +139,7 @@ def _profile_prefill(args, cfg, model, n):
     """One traced prefill at n tokens (already compiled); prints the NCCL/compute overlap per GPU."""
     import jax
     from pcp_jax.overlap import report
-    ids = np.random.default_rng(n).integers(0, cfg.vocab_size, (args.batch, n))
-    new = args.decode + 1 if args.decode else 0
+    ids, new = _prompt_and_room(args, cfg, n)
     jax.profiler.start_trace(args.profile)
     model.prefill(ids, max_new_tokens=new).logits.block_until_ready()
     jax.profiler.stop_trace()
@@ -170,28 +185,24 @@ def bench_hf(args, cfg, lengths):
 def _time_hf_length(args, cfg, model, n):
     import torch
     ids = torch.randint(0, cfg.vocab_size, (args.batch, n), device="cuda")
-    with torch.no_grad():
-        t0 = time.perf_counter()
+
+    @torch.no_grad()
+    def forward():
         model(ids, logits_to_keep=1)
         torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(ids, logits_to_keep=1)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    row = {"n": n, "time": statistics.median(times), "compile": compile_s,
+
+    torch.cuda.synchronize()
+    compile_s, median, _ = _first_and_median(forward, args.reps)
+    row = {"n": n, "time": median, "compile": compile_s,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     print(f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms", flush=True)
     return row
 
 
-def check_gpu_path():
-    """Demo preset: bf16 with the GPU kernels and bf16 with the jnp references, both against an fp32 jnp
-    run of the same (bf16-rounded) weights. The GPU path passes if its error is within 1e-2 or within
-    1.5x the jnp path's own bf16 error (both paths round different intermediates)."""
+def demo_bf16_reference(tokens: int, batch: int):
+    """The demo preset with random weights rounded to bf16, a random prompt [batch, tokens], and `rel(logits)`:
+    the relative L2 error of full-sequence logits against an fp32 run of the same weights (exact-fp32
+    matmuls). Shared by the GPU check below and scripts/check_bf16_drift.py."""
     import jax
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model
@@ -199,11 +210,21 @@ def check_gpu_path():
 
     cfg = PRESETS["demo"]
     params = {k: np.asarray(v) for k, v in random_params(cfg, seed=1, dtype=jax.numpy.bfloat16).items()}
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3000))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, tokens))
     with jax.default_matmul_precision("highest"):  # fp32 matmuls on GPUs default to TF32
         ref = Model(cfg, {k: v.astype(np.float32) for k, v in params.items()}, dtype="float32",
                     kernels="jnp").logits(ids)
     rel = lambda x: float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    return cfg, params, ids, rel
+
+
+def check_gpu_path():
+    """Demo preset: bf16 with the GPU kernels and bf16 with the jnp references, both against an fp32 jnp
+    run of the same (bf16-rounded) weights. The GPU path passes if its error is within 1e-2 or within
+    1.5x the jnp path's own bf16 error (both paths round different intermediates)."""
+    from pcp_jax.engine import Model
+
+    cfg, params, ids, rel = demo_bf16_reference(3000, 2)
     err_jnp = rel(Model(cfg, params, dtype="bfloat16", kernels="jnp").logits(ids))
     err_gpu = rel(Model(cfg, params, dtype="bfloat16", kernels="gpu").logits(ids))
     ok = err_gpu <= max(1e-2, 1.5 * err_jnp)

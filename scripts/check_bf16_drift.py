@@ -12,27 +12,17 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
-import jax  # noqa: E402
-import numpy as np
-
-import pcp_jax.kernels.gdn.reference as gdn_reference
-from pcp_jax.config import PRESETS
-from pcp_jax.engine import Model
-from pcp_jax.kernels.gdn import pallas_gpu
-from pcp_jax.model import random_params
+import pcp_jax.kernels.gdn.reference as gdn_reference  # noqa: E402
+from pcp_jax.bench import demo_bf16_reference  # noqa: E402
+from pcp_jax.engine import Model  # noqa: E402
+from pcp_jax.kernels.gdn import pallas_gpu  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
     args = parser.parse_args()
-    cfg = PRESETS["demo"]
-    params = {k: np.asarray(v) for k, v in random_params(cfg, seed=1, dtype=jax.numpy.bfloat16).items()}
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.tokens))
-    with jax.default_matmul_precision("highest"):
-        ref = Model(cfg, {k: v.astype(np.float32) for k, v in params.items()}, dtype="float32",
-                    kernels="jnp").logits(ids)
-    rel = lambda x: float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    cfg, params, ids, rel = demo_bf16_reference(args.tokens, 1)
     bf16 = lambda cp: rel(Model(cfg, params, cp=cp, dtype="bfloat16", kernels="jnp", gdn_strategy="sequence").logits(ids))
     jnp_err = {cp: bf16(cp) for cp in (1, 2, 4)}
     # Route the model's chunked GDN through the Pallas kernel (interpreted) instead of the jnp reference.
@@ -43,6 +33,7 @@ def main():
     print(f"demo preset, {args.tokens} tokens, relative error of bf16 logits vs fp32:")
     for cp in (1, 2, 4):
         print(f"  cp={cp}: jnp GDN {jnp_err[cp]:.2e}, Pallas GDN (interpreted) {pallas_err[cp]:.2e}")
+
 
 if __name__ == "__main__":
     main()
