@@ -9,24 +9,10 @@
 # Environment: T_A, T_B (phase limits, s), TOKENS_CP1, TOKENS_HF, TOKENS_CP2, REPS, DECODE, BATCH,
 # STRATEGY (GDN strategy at cp=2), LAYERS (time only the first N layers of the preset), SKIP (stage names).
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export JAX_LOG_COMPILES=1  # compile times of every jitted program go to the logs
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/gpu_common.sh"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-ngpu=$(nvidia-smi -L | wc -l)
 other=$(( ngpu >= 2 ? 1 : 0 ))
 common="--preset qwen3.5-9b ${LAYERS:+--layers $LAYERS} --reps ${REPS:-2} --batch ${BATCH:-1}"
-stage() {  # name, time limit, command...
-  local name=$1 limit=$2; shift 2
-  case " ${SKIP:-} " in *" $name "*) echo "== $name skipped"; return;; esac
-  echo "== $name (limit ${limit}s) start $(date +%T)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $? at $(date +%T)" >> "$OUT/$name.log"
-}
-show() { echo "---- $1"; grep -v "^W0000\|^I0000\|Autotuning cache miss\|Finished tracing\|Finished jaxpr\|Compiling \|WARNING:jax._src.dispatch\|WARNING:jax._src.interpreters" "$OUT/$1.log" | tail -${2:-16}; grep -h "Finished XLA compilation of jit(per_shard)" "$OUT/$1.log" | sed 's/.*Finished/  Finished/' | head -6; }
 
 T_A=${T_A:-330}; T_B=${T_B:-200}
 start=$(date +%s)
