@@ -1,16 +1,21 @@
 """The user-facing model: prefill, full-sequence logits and generation over a `cp` mesh.
 
-Everything runs in one `shard_map` over the mesh axis `cp`: prompts are padded to a multiple of 2·C·64,
-put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The KV cache of full-attention layers
-stays where prefill left it: each rank holds its own tokens' K/V plus a share of the decode slots (new
-tokens go round-robin: decode step j writes on rank j mod C, at slot prefill_slots + j div C). GDN conv
-and recurrent states are small and replicated. No rank ever holds the whole KV cache.
+Everything runs in one `shard_map` over the mesh axis `cp`: prompts are padded to a bucket of the length
+ladder (pcp_jax.buckets), put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The exact
+length is a traced input, so a session compiles one program per bucket, not per length; long prompts go
+in pieces (`chunk_size="auto"`: sized from a memory budget), and `Model.warmup` compiles every program a
+range of prompt lengths needs, ahead of time. The KV cache of full-attention layers stays where prefill
+left it: each rank holds its own tokens' K/V plus a share of the decode slots (new tokens go round-robin:
+decode step j writes on rank j mod C, at slot prefill_slots + j div C). GDN conv and recurrent states are
+small and replicated. No rank ever holds the whole KV cache.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -19,16 +24,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pcp_jax.config import FULL_ATTENTION, ModelConfig
+from pcp_jax import compile_cache
+from pcp_jax.buckets import Pieces, capacity, decode_room, ladder_down, plan_pieces
+from pcp_jax.config import ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.backend import preload_gpu_backends
-from pcp_jax.model import History, Qwen35, _write_slot
+from pcp_jax.model import History, Qwen35, _write_slot, empty_caches
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
-from pcp_jax.parallel.zigzag import local_positions, padded_length, rank_index, token_permutation
+from pcp_jax.parallel.zigzag import local_positions, rank_index, token_permutation
+from pcp_jax.sharding import CACHES, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS
 from pcp_jax.sharding import CP_AXIS as AXIS
-from pcp_jax.sharding import KV_SLOTS, REPLICATED, TOKENS
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 
 def make_mesh(cp: int, devices=None) -> Mesh:
@@ -47,21 +55,47 @@ class PrefillResult:
     """What prefill leaves behind: next-token logits and the (sharded) caches to decode from."""
     logits: jax.Array          # [B, V] fp32, logits after each row's last prompt token
     lengths: np.ndarray        # [B] prompt lengths
-    caches: list               # per layer: {"k","v"} [B, C*S, Hkv, hd] sharded on slots, or {"conv","state"}
+    caches: dict               # stacked (model.empty_caches): "k"/"v" [NA, B, C*S, Hkv, hd] sharded on slots,
+                               # "conv"/"state" [NG, B, ...] replicated
     kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
-    slots_per_rank: int        # S
+    slots_per_rank: int        # S (the cache capacity, a ladder value)
     prefill_slots: int         # slots per rank written by prefill; decode appends after them
 
 
+def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """A bound on the prefill temporaries per local token of one piece (the widest layer's live arrays,
+    doubled for XLA's buffers), used to size `chunk_size="auto"` pieces; the piece's logits are extra."""
+    b, D = dtype_bytes, cfg.hidden_size
+    H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    gdn = 2 * cfg.conv_dim * b + 2 * cfg.linear_key_dim * 4 + H * (dv + dk) * (b + 4) + H * dv * (4 + b) + 2 * H * 4
+    attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + 3 * cfg.num_heads * cfg.head_dim * 4
+    if cfg.is_moe:
+        k = cfg.num_experts_per_tok
+        mlp = k * (2 * D + 3 * cfg.moe_intermediate_size) * b + cfg.num_experts * 4 \
+            + 3 * cfg.shared_expert_intermediate_size * b
+    else:
+        mlp = 3 * cfg.intermediate_size * b
+    return 2 * (4 * D * b + max(gdn, attn, mlp))
+
+
 class Model:
-    """A Qwen3.5 model placed on a `cp` mesh. Build it with `pcp_jax.load_model` or `Model(cfg, params)`."""
+    """A Qwen3.5 model placed on a `cp` mesh. Build it with `pcp_jax.load_model` or `Model(cfg, params)`.
+
+    `prefill_budget_bytes`: activation memory per device that one prefill piece may use; with
+    `chunk_size="auto"` (the default) longer prompts go in pieces. Default: 40% of the device memory
+    left after the weights where the backend reports it, else 2 GiB. `scan_decode`: run decode's layer
+    groups as a loop (one compiled body) or unrolled."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
-                 dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto"):
+                 dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
+                 prefill_budget_bytes: int | None = None, scan_decode: bool = True, compile_cache_dir=None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; expected one of {list(KERNEL_CHOICES)}")
+        if prefill_budget_bytes is not None and (not isinstance(prefill_budget_bytes, (int, np.integer))
+                                                 or prefill_budget_bytes <= 0):
+            raise ValueError(f"prefill_budget_bytes={prefill_budget_bytes!r} must be a positive integer")
         resolve_strategy(gdn_strategy, 0, 1)  # validates the name
         if mesh is None:
             mesh = make_mesh(cp)
@@ -69,10 +103,12 @@ class Model:
             raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis")
         elif cp not in (1, mesh.shape[AXIS]):
             raise ValueError(f"cp={cp} disagrees with the mesh's {AXIS!r} axis of size {mesh.shape[AXIS]}")
+        compile_cache.enable(compile_cache_dir)
         self.cfg, self.mesh, self.dtype_name = cfg, mesh, dtype
         self.cp = mesh.shape[AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = _DTYPES[dtype]
+        self.scan_decode = bool(scan_decode)
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
@@ -80,6 +116,17 @@ class Model:
         self._fns: dict = {}
         self._prefix_cache = None
         self._fingerprint = None
+        self._room_floor = 0  # decode slots every prefill reserves at least (set by warmup)
+        self.prefill_budget_bytes = prefill_budget_bytes or self._default_budget()
+        unit = 2 * self.cp * 64
+        per_token = activation_bytes_per_token(cfg, jnp.dtype(self.dtype).itemsize)
+        self.auto_piece_tokens = ladder_down(max(unit, self.prefill_budget_bytes // per_token * self.cp), unit)
+
+    def _default_budget(self) -> int:
+        stats = self.mesh.devices.flat[0].memory_stats() if hasattr(self.mesh.devices.flat[0], "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return CPU_PREFILL_BUDGET
+        return int(0.4 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
     # Input checks ---------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -119,33 +166,29 @@ class Model:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     # Prefill --------------------------------------------------------------------------------------
-    def _cache_specs(self):
-        return [{"k": KV_SLOTS, "v": KV_SLOTS} if t == FULL_ATTENTION else {"conv": REPLICATED, "state": REPLICATED}
-                for t in self.cfg.layer_types]
-
     def _alloc_fn(self, batch: int, slots: int):
-        """Empty caches, allocated shard by shard: KV [B, C*slots, Hkv, hd] over `cp`, GDN replicated."""
+        """Empty stacked caches (model.empty_caches), allocated shard by shard: KV [NA, B, C*slots, Hkv, hd]
+        over `cp`, GDN states replicated; and the slot positions [B, C*slots] (-1: empty)."""
         key = ("alloc", batch, slots)
         if key not in self._fns:
             cfg, dtype = self.cfg, self.dtype
 
             def per_shard():
-                kv = lambda: jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.head_dim), dtype)
-                caches = [{"k": kv(), "v": kv()} if t == FULL_ATTENTION else _zero_gdn_state(cfg, batch, dtype)
-                          for t in cfg.layer_types]
-                return caches, jnp.full((batch, slots), -1, jnp.int32)
+                return empty_caches(cfg, batch, slots, dtype), jnp.full((batch, slots), -1, jnp.int32)
 
             self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(),
-                                                   out_specs=(self._cache_specs(), KV_SLOTS), check_vma=False))
+                                                   out_specs=(CACHES, KV_SLOTS), check_vma=False))
         return self._fns[key]
 
-    def _prefill_fn(self, batch: int, piece: int, n_pad: int, slots: int, all_logits: bool, with_history: bool,
-                    edge_logits: bool = False):
-        """One prefill piece of `piece` tokens padded to n_pad (zigzag over `cp`), written into the slots
-        at `offset`. A piece's padding overlaps the next piece's positions, so tokens count as real only
-        below min(length, piece_start + piece). `edge_logits`: also return the logits after the piece's last
-        position (what the prefix cache keeps for prompts that end there)."""
-        key = ("prefill", batch, piece, n_pad, slots, all_logits, with_history, edge_logits)
+    def _prefill_fn(self, batch: int, n_pad: int, slots: int, all_logits: bool, with_history: bool):
+        """One prefill piece padded to n_pad tokens (zigzag over `cp`), written into the slots at `offset`.
+        The piece's start and length are traced, so every prompt whose pieces pad to n_pad shares this
+        program. A piece's padding overlaps the next piece's positions, so tokens count as real only below
+        min(length, piece_start + piece_len). Returns the next-token logits (rows whose last token is not
+        in this piece keep `logits`), the logits after the piece's last position (what the prefix cache
+        keeps for prompts that end there), the caches and slot positions, and with `all_logits` the logits
+        of every local token."""
+        key = ("prefill", batch, n_pad, slots, all_logits, with_history)
         if key in self._fns:
             return self._fns[key]
         C = self.cp
@@ -153,80 +196,106 @@ class Model:
         strategy = resolve_strategy(self.gdn_strategy, batch, C)
         graphdef, kernels = self._graphdef, self.kernels
 
-        def per_shard(state, ids, lengths, piece_start, offset, caches, kpos):
+        def per_shard(state, ids, lengths, piece_start, piece_len, offset, logits, caches, kpos):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             pos = jnp.broadcast_to(piece_start + local_positions(rank, C, lc), ids.shape)
-            ctx = ShardContext(AXIS, C, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece))
+            ctx = ShardContext(AXIS, C, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece_len))
             history = History(offset, offset // (2 * lc) if with_history else None, kpos)
             x, caches = model.prefill(ids, ctx, caches, history)
             kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(ctx.valid, pos, -1), offset, axis=1)
             hidden_at = lambda mask: ctx.psum(jnp.einsum("bt,btd->bd", mask.astype(x.dtype), x))
             is_last = (pos == lengths[:, None] - 1) & ctx.valid
             has_last = ctx.psum(jnp.sum(is_last, axis=1)) > 0
-            edge = model.head(hidden_at((pos == piece_start + piece - 1) & ctx.valid)) if edge_logits else None
-            logits = model.head(x) if all_logits else None
-            return model.head(hidden_at(is_last)), has_last, edge, caches, kpos, logits
+            logits = jnp.where(has_last[:, None], model.head(hidden_at(is_last)), logits)
+            edge = model.head(hidden_at((pos == piece_start + piece_len - 1) & ctx.valid))
+            every = model.head(x) if all_logits else None
+            return logits, edge, caches, kpos, every
 
-        cache_specs = self._cache_specs()
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(REPLICATED, TOKENS, REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS),
-                           out_specs=(REPLICATED, REPLICATED, REPLICATED if edge_logits else None, cache_specs,
-                                      KV_SLOTS, TOKENS if all_logits else None),
+                           in_specs=(REPLICATED, TOKENS, REPLICATED, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
+                                     CACHES, KV_SLOTS),
+                           out_specs=(REPLICATED, REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None),
                            check_vma=False)
-        self._fns[key] = jax.jit(fn, donate_argnums=(5, 6))
+        self._fns[key] = jax.jit(fn, donate_argnums=(6, 7, 8))
         return self._fns[key]
 
-    def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size: int | None, all_logits: bool):
+    def _pieces(self, n: int, chunk_size) -> Pieces:
+        if not (chunk_size is None or chunk_size == "auto"
+                or (isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) and chunk_size >= 1)):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer, 'auto' or None")
+        return plan_pieces(n, self.cp, chunk_size, self.auto_piece_tokens, fixed=self._prefix_cache is not None)
+
+    def _slots(self, pieces: Pieces, max_new_tokens: int) -> tuple[int, int]:
+        """(prefill slots, cache capacity) per rank for a prompt fed as `pieces`."""
+        prefill_slots = pieces.count * (pieces.n_pad // self.cp)
+        return prefill_slots, capacity(prefill_slots + max(decode_room(max_new_tokens, self.cp), self._room_floor))
+
+    def _check_request(self, batch: int, n: int, max_new_tokens: int, slots: int) -> None:
+        """Refuse, before allocating anything, a request beyond the model's positions or the device memory."""
+        limit = getattr(self.cfg, "max_position_embeddings", None)
+        if limit and n + max_new_tokens > limit:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"{limit} positions (max_position_embeddings)")
+        cfg = self.cfg
+        kv = 2 * len(cfg.attention_layers) * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.dtype).itemsize
+        stats = self.mesh.devices.flat[0].memory_stats() if hasattr(self.mesh.devices.flat[0], "memory_stats") else None
+        free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and "bytes_limit" in stats else None
+        if free is not None and kv > free:
+            raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
+                             f"{kv / 2**30:.1f} GiB per device; {free / 2**30:.1f} GiB are free (use a larger cp or "
+                             f"fewer tokens)")
+
+    def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
         ids, lengths = self._as_batch(input_ids)
         B, N = ids.shape
         C = self.cp
-        if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
-        piece = N if chunk_size is None else min(int(chunk_size), N)
-        n_pieces = -(-N // piece)
-        n_pad = padded_length(piece, C)
-        lc = n_pad // (2 * C)
-        block = 2 * lc
-        prefill_slots = n_pieces * block
-        slots = prefill_slots + _decode_room(max_new_tokens, C, block)
+        pieces = self._pieces(N, chunk_size)
+        block = pieces.n_pad // C
+        prefill_slots, slots = self._slots(pieces, max_new_tokens)
+        self._check_request(B, N, max_new_tokens, slots)
         caches, kpos = self._alloc_fn(B, slots)()
-        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
+        logits = self._place(np.zeros((B, self.cfg.vocab_size), np.float32), REPLICATED)
+        # Full-sequence logits need every piece's activations, which the prefix cache does not keep: they
+        # bypass it (neither restored nor stored).
+        prefix_cache = None if all_logits else self._prefix_cache
         first, chain = 0, None
-        if self._prefix_cache is not None:
-            chain = self._prefix_cache.chain(self, ids, lengths, piece, n_pad)
-            first, restored = self._prefix_cache.restore(self, chain, piece, n_pad, caches, kpos)
+        if prefix_cache is not None:
+            chain = prefix_cache.chain(self, ids, lengths, pieces.tokens, pieces.n_pad)
+            first, restored = prefix_cache.restore(self, chain, pieces.tokens, pieces.n_pad, caches, kpos)
             if first:
                 caches, kpos, logits = restored
         all_out = []
-        for p in range(first, n_pieces):
-            chunk = np.zeros((B, n_pad), np.int32)
-            part = ids[:, p * piece:(p + 1) * piece]
+        perm = token_permutation(pieces.n_pad, C)
+        for p in range(first, pieces.count):
+            chunk = np.zeros((B, pieces.n_pad), np.int32)
+            part = ids[:, p * pieces.tokens:(p + 1) * pieces.tokens]
             chunk[:, : part.shape[1]] = part
-            fn = self._prefill_fn(B, piece, n_pad, slots, all_logits, with_history=p > 0,
-                                  edge_logits=self._prefix_cache is not None)
-            last, has_last, edge_logits, caches, kpos, piece_logits = fn(
-                self._state, self._place(chunk[:, token_permutation(n_pad, C)], TOKENS),
-                self._place(lengths, REPLICATED), self._place(np.int32(p * piece), REPLICATED),
-                self._place(np.int32(p * block), REPLICATED), caches, kpos)
-            logits = jnp.where(has_last[:, None], last, logits)
+            fn = self._prefill_fn(B, pieces.n_pad, slots, all_logits, with_history=p > 0)
+            scalar = lambda v: self._place(np.int32(v), REPLICATED)
+            logits, edge_logits, caches, kpos, piece_logits = fn(
+                self._state, self._place(chunk[:, perm], TOKENS), self._place(lengths, REPLICATED),
+                scalar(p * pieces.tokens), scalar(pieces.tokens), scalar(p * block), logits, caches, kpos)
             if all_logits:
                 all_out.append((piece_logits, part.shape[1]))
-            if self._prefix_cache is not None:
-                self._prefix_cache.store(self, chain, n_pad, p, caches, kpos, edge_logits)
+            if prefix_cache is not None:
+                prefix_cache.store(self, chain, pieces.n_pad, p, caches, kpos, edge_logits)
         result = PrefillResult(logits, lengths, caches, kpos, slots, prefill_slots)
         return result, all_out
 
-    def prefill(self, input_ids, *, max_new_tokens: int = 0, chunk_size: int | None = None) -> PrefillResult:
-        """Prefill prompts (a right-padded [B, N] array or a list of prompts) across `cp`. With
-        `chunk_size=S` the prompt is fed in pieces of S tokens, each zigzag-sharded over `cp` and attending
-        to the KV cached by the earlier pieces: activation memory follows S, not the prompt length.
-        Returns next-token logits and caches with room for `max_new_tokens` decode steps."""
+    def prefill(self, input_ids, *, max_new_tokens: int = 0, chunk_size: int | str | None = "auto") -> PrefillResult:
+        """Prefill prompts (a right-padded [B, N] array or a list of prompts) across `cp`. The prompt is
+        fed in pieces, each zigzag-sharded over `cp` and attending to the KV cached by the earlier pieces,
+        so activation memory follows the piece, not the prompt: `chunk_size="auto"` (default) uses one
+        piece up to `auto_piece_tokens` and equal pieces above it, an int S pieces of S tokens, None one
+        piece. Returns next-token logits and caches with room for `max_new_tokens` decode steps."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         return self._run_prefill(input_ids, max_new_tokens, chunk_size, all_logits=False)[0]
 
-    def logits(self, input_ids, *, chunk_size: int | None = None) -> np.ndarray:
+    def logits(self, input_ids, *, chunk_size: int | str | None = "auto") -> np.ndarray:
         """Full-sequence scoring: np.ndarray [B, N, V] float32 (rows shorter than N are padded; their
-        logits past their length are meaningless)."""
+        logits past their length are meaningless). Never served from the prefix cache."""
         _, pieces = self._run_prefill(input_ids, 0, chunk_size, all_logits=True)
         out = []
         for piece_logits, n in pieces:
@@ -257,35 +326,31 @@ class Model:
         return self._fingerprint
 
     def _slot_block_fn(self, block: int, slots: int):
-        """Copy out `block` slots at a slot offset from every rank's KV shard (and their positions)."""
+        """Copy out `block` slots at a slot offset from every rank's KV shard of every attention layer
+        (and their positions)."""
         key = ("slot_block", block, slots)
         if key not in self._fns:
-            n_attn = len(self.cfg.attention_layers)
+            def per_shard(k, v, kpos, offset):
+                take = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, offset, block, axis=axis)
+                return take(k, 2), take(v, 2), take(kpos, 1)
 
-            def per_shard(kv, kpos, offset):
-                take = lambda a: jax.lax.dynamic_slice_in_dim(a, offset, block, axis=1)
-                return jax.tree.map(take, kv), take(kpos)
-
-            kv_spec = [{"k": KV_SLOTS, "v": KV_SLOTS}] * n_attn
-            self._fns[key] = jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(kv_spec, KV_SLOTS, REPLICATED),
-                                                   out_specs=(kv_spec, KV_SLOTS), check_vma=False))
+            self._fns[key] = jax.jit(jax.shard_map(
+                per_shard, mesh=self.mesh, in_specs=(STACKED_KV, STACKED_KV, KV_SLOTS, REPLICATED),
+                out_specs=(STACKED_KV, STACKED_KV, KV_SLOTS), check_vma=False))
         return self._fns[key]
 
     def _slot_restore_fn(self, block: int, slots: int):
         """Write a block taken by `_slot_block_fn` back at a slot offset of every rank's KV shard."""
         key = ("slot_restore", block, slots)
         if key not in self._fns:
-            n_attn = len(self.cfg.attention_layers)
+            def per_shard(k, v, kpos, k_block, v_block, kpos_block, offset):
+                put = lambda a, b, axis: jax.lax.dynamic_update_slice_in_dim(a, b, offset, axis=axis)
+                return put(k, k_block, 2), put(v, v_block, 2), put(kpos, kpos_block, 1)
 
-            def per_shard(kv, kpos, kv_block, kpos_block, offset):
-                put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, offset, axis=1)
-                return jax.tree.map(put, kv, kv_block), put(kpos, kpos_block)
-
-            kv_spec = [{"k": KV_SLOTS, "v": KV_SLOTS}] * n_attn
+            specs = (STACKED_KV, STACKED_KV, KV_SLOTS)
             self._fns[key] = jax.jit(
-                jax.shard_map(per_shard, mesh=self.mesh,
-                              in_specs=(kv_spec, KV_SLOTS, kv_spec, KV_SLOTS, REPLICATED),
-                              out_specs=(kv_spec, KV_SLOTS), check_vma=False), donate_argnums=(0, 1))
+                jax.shard_map(per_shard, mesh=self.mesh, in_specs=specs + specs + (REPLICATED,),
+                              out_specs=specs, check_vma=False), donate_argnums=(0, 1, 2))
         return self._fns[key]
 
     def prefix_cache_stats(self) -> dict:
@@ -299,19 +364,19 @@ class Model:
         if key in self._fns:
             return self._fns[key]
         C, graphdef, kernels = self.cp, self._graphdef, self.kernels
-        cache_specs = self._cache_specs()
+        unroll = 1 if self.scan_decode else True
 
         def per_shard(state, tokens, positions, caches, kpos, owner, slot):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1)
             kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
-            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot))
+            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), unroll=unroll)
             return logits, caches, kpos
 
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(REPLICATED, REPLICATED, REPLICATED, cache_specs, KV_SLOTS, REPLICATED, REPLICATED),
-                           out_specs=(REPLICATED, cache_specs, KV_SLOTS), check_vma=False)
+                           in_specs=(REPLICATED, REPLICATED, REPLICATED, CACHES, KV_SLOTS, REPLICATED, REPLICATED),
+                           out_specs=(REPLICATED, CACHES, KV_SLOTS), check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(3, 4))
         return self._fns[key]
 
@@ -319,14 +384,24 @@ class Model:
         """Feed one token per row (decode step `step`, 0-based after prefill); updates `state` in place
         and returns next-token logits [B, V] fp32."""
         C = self.cp
+        B = len(state.lengths)
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step={step!r} must be a non-negative integer (0 for the first token after prefill)")
         slot = state.prefill_slots + step // C
         if slot >= state.slots_per_rank:
             raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
                              f"{(state.slots_per_rank - state.prefill_slots) * C} new tokens (max_new_tokens)")
+        tokens = np.asarray(tokens)
+        if tokens.shape != (B,) or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be {B} integer token ids (one per row); got shape {tokens.shape}, "
+                             f"dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+            raise ValueError(f"token id {bad} is out of range [0, {self.cfg.vocab_size})")
         positions = (state.lengths + step).astype(np.int32)
-        fn = self._decode_fn(len(state.lengths), state.slots_per_rank)
+        fn = self._decode_fn(B, state.slots_per_rank)
         logits, state.caches, state.kpos = fn(
-            self._state, self._place(np.asarray(tokens, np.int32), REPLICATED), self._place(positions, REPLICATED),
+            self._state, self._place(tokens.astype(np.int32), REPLICATED), self._place(positions, REPLICATED),
             state.caches, state.kpos, self._place(np.int32(step % C), REPLICATED), self._place(np.int32(slot), REPLICATED))
         state.logits = logits
         return logits
@@ -334,22 +409,17 @@ class Model:
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
                  callback: Callable[[int, np.ndarray], None] | None = None,
-                 chunk_size: int | None = None) -> np.ndarray:
+                 chunk_size: int | str | None = "auto") -> np.ndarray:
         """Prompts + `max_new_tokens` tokens: np.ndarray [B, N + max_new_tokens] int32 (greedy at
         temperature 0). Rows of a ragged batch are right-aligned to their own length in the output:
         row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
         EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made.
         `chunk_size` feeds the prompt in pieces (see `prefill`)."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k} must be >= 1")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        temperature, top_k, top_p, seed = _sampling_args(temperature, top_k, top_p, seed, self.cfg.vocab_size)
         ids, lengths = self._as_batch(input_ids)
-        eos = _eos_set(eos_token_id)
+        eos = _eos_set(eos_token_id, self.cfg.vocab_size)
         B = len(lengths)
         out = np.zeros((B, ids.shape[1] + max_new_tokens), np.int32)
         fill = min(eos) if eos else 0
@@ -362,9 +432,12 @@ class Model:
                              chunk_size=chunk_size)
         done = np.zeros(B, bool)
         logits = state.logits
+        key = jax.random.key(np.uint32(seed))
+        settings = tuple(self._place(np.asarray(v, t), REPLICATED) for v, t in
+                         ((temperature, np.float32), (top_k or self.cfg.vocab_size, np.int32), (top_p or 1.0, np.float32)))
         for step in range(max_new_tokens):
-            tok = to_host(_sample(logits, jax.random.fold_in(jax.random.key(seed), step),
-                                     float(temperature), top_k, top_p))
+            tok = to_host(_sample(logits, key, self._place(np.int32(step), REPLICATED), *settings,
+                                  greedy=temperature == 0.0))
             tok = np.where(done, fill, tok)
             out[np.arange(B), lengths + step] = tok
             if callback is not None:
@@ -375,18 +448,106 @@ class Model:
             logits = self.decode_step(state, tok, step)
         return out
 
+    # Warm start -----------------------------------------------------------------------------------
+    def warmup(self, max_tokens: int, *, batch_sizes: Sequence[int] = (1,), max_new_tokens: int = 256,
+               chunk_size: int | str | None = "auto", logits: bool = True, workers: int | None = None,
+               progress: bool = True) -> dict:
+        """Compile every program that prompts of 1..`max_tokens` tokens need at these batch sizes: prefill
+        pieces (with `logits`, also the full-sequence scoring variants), cache allocation, decode for up
+        to `max_new_tokens` new tokens, sampling, and the prefix cache's block copies if it is on.
+        Afterwards `prefill`, `generate` (max_new_tokens <= this one) and `logits` of any such length
+        compile nothing new: every prefill reserves at least this decode room from now on, so all requests
+        share the warmed capacities. Programs are traced one by one and compiled by `workers` threads (XLA
+        compiles without the GIL). Returns {"programs", "seconds"}."""
+        import time
 
-def _decode_room(max_new_tokens: int, cp: int, block: int) -> int:
-    """KV slots per rank reserved after the prompt for `max_new_tokens` (round-robin: ceil(n / cp) each).
-    Rounded up to a power of two (at least 256, at most one prefill block) so that nearby values of
-    max_new_tokens share one compiled prefill and decode program; the waste is under 2x of the decode room,
-    never a prompt's worth (rounding to a whole block once doubled a long prompt's KV cache)."""
-    room = -(-max(int(max_new_tokens), 0) // cp)
-    if room == 0:
-        return 0
-    pow2 = max(256, 1 << (room - 1).bit_length())
-    whole_blocks = -(-room // block) * block
-    return min(pow2, whole_blocks)
+        from tqdm import tqdm
+        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r} must be a positive integer")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        sizes = list(batch_sizes)
+        if not sizes or any(not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 for b in sizes):
+            raise ValueError(f"batch_sizes={batch_sizes!r} must be positive integers")
+        t0 = time.perf_counter()
+        self._room_floor = max(self._room_floor, decode_room(max_new_tokens, self.cp))
+        wanted = {}
+        for B in sizes:
+            for pieces in self._all_pieces(int(max_tokens), chunk_size):
+                for key, args in self._programs_for(B, pieces, max_new_tokens, logits):
+                    wanted.setdefault(key, args)
+        todo = [(k, a) for k, a in wanted.items() if not isinstance(self._fns.get(k), jax.stages.Compiled)]
+        bar = tqdm(total=len(todo), desc="pcp_jax warmup", unit="program", disable=not progress)
+        lowered = []
+        for key, args in todo:  # tracing holds the GIL: one at a time
+            lowered.append((key, self._jit_for(key).lower(*args)))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, len(lowered) or 1)) as pool:
+            futures = {pool.submit(low.compile): key for key, low in lowered}
+            for fut in concurrent.futures.as_completed(futures):
+                self._fns[futures[fut]] = fut.result()
+                bar.update(1)
+        bar.close()
+        for B in sizes:  # the small eager programs around them (sampling, key setup, result copies)
+            self.generate(np.zeros((B, 1), np.int32), min(2, max_new_tokens) or 0, chunk_size=chunk_size)
+            if logits:
+                self.logits(np.zeros((B, 1), np.int32), chunk_size=chunk_size)
+        return {"programs": len(todo), "seconds": time.perf_counter() - t0}
+
+    def _all_pieces(self, max_tokens: int, chunk_size) -> list[Pieces]:
+        """Every distinct piece plan of prompts of 1..max_tokens tokens (plans change only at multiples of
+        a 64-token unit or at ladder steps, but checking each length is cheap and cannot miss one)."""
+        return sorted({self._pieces(n, chunk_size) for n in range(1, max_tokens + 1)},
+                      key=lambda p: (p.n_pad, p.count))
+
+    def _programs_for(self, batch: int, pieces: Pieces, max_new_tokens: int, logits: bool):
+        """(key, abstract arguments) of every program a prompt batch fed as `pieces` runs."""
+        C, cfg = self.cp, self.cfg
+        _, slots = self._slots(pieces, max_new_tokens)
+        spec = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, s))
+        scalar = spec((), jnp.int32, REPLICATED)
+        caches = jax.tree.map(lambda a, s: spec(a.shape, a.dtype, s),
+                              jax.eval_shape(lambda: empty_caches(cfg, batch, C * slots, self.dtype)), CACHES)
+        kpos = spec((batch, C * slots), jnp.int32, KV_SLOTS)
+        out = [(("alloc", batch, slots), ())]
+        for all_logits in (False, True) if logits else (False,):
+            for with_history in (False, True) if pieces.count > 1 else (False,):
+                args = (self._state, spec((batch, pieces.n_pad), jnp.int32, TOKENS), spec((batch,), jnp.int32, REPLICATED),
+                        scalar, scalar, scalar, spec((batch, cfg.vocab_size), jnp.float32, REPLICATED), caches, kpos)
+                out.append((("prefill", batch, pieces.n_pad, slots, all_logits, with_history), args))
+        if max_new_tokens:
+            vec = spec((batch,), jnp.int32, REPLICATED)
+            out.append((("decode", batch, slots), (self._state, vec, vec, caches, kpos, scalar, scalar)))
+        if self._prefix_cache is not None:
+            block = pieces.n_pad // C
+            kv_block = spec(caches["k"].shape[:2] + (C * block,) + caches["k"].shape[3:], self.dtype, STACKED_KV)
+            kpos_block = spec((batch, C * block), jnp.int32, KV_SLOTS)
+            out.append((("slot_block", block, slots), (caches["k"], caches["v"], kpos, scalar)))
+            out.append((("slot_restore", block, slots),
+                        (caches["k"], caches["v"], kpos, kv_block, kv_block, kpos_block, scalar)))
+        return out
+
+    def _jit_for(self, key):
+        """The jitted function behind a program key (built if needed)."""
+        kind, *rest = key
+        build = {"alloc": self._alloc_fn, "prefill": self._prefill_fn, "decode": self._decode_fn,
+                 "slot_block": self._slot_block_fn, "slot_restore": self._slot_restore_fn}[kind]
+        return build(*rest)
+
+
+def _sampling_args(temperature, top_k, top_p, seed, vocab: int):
+    """Validated (temperature, top_k, top_p, seed); each error names the value and what is expected."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or not 1 <= top_k <= vocab):
+        raise ValueError(f"top_k={top_k!r} must be an integer in 1..{vocab} (the vocabulary size)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in 0..2**32-1")
+    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p), int(seed)
 
 
 def _replicate(tree, sharding: NamedSharding):
@@ -414,30 +575,35 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _eos_set(eos):
+def _eos_set(eos, vocab: int) -> set[int]:
+    """EOS ids as a set: None, one id, or a sequence of ids, each in [0, vocab)."""
     if eos is None:
         return set()
-    return {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
+    items = [eos] if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool) else eos
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset, np.ndarray)):
+        raise ValueError(f"eos_token_id={eos!r} must be a token id or a list of token ids")
+    out = set()
+    for e in items:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < vocab:
+            raise ValueError(f"eos_token_id={eos!r}: {e!r} is not a token id in [0, {vocab})")
+        out.add(int(e))
+    return out
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _sample(logits, key, temperature, top_k, top_p):
-    if temperature == 0.0:
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _sample(logits, key, step, temperature, top_k, top_p, *, greedy: bool):
+    """Next tokens [B] from logits [B, V] fp32: argmax when greedy, else sampling at `temperature`
+    within the `top_k` most likely tokens and the smallest set whose mass reaches `top_p`. Every setting
+    is traced, so one program serves every temperature, top_k and top_p."""
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # smallest set whose mass reaches top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def _zero_gdn_state(cfg: ModelConfig, batch: int, dtype):
-    return {"conv": jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
-            "state": jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                cfg.linear_value_head_dim), jnp.float32)}
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth = jax.lax.dynamic_index_in_dim(sorted_logits, top_k - 1, axis=1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # smallest set whose mass reaches top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(jnp.int32)

@@ -5,10 +5,16 @@ Gated DeltaNet), the two channel mixers (MLP, MoE), the decoder layer, the model
 `nnx.Param`s whose dotted paths are the flat names of the checkpoint contract (docs/convert.md), e.g.
 `layers.3.attn.q_proj`; every matrix is input-major (y = x @ W).
 
+Layers run as a `lax.scan` over groups of one period of `layer_types` (3 GDN + 1 attention for Qwen3.5),
+with weights stacked over the groups at load; layers after the last whole group run unrolled
+(`LayerPlan`). Caches are stacked by layer kind (`empty_caches`): every attention layer's KV slots in one
+[n_attention, B, S, Hkv, hd] pair, every GDN layer's conv and recurrent state in one array each; a layer
+reads and writes its own index of them in place.
+
 Two entry points per module, both per shard and both inside one `shard_map`:
-- `prefill(x, ctx, ...)`: x [B, T, D] are this rank's tokens (zigzag order under cp); returns the
+- `prefill(x, ctx, caches, index, history)`: x [B, T, D] are this rank's tokens (zigzag order under cp); returns the
   output and the layer's cache entry (its K/V shard, or its GDN conv + recurrent state);
-- `decode(x, ctx, cache, write)`: x [B, 1, D], the same token on every rank; attention reads the local
+- `decode(x, ctx, caches, index, ...)`: x [B, 1, D], the same token on every rank; attention reads the local
   KV shard and merges partials across `cp`; GDN state is replicated.
 Numerics (DESIGN.md §2): zero-centred RMSNorm in fp32, softmax/router/GDN gates and state in fp32.
 """
@@ -97,39 +103,50 @@ class GatedAttention(nnx.Module):
         y = attn.astype(x.dtype).reshape(B, T, -1) * jax.nn.sigmoid(gate)
         return y @ self.o_proj[...]
 
-    def prefill(self, x, ctx: ShardContext, cache, history):
-        """cache {"k", "v"} [B, S, Hkv, hd]: this rank's slots; the piece's K/V are written at slot
-        `history.offset`. history.blocks (None on a first piece) counts the filled blocks of earlier
-        pieces, which the queries also attend to (they travel to every rank's cache shard)."""
+    def prefill(self, x, ctx: ShardContext, caches, index, history):
+        """caches["k"/"v"] [NA, B, S, Hkv, hd]: this rank's slots of every attention layer; this layer's
+        are `index` (traced under the layer scan). The piece's K/V are written at slot `history.offset`.
+        history.blocks (None on a first piece) counts the filled blocks of earlier pieces, which the
+        queries also attend to (they travel to every rank's cache shard)."""
         q, k, v, gate = self._qkv(x, ctx.positions)
         # Write first, then read only the blocks of earlier pieces: a read of the old buffer after the
         # write would make XLA copy the whole cache instead of updating it in place.
-        write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype), history.offset, axis=1)
-        cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+        write = lambda buf, a: jax.lax.dynamic_update_slice(buf, a[None].astype(buf.dtype),
+                                                             (index, 0, history.offset, 0, 0))
+        caches = dict(caches, k=write(caches["k"], k), v=write(caches["v"], v))
         out, lse = ring_attention(q, k, v, ctx)
         if history.blocks is not None:
-            out, lse = merge_partials(out, lse, *ring_over_cache(q, cache["k"], cache["v"], history.kpos, ctx,
-                                                                 history.blocks))
-        return self._out(out, gate, x), cache
+            out, lse = merge_partials(out, lse, *ring_over_cache(q, caches["k"], caches["v"], index, history.kpos,
+                                                                 ctx, history.blocks))
+        return self._out(out, gate, x), caches
 
-    def decode(self, x, ctx: ShardContext, cache, kpos, write):
-        """One token. cache {"k", "v"} [B, S, Hkv, hd] is this rank's slots; kpos [B, S] their positions
-        (-1 empty, already including the new token); write = (owner rank, slot) of the new token."""
+    def decode(self, x, ctx: ShardContext, caches, index, kpos, write):
+        """One token. caches["k"/"v"] [NA, B, S, Hkv, hd] this rank's slots (this layer's: `index`); kpos
+        [B, S] their positions (-1 empty, already including the new token); write = (owner rank, slot)
+        of the new token."""
         q, k, v, gate = self._qkv(x, ctx.positions)
-        cache = {"k": _write_slot(cache["k"], k, ctx, write), "v": _write_slot(cache["v"], v, ctx, write)}
+        caches = dict(caches, k=_write_slot(caches["k"], k, ctx, write, index),
+                      v=_write_slot(caches["v"], v, ctx, write, index))
+        k_all, v_all = (jax.lax.dynamic_index_in_dim(caches[n], index, 0, keepdims=False) for n in ("k", "v"))
         # One query row per sequence: memory-bound, and a flash kernel's 64-row query tiles would be almost
         # empty, so decode attends with the jnp path (a fused einsum/softmax) on every backend.
-        out, lse = attention_block(q, cache["k"], cache["v"], ctx.positions, kpos, causal=True, kernels="jnp")
+        out, lse = attention_block(q, k_all, v_all, ctx.positions, kpos, causal=True, kernels="jnp")
         if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
             out, _ = merge_stacked(ctx.all_gather(out), ctx.all_gather(lse))
-        return self._out(out, gate, x), cache
+        return self._out(out, gate, x), caches
 
 
-def _write_slot(buf, new, ctx: ShardContext, write):
-    """Put `new` [B, 1, ...] into slot `write[1]` of buf [B, S, ...] on rank `write[0]` only (in place)."""
+def _write_slot(buf, new, ctx: ShardContext, write, index=None):
+    """Put `new` [B, 1, ...] into slot `write[1]` of buf [B, S, ...] (or of buf[index] when buf is stacked
+    [N, B, S, ...]) on rank `write[0]` only, in place."""
     owner, slot = write
-    old = jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(ctx.rank == owner, new.astype(buf.dtype), old), slot, axis=1)
+    if index is None:
+        old = jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(ctx.rank == owner, new.astype(buf.dtype), old),
+                                                   slot, axis=1)
+    start = (index, 0, slot) + (0,) * (buf.ndim - 3)
+    old = jax.lax.dynamic_slice(buf, start, (1,) + new.shape)
+    return jax.lax.dynamic_update_slice(buf, jnp.where(ctx.rank == owner, new[None].astype(buf.dtype), old), start)
 
 
 class GatedDeltaNet(nnx.Module):
@@ -156,43 +173,56 @@ class GatedDeltaNet(nnx.Module):
         y = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
         return y.reshape(B, T, -1) @ self.out_proj[...]
 
-    def prefill(self, x, ctx: ShardContext, initial):
-        """initial: {"conv" [B, K-1, conv_dim], "state" [B, Hv, dk, dv] fp32} carried into this prefill."""
+    def prefill(self, x, ctx: ShardContext, caches, index, history):
+        """caches["conv"] [NG, B, K-1, conv_dim], caches["state"] [NG, B, Hv, dk, dv] fp32: every GDN
+        layer's state carried into this piece; this layer's is `index`. Returns it updated."""
         cfg = self.cfg
+        conv0 = jax.lax.dynamic_index_in_dim(caches["conv"], index, 0, keepdims=False)
+        state0 = jax.lax.dynamic_index_in_dim(caches["state"], index, 0, keepdims=False)
         qkv = x @ self.in_proj_qkv[...]
         g, beta = self._gates(x)
         valid = ctx.valid[..., None]
         g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)  # padding never enters a state
         run = gdn_batch if ctx.gdn_strategy == "batch" else gdn_sequence
-        o, state = run(qkv, g, beta, self.conv_weight[...], ctx, cfg, initial["conv"], initial["state"])
-        conv = _last_tokens(qkv, ctx, initial["conv"])
-        return self._out(o, x), {"conv": conv, "state": state}
+        o, state = run(qkv, g, beta, self.conv_weight[...], ctx, cfg, conv0, state0)
+        conv = _last_tokens(qkv, ctx, conv0)
+        return self._out(o, x), _put_gdn(caches, index, conv, state)
 
-    def decode(self, x, ctx: ShardContext, cache):
+    def decode(self, x, ctx: ShardContext, caches, index):
         cfg = self.cfg
+        conv0 = jax.lax.dynamic_index_in_dim(caches["conv"], index, 0, keepdims=False)
+        state0 = jax.lax.dynamic_index_in_dim(caches["state"], index, 0, keepdims=False)
         qkv = x @ self.in_proj_qkv[...]  # [B, 1, Cd]
-        window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, Cd]
+        window = jnp.concatenate([conv0.astype(qkv.dtype), qkv], axis=1)  # [B, K, Cd]
         conv = causal_conv(qkv, self.conv_weight[...], window[:, :-1])
         q, k, v = split_heads(conv[:, 0], cfg)
         g, beta = self._gates(x)
-        o, state = gated_delta_rule_step(q, k, v, g[:, 0], beta[:, 0], cache["state"], kernels=ctx.kernels)
-        return self._out(o[:, None], x), {"conv": window[:, 1:], "state": state}
+        o, state = gated_delta_rule_step(q, k, v, g[:, 0], beta[:, 0], state0, kernels=ctx.kernels)
+        return self._out(o[:, None], x), _put_gdn(caches, index, window[:, 1:], state)
+
+
+def _put_gdn(caches, index, conv, state):
+    put = lambda buf, a: jax.lax.dynamic_update_index_in_dim(buf, a.astype(buf.dtype), index, 0)
+    return dict(caches, conv=put(caches["conv"], conv), state=put(caches["state"], state))
 
 
 def _last_tokens(x, ctx: ShardContext, initial):
     """The K-1 inputs before the end of this prefill piece in each row (the conv state it leaves),
     wherever they live. x [B, T, Cd] local pre-conv tokens; initial [B, K-1, Cd] precedes the piece's
-    first position. Positions before the piece come from `initial`."""
+    first position. Positions before the piece come from `initial`. A gather of K-1 rows per rank (the
+    one rank holding a position contributes it, the others zeros), so no temporary grows with T."""
     h = initial.shape[1]
     start = ctx.pmin(jnp.min(ctx.positions, axis=1))  # [B] first position of this piece
     end = start + ctx.psum(jnp.sum(ctx.valid, axis=1))  # [B] one past the row's last real token here
     target = end[:, None] - h + jnp.arange(h)[None, :]  # [B, K-1] wanted positions
     match = (ctx.positions[:, None, :] == target[:, :, None]) & ctx.valid[:, None, :]  # [B, K-1, T]
-    from_here = ctx.psum(jnp.einsum("bjt,btc->bjc", match.astype(jnp.float32), x.astype(jnp.float32)))
+    local = jnp.argmax(match, axis=-1)  # [B, K-1] where it sits here (0 when absent; masked below)
+    here = jnp.take_along_axis(x, local[..., None], axis=1)
+    from_here = ctx.psum(jnp.where(jnp.any(match, axis=-1)[..., None], here, jnp.zeros((), x.dtype)))
     back = target - start[:, None]  # < 0: before this piece, read `initial` at h + back
-    carried = jnp.take_along_axis(initial.astype(jnp.float32), jnp.clip(h + back, 0, h - 1)[..., None], axis=1)
-    carried = jnp.where((h + back >= 0)[..., None], carried, 0.0)
-    return jnp.where((back >= 0)[..., None], from_here, carried).astype(x.dtype)
+    carried = jnp.take_along_axis(initial.astype(x.dtype), jnp.clip(h + back, 0, h - 1)[..., None], axis=1)
+    carried = jnp.where((h + back >= 0)[..., None], carried, jnp.zeros((), x.dtype))
+    return jnp.where((back >= 0)[..., None], from_here, carried)
 
 
 # Channel mixers ------------------------------------------------------------------------------------
@@ -242,79 +272,168 @@ class MoE(nnx.Module):
         return out.reshape(shape)
 
 
-# Decoder layer and model ---------------------------------------------------------------------------
+# Decoder layer, layer plan and model -------------------------------------------------------------
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, params: dict, dtype):
+    """One decoder layer: `layer_type` picks the token mixer; parameters are read from `prefix` (a flat
+    layer prefix such as `layers.3`, or stacked arrays [G, ...] of a scanned group position)."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, params: dict, prefix: str, dtype):
         self.cfg = cfg
-        self.is_attention = cfg.layer_types[idx] == FULL_ATTENTION
-        p = f"layers.{idx}"
-        self.input_norm = _param(params, f"{p}.input_norm", dtype)
-        self.post_norm = _param(params, f"{p}.post_norm", dtype)
+        self.is_attention = layer_type == FULL_ATTENTION
+        self.input_norm = _param(params, f"{prefix}.input_norm", dtype)
+        self.post_norm = _param(params, f"{prefix}.post_norm", dtype)
         if self.is_attention:
-            self.attn = GatedAttention(cfg, params, f"{p}.attn", dtype)
+            self.attn = GatedAttention(cfg, params, f"{prefix}.attn", dtype)
         else:
-            self.gdn = GatedDeltaNet(cfg, params, f"{p}.gdn", dtype)
+            self.gdn = GatedDeltaNet(cfg, params, f"{prefix}.gdn", dtype)
         if cfg.is_moe:
-            self.moe = MoE(cfg, params, f"{p}.moe", dtype)
+            self.moe = MoE(cfg, params, f"{prefix}.moe", dtype)
         else:
-            self.mlp = MLP(params, f"{p}.mlp", dtype)
+            self.mlp = MLP(params, f"{prefix}.mlp", dtype)
 
     def _channel(self, x, ctx):
         h = rms_norm(x, self.post_norm[...], self.cfg.rms_norm_eps)
         return x + (self.moe(h, ctx.kernels) if self.cfg.is_moe else self.mlp(h))
 
-    def prefill(self, x, ctx: ShardContext, cache, history):
+    def prefill(self, x, ctx: ShardContext, caches, index, history):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
-        y, cache = self.attn.prefill(h, ctx, cache, history) if self.is_attention else self.gdn.prefill(h, ctx, cache)
-        return self._channel(x + y, ctx), cache
+        mixer = self.attn if self.is_attention else self.gdn
+        y, caches = mixer.prefill(h, ctx, caches, index, history)
+        return self._channel(x + y, ctx), caches
 
-    def decode(self, x, ctx: ShardContext, cache, kpos, write):
+    def decode(self, x, ctx: ShardContext, caches, index, kpos, write):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
-        y, cache = self.attn.decode(h, ctx, cache, kpos, write) if self.is_attention else self.gdn.decode(h, ctx, cache)
-        return self._channel(x + y, ctx), cache
+        if self.is_attention:
+            y, caches = self.attn.decode(h, ctx, caches, index, kpos, write)
+        else:
+            y, caches = self.gdn.decode(h, ctx, caches, index)
+        return self._channel(x + y, ctx), caches
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How the layers run: `groups` whole periods of `layer_types` as one `lax.scan` over stacked weights
+    (layer g·period + j is group g, position j), then the `rest` unrolled. A layout with no period that
+    repeats at least twice runs fully unrolled (groups = 0). Each layer's cache index is its ordinal among
+    the layers of its kind, so the stacked caches are in layer order: position j of group g has index
+    `base[j] + g * per_group[j]`."""
+    layer_types: tuple[str, ...]
+    period: int
+    groups: int
+
+    @classmethod
+    def of(cls, layer_types) -> "LayerPlan":
+        types = tuple(layer_types)
+        n = len(types)
+        period = next(p for p in range(1, n + 1) if all(types[i] == types[i % p] for i in range(n)))
+        groups = n // period
+        return cls(types, period, groups if groups >= 2 else 0)
+
+    @property
+    def rest(self) -> tuple[int, ...]:
+        return tuple(range(self.groups * self.period, len(self.layer_types)))
+
+    def ordinal(self, i: int) -> int:
+        """Index of layer i in the stacked cache of its kind."""
+        return sum(t == self.layer_types[i] for t in self.layer_types[:i])
+
+    def group_index(self, j: int, g):
+        """Cache index of position j of group g (g traced)."""
+        kind = self.layer_types[j]
+        per_group = sum(t == kind for t in self.layer_types[: self.period])
+        return self.ordinal(j) + g * per_group
+
+
+def _stacked_params(params: dict, plan: LayerPlan, dtype) -> dict:
+    """`group.{j}.<name>` -> the weights of layers j, p + j, 2p + j, ... stacked on a new leading axis,
+    one tensor at a time (each cast to `dtype` first, so the stack is built once in the model dtype)."""
+    out = {}
+    for j in range(plan.period):
+        prefix = f"layers.{j}."
+        for name in [n for n in params if n.startswith(prefix)]:
+            leaf = name[len(prefix):]
+            parts = [params[f"layers.{g * plan.period + j}.{leaf}"] for g in range(plan.groups)]
+            if all(isinstance(a, np.ndarray) for a in parts):
+                out[f"group.{j}.{leaf}"] = np.stack([np.asarray(a, dtype) for a in parts])
+            else:
+                out[f"group.{j}.{leaf}"] = jnp.stack([jnp.asarray(a, dtype) for a in parts])
+    return out
 
 
 class Qwen35(nnx.Module):
-    """The text model. `params` is the flat dict of the checkpoint contract; arrays are cast to `dtype`."""
+    """The text model. `params` is the flat dict of the checkpoint contract; arrays are cast to `dtype`.
+    Layers are stacked per `LayerPlan` here, at load: the contract on disk stays flat per layer."""
 
     def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16):
         self.cfg = cfg
-        self.embed = _param(params, "embed", dtype)
-        self.layers = _ModuleList([DecoderLayer(cfg, i, params, dtype) for i in range(cfg.num_layers)])
-        self.final_norm = _param(params, "final_norm", dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(params, "lm_head", dtype)
         expected = set(param_shapes(cfg))
         extra = sorted(set(params) - expected)
         if extra:
             raise ValueError(f"unexpected parameters for this config: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+        missing = sorted(expected - set(params))
+        if missing:
+            raise ValueError(f"missing parameter {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        self.plan = plan = LayerPlan.of(cfg.layer_types)
+        self.embed = _param(params, "embed", dtype)
+        stacked = _stacked_params(params, plan, dtype) if plan.groups else {}
+        self.group = _ModuleList([DecoderLayer(cfg, plan.layer_types[j], stacked, f"group.{j}", dtype)
+                                  for j in range(plan.period if plan.groups else 0)])
+        self.rest = _ModuleList([DecoderLayer(cfg, plan.layer_types[i], params, f"layers.{i}", dtype)
+                                 for i in plan.rest])
+        self.final_norm = _param(params, "final_norm", dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(params, "lm_head", dtype)
 
     def embed_tokens(self, ids):
         return jnp.take(self.embed[...], ids, axis=0)
 
-    def prefill(self, ids, ctx: ShardContext, caches: list, history: "History"):
-        """ids [B, T] this rank's tokens of one prefill piece; caches[i]: layer i's KV slots or carried
-        GDN {"conv", "state"}. Returns (hidden [B, T, D] before the final norm, updated caches)."""
-        x = self.embed_tokens(ids)
-        new = []
-        for layer, c in zip(self.layers, caches):
-            x, c = layer.prefill(x, ctx, c, history)
-            new.append(c)
-        return x, new
+    def _layers(self, x, caches, step, unroll=1):
+        """Run every layer: `step(layer, x, caches, index) -> (x, caches)`; the groups as one scan."""
+        plan = self.plan
+        if plan.groups:
+            graphdef, stacked = nnx.split(self.group)
 
-    def decode(self, ids, ctx: ShardContext, caches: list, kpos, write):
+            def body(carry, xs):
+                x, caches = carry
+                g, weights = xs
+                for j, layer in enumerate(nnx.merge(graphdef, weights)):
+                    x, caches = step(layer, x, caches, plan.group_index(j, g))
+                return (x, caches), None
+
+            (x, caches), _ = jax.lax.scan(body, (x, caches), (jnp.arange(plan.groups, dtype=jnp.int32), stacked),
+                                          unroll=unroll)
+        for i, layer in zip(plan.rest, self.rest):
+            x, caches = step(layer, x, caches, plan.ordinal(i))
+        return x, caches
+
+    def prefill(self, ids, ctx: ShardContext, caches: dict, history: "History"):
+        """ids [B, T] this rank's tokens of one prefill piece; caches: the stacked caches (`Caches`).
+        Returns (hidden [B, T, D] before the final norm, updated caches)."""
+        return self._layers(self.embed_tokens(ids), caches,
+                            lambda layer, x, c, i: layer.prefill(x, ctx, c, i, history))
+
+    def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, unroll=1):
         """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""
-        x = self.embed_tokens(ids)
-        new = []
-        for layer, c in zip(self.layers, caches):
-            x, c = layer.decode(x, ctx, c, kpos, write)
-            new.append(c)
-        return self.head(x[:, 0]), new
+        x, caches = self._layers(self.embed_tokens(ids), caches,
+                                 lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write), unroll)
+        return self.head(x[:, 0]), caches
 
     def head(self, x):
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def empty_caches(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict:
+    """Per-shard stacked caches: "k", "v" [n_attention, B, slots, Hkv, hd] (this rank's KV slots of every
+    attention layer, in layer order), "conv" [n_gdn, B, K-1, conv_dim] and "state" [n_gdn, B, Hv, dk, dv]
+    fp32 (every GDN layer's carried state)."""
+    na, ng = len(cfg.attention_layers), len(cfg.gdn_layers)
+    kv = jnp.zeros((na, batch, slots, cfg.num_kv_heads, cfg.head_dim), dtype)
+    return {"k": kv, "v": jnp.zeros_like(kv),
+            "conv": jnp.zeros((ng, batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
+            "state": jnp.zeros((ng, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                cfg.linear_value_head_dim), jnp.float32)}
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, jax.Array]:

@@ -25,9 +25,9 @@ from pcp_jax.sharding import REPLICATED
 
 @dataclasses.dataclass
 class _Entry:
-    kv: list            # per attention layer {"k", "v"} [B, C*block, ...] sharded over cp (piece p's slots)
+    kv: tuple           # ("k", "v") [NA, B, C*block, Hkv, hd] sharded over cp: piece p's slots of every attention layer
     kpos: jax.Array     # [B, C*block]
-    gdn: list           # per GDN layer {"conv", "state"} replicated
+    gdn: dict           # {"conv", "state"} [NG, B, ...] replicated: every GDN layer's state after piece p
     logits: jax.Array   # [B, V] next-token logits after the boundary token (for prompts ending there)
     nbytes: int
 
@@ -67,11 +67,11 @@ class PrefixCache:
         if p >= len(chain) or chain[p][1] in self._entries:
             return
         block = n_pad // model.cp
-        kv, kp = model._slot_block_fn(block, kpos.shape[1] // model.cp)(
-            [c for c in caches if "k" in c], kpos, model._place(np.int32(p * block), REPLICATED))
-        gdn = [jax.tree.map(jnp.copy, c) for c in caches if "k" not in c]
-        entry = _Entry(kv, kp, gdn, jnp.copy(logits), 0)
-        entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((kv, kp, gdn, entry.logits)))
+        k, v, kp = model._slot_block_fn(block, kpos.shape[1] // model.cp)(
+            caches["k"], caches["v"], kpos, model._place(np.int32(p * block), REPLICATED))
+        gdn = {n: jnp.copy(caches[n]) for n in ("conv", "state")}
+        entry = _Entry((k, v), kp, gdn, jnp.copy(logits), 0)
+        entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((entry.kv, kp, gdn, entry.logits)))
         if entry.nbytes > self.max_bytes:
             return
         self._entries[chain[p][1]] = entry
@@ -96,12 +96,11 @@ class PrefixCache:
         self._stats["tokens_reused"] += found * piece * kpos.shape[0]
         block = n_pad // model.cp
         put = model._slot_restore_fn(block, kpos.shape[1] // model.cp)
-        attn = [c for c in caches if "k" in c]
+        k, v = caches["k"], caches["v"]
         for p, key in chain[:found]:
             self._entries.move_to_end(key)
             entry = self._entries[key]
-            attn, kpos = put(attn, kpos, entry.kv, entry.kpos, model._place(np.int32(p * block), REPLICATED))
+            k, v, kpos = put(k, v, kpos, *entry.kv, entry.kpos, model._place(np.int32(p * block), REPLICATED))
         last = self._entries[chain[found - 1][1]]
-        attn, gdn = iter(attn), iter(last.gdn)
-        caches = [next(attn) if "k" in c else jax.tree.map(jnp.copy, next(gdn)) for c in caches]
+        caches = {"k": k, "v": v, **{n: jnp.copy(a) for n, a in last.gdn.items()}}
         return found, (caches, kpos, last.logits)

@@ -19,6 +19,7 @@ class ShardingRules:
     batch: str | None = None
     sequence: str | None = CP_AXIS   # prompt tokens, zigzag order
     kv_slots: str | None = CP_AXIS   # slots of the KV cache of full-attention layers
+    layers: str | None = None        # the leading axis of stacked caches (one entry per layer of a kind)
     vocab: str | None = None
 
     def spec(self, *logical: str | None) -> PartitionSpec:
@@ -38,4 +39,6 @@ class ShardingRules:
 RULES = ShardingRules()
 REPLICATED = PartitionSpec()
 TOKENS = RULES.spec("batch", "sequence")     # [B, N] prompt ids, [B, N, V] logits
-KV_SLOTS = RULES.spec("batch", "kv_slots")   # [B, S, ...] K/V, [B, S] slot positions
+KV_SLOTS = RULES.spec("batch", "kv_slots")   # [B, S] slot positions
+STACKED_KV = RULES.spec("layers", "batch", "kv_slots")   # [n_attention, B, S, Hkv, hd] K/V of every attention layer
+CACHES = {"k": STACKED_KV, "v": STACKED_KV, "conv": REPLICATED, "state": REPLICATED}  # model.empty_caches

@@ -10,3 +10,5 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
         _flags = f"{_flags} {_flag}".strip()
 os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile into memory only; the persistent-cache test turns a cache folder on explicitly.
+os.environ.setdefault("PCP_JAX_COMPILE_CACHE", "off")

@@ -18,12 +18,13 @@ def compiled_prefill(cp, strategy="sequence"):
     model = Model(cfg, tiny_params(cfg), cp=cp, dtype="float32", gdn_strategy=strategy)
     B = 1 if strategy == "sequence" else cp
     slots = N // cp
-    fn = model._prefill_fn(B, N, N, slots, False, False)
+    fn = model._prefill_fn(B, N, slots, False, False)
     ids = model._place(np.zeros((B, N), np.int32), P(None, "cp"))
     lengths = model._place(np.full((B,), N, np.int32), P())
-    zero = model._place(np.int32(0), P())
+    zero, n = model._place(np.int32(0), P()), model._place(np.int32(N), P())
+    logits = model._place(np.zeros((B, cfg.vocab_size), np.float32), P())
     caches, kpos = model._alloc_fn(B, slots)()
-    return fn.lower(model._state, ids, lengths, zero, zero, caches, kpos).compile()
+    return fn.lower(model._state, ids, lengths, zero, n, zero, logits, caches, kpos).compile()
 
 
 def test_per_device_memory_falls_as_one_over_cp():
@@ -57,12 +58,13 @@ def test_chunked_prefill_memory_follows_the_piece_not_the_prompt(cp):
     temp = {}
     for pieces in (4, 64):
         slots = pieces * S // cp
-        fn = model._prefill_fn(1, S, S, slots, False, True)
+        fn = model._prefill_fn(1, S, slots, False, True)
         ids = model._place(np.zeros((1, S), np.int32), P(None, "cp"))
         lengths = model._place(np.array([pieces * S], np.int32), P())
-        zero = model._place(np.int32(0), P())
+        zero, n = model._place(np.int32(0), P()), model._place(np.int32(S), P())
+        logits = model._place(np.zeros((1, cfg.vocab_size), np.float32), P())
         caches, kpos = model._alloc_fn(1, slots)()
-        compiled = fn.lower(model._state, ids, lengths, zero, zero, caches, kpos).compile()
+        compiled = fn.lower(model._state, ids, lengths, zero, n, zero, logits, caches, kpos).compile()
         temp[pieces] = compiled.memory_analysis().temp_size_in_bytes
     cache_growth = 60 * S // cp * 2 * len(cfg.attention_layers) * cfg.num_kv_heads * cfg.head_dim * 4
     assert temp[64] - temp[4] < 0.05 * cache_growth, (temp, cache_growth)

@@ -28,12 +28,13 @@ from .zigzag import chunk_order
 
 def causal_conv(x, w, halo):
     """Depthwise causal conv1d + SiLU. x [B, T, Cd]; w [K, Cd] (w[K-1] multiplies the current token);
-    halo [B, K-1, Cd] the K-1 tokens before x. Computed in fp32, returned in x's dtype."""
+    halo [B, K-1, Cd] the K-1 tokens before x. Accumulated in fp32 (each tap is cast where it is read, so
+    no fp32 copy of the sequence is made), returned in x's dtype."""
     K = w.shape[0]
     T = x.shape[1]
-    xp = jnp.concatenate([halo.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+    xp = jnp.concatenate([halo.astype(x.dtype), x], axis=1)
     wf = w.astype(jnp.float32)
-    out = sum(xp[:, j:j + T] * wf[j] for j in range(K))
+    out = sum(xp[:, j:j + T].astype(jnp.float32) * wf[j] for j in range(K))
     return jax.nn.silu(out).astype(x.dtype)
 
 

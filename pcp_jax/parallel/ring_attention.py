@@ -72,20 +72,24 @@ def ring_attention(q, k, v, ctx: ShardContext):
     return out, lse
 
 
-def _attend_filled_blocks(q, q_pos, k, v, kpos, ctx: ShardContext, n_blocks):
-    """Queries against the first `n_blocks` (traced) blocks of this rank's cache shard, block by block,
-    so memory is bounded by the block, not by the cache length. Block = the local query length."""
+def _attend_filled_blocks(q, q_pos, k, v, layer, kpos, ctx: ShardContext, n_blocks):
+    """Queries against the first `n_blocks` (traced) blocks of this rank's slots of attention layer
+    `layer` in the stacked cache k/v [NA, B, S, Hkv, D], block by block, so memory is bounded by the
+    block, not by the cache length (and no copy of the layer's slots is made). Block = the local query
+    length."""
     block = q.shape[1]
+    B, _, H, D = k.shape[1:]
 
     def body(i, acc):
-        take = lambda a: lax.dynamic_slice_in_dim(a, i * block, block, axis=1)
-        part = attention_block(q, take(k), take(v), q_pos, take(kpos), causal=True, kernels=ctx.kernels)
+        take = lambda a: lax.dynamic_slice(a, (layer, 0, i * block, 0, 0), (1, B, block, H, D))[0]
+        k_pos = lax.dynamic_slice_in_dim(kpos, i * block, block, axis=1)
+        part = attention_block(q, take(k), take(v), q_pos, k_pos, causal=True, kernels=ctx.kernels)
         return merge_partials(*acc, *part)
 
     return lax.fori_loop(0, n_blocks, body, _blank(q))
 
 
-def ring_over_cache(q, k_cache, v_cache, kpos, ctx: ShardContext, n_blocks):
+def ring_over_cache(q, k_cache, v_cache, layer, kpos, ctx: ShardContext, n_blocks):
     """Chunked prefill: this piece's local queries attend to the KV cached by earlier pieces, which is
     spread over all ranks. The cache stays put; the queries travel around the ring with their running
     (out, lse): at step i rank r serves the queries of rank r - i against its own shard, then passes them
@@ -93,12 +97,13 @@ def ring_over_cache(q, k_cache, v_cache, kpos, ctx: ShardContext, n_blocks):
     their fp32 accumulator, independent of how long the cached prefix is, and holds no other rank's cache
     (so memory follows the piece, not the prompt). The next queries are sent before the current ones are
     served; the accumulator can only leave once served. Every rank has filled the same `n_blocks` blocks.
-    k_cache/v_cache [B, S, Hkv, D], kpos [B, S] (-1 empty). Returns (out fp32, lse) for the local queries."""
+    k_cache/v_cache [NA, B, S, Hkv, D] stacked over attention layers (this one is `layer`), kpos [B, S]
+    (-1 empty). Returns (out fp32, lse) for the local queries."""
     visiting = (q, ctx.positions)
     acc = _blank(q)
     for i in range(ctx.cp):
         incoming = ctx.shift(visiting, 1) if i + 1 < ctx.cp else None
-        acc = merge_partials(*acc, *_attend_filled_blocks(*visiting, k_cache, v_cache, kpos, ctx, n_blocks))
+        acc = merge_partials(*acc, *_attend_filled_blocks(*visiting, k_cache, v_cache, layer, kpos, ctx, n_blocks))
         acc = ctx.shift(acc, 1)  # to the next rank; after the last step, back to the queries' own rank
         visiting = incoming
     return acc
