@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any
 
@@ -16,6 +17,47 @@ FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 _LAYER_TYPES = (FULL_ATTENTION, LINEAR_ATTENTION)
 _MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+# Field groups of ModelConfig by the values they accept (checked in __post_init__, before any arithmetic).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                  "conv_kernel")
+_NON_NEGATIVE_INTS = ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "shared_expert_intermediate_size")
+_POSITIVE_FLOATS = ("rope_theta", "partial_rotary_factor")
+_BOOLS = ("tie_word_embeddings", "norm_topk_prob")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_field_types(cfg: "ModelConfig") -> None:
+    for name in _POSITIVE_INTS:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    for name in _NON_NEGATIVE_INTS:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"{name}={v!r} must be a non-negative integer")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
+            raise ValueError(f"{name}={v!r} must be a positive number")
+    eps = cfg.rms_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"rms_norm_eps={eps!r} must be a non-negative number")
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be true or false")
+    if not isinstance(cfg.layer_types, (tuple, list)) or not all(isinstance(t, str) for t in cfg.layer_types):
+        raise ValueError(f"layer_types={cfg.layer_types!r} must be a list of layer type names {list(_LAYER_TYPES)}")
+    eos = cfg.eos_token_id
+    ids = eos if isinstance(eos, (tuple, list)) else (() if eos is None else (eos,))
+    if not all(_is_int(t) and t >= 0 for t in ids):
+        raise ValueError(f"eos_token_id={eos!r} must be null, a non-negative integer or a list of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +91,9 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        # Types and signs first: the divisibility checks below (and every derived shape) would otherwise
+        # fail with a ZeroDivisionError or TypeError that names no field.
+        _check_field_types(self)
         if len(self.layer_types) != self.num_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
@@ -62,7 +107,7 @@ class ModelConfig:
             raise ValueError(
                 f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                 f"linear_num_key_heads={self.linear_num_key_heads}")
-        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2 or not self.rotary_dim:
             raise ValueError(
                 f"partial_rotary_factor={self.partial_rotary_factor} with head_dim={self.head_dim} gives a rotary "
                 f"dimension of {self.rotary_dim}; it must be a positive even number")
@@ -72,10 +117,9 @@ class ModelConfig:
                     f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive for MoE")
-        for name in ("vocab_size", "hidden_size", "num_layers", "head_dim", "linear_key_head_dim",
-                     "linear_value_head_dim", "conv_kernel"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        elif self.intermediate_size <= 0:
+            raise ValueError(f"intermediate_size={self.intermediate_size} must be positive for a dense model "
+                             f"(num_experts=0)")
 
     # Derived shapes -------------------------------------------------------------------------------
     @property
@@ -111,8 +155,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The inverse of `to_dict` (fields left out take their defaults). Raises ValueError naming unknown
+        fields, missing required ones and values of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object of fields, got a {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; expected only {sorted(fields)}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in d]
+        if missing:
+            raise ValueError(f"config is missing required fields {missing}")
         d = dict(d)
-        d["layer_types"] = tuple(d["layer_types"])
+        if isinstance(d["layer_types"], list):
+            d["layer_types"] = tuple(d["layer_types"])
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
         return cls(**d)
@@ -122,54 +178,71 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a parsed HF `config.json`. Raises ValueError naming any unknown model type or
         missing/inconsistent field."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object of fields, got a {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in _MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; expected one of {list(_MODEL_TYPES)}")
+        where = f"config.json ({model_type})"
         text = hf
         if model_type in ("qwen3_5", "qwen3_5_moe"):
             if "text_config" not in hf:
                 raise ValueError(f"model_type {model_type!r} config has no 'text_config'")
-            text = dict(hf["text_config"])
+            text = dict(_hf_object(where, "text_config", hf["text_config"]))
             text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
         is_moe = model_type.startswith("qwen3_5_moe")
 
         def need(name):
             if name not in text or text[name] is None:
-                raise ValueError(f"config.json ({model_type}) is missing required field {name!r}")
-            return text[name]
+                raise ValueError(f"{where} is missing required field {name!r}")
+            return _hf_int(where, name, text[name])
 
-        num_layers = int(need("num_hidden_layers"))
+        def opt_int(name, default):
+            return _hf_int(where, name, text.get(name) or default)
+
+        def opt_float(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: field {name!r} is {value!r}; expected a number")
+            return float(value)
+
+        num_layers = need("num_hidden_layers")
         layer_types = text.get("layer_types")
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
+            interval = _hf_int(where, "full_attention_interval", text.get("full_attention_interval", 4))
+            if interval <= 0:
+                raise ValueError(f"{where}: full_attention_interval={interval} must be a positive integer")
             layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(num_layers)]
-        rope = text.get("rope_parameters") or {}
+        elif not isinstance(layer_types, list):
+            raise ValueError(f"{where}: field 'layer_types' is {layer_types!r}; expected a list of layer types")
+        rope = _hf_object(where, "rope_parameters", text.get("rope_parameters") or {})
         rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
         prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' (plain/M-RoPE on text)")
-        hidden = int(need("hidden_size"))
-        num_heads = int(need("num_attention_heads"))
+        hidden = need("hidden_size")
+        num_heads = need("num_attention_heads")
+        if num_heads <= 0:  # checked here because head_dim may be derived from it
+            raise ValueError(f"{where}: num_attention_heads={num_heads} must be a positive integer")
         kwargs = dict(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
             num_layers=num_layers,
             layer_types=tuple(layer_types),
             num_heads=num_heads,
-            num_kv_heads=int(need("num_key_value_heads")),
-            head_dim=int(text.get("head_dim") or hidden // num_heads),
-            intermediate_size=int(text.get("intermediate_size") or 0),
-            linear_num_key_heads=int(need("linear_num_key_heads")),
-            linear_num_value_heads=int(need("linear_num_value_heads")),
-            linear_key_head_dim=int(need("linear_key_head_dim")),
-            linear_value_head_dim=int(need("linear_value_head_dim")),
-            conv_kernel=int(text.get("linear_conv_kernel_dim", 4)),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            partial_rotary_factor=float(prf),
+            num_kv_heads=need("num_key_value_heads"),
+            head_dim=opt_int("head_dim", hidden // num_heads),
+            intermediate_size=opt_int("intermediate_size", 0),
+            linear_num_key_heads=need("linear_num_key_heads"),
+            linear_num_value_heads=need("linear_num_value_heads"),
+            linear_key_head_dim=need("linear_key_head_dim"),
+            linear_value_head_dim=need("linear_value_head_dim"),
+            conv_kernel=opt_int("linear_conv_kernel_dim", 4),
+            rms_norm_eps=opt_float("rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
+            rope_theta=opt_float("rope_theta", rope_theta),
+            partial_rotary_factor=opt_float("partial_rotary_factor", prf),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
-            eos_token_id=_eos(hf.get("eos_token_id", text.get("eos_token_id"))),
+            eos_token_id=_eos(where, hf.get("eos_token_id", text.get("eos_token_id"))),
         )
         if text.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {text.get('hidden_act')!r} is not supported; expected 'silu'")
@@ -177,23 +250,25 @@ class ModelConfig:
             raise ValueError("attention_bias=True is not supported by Qwen3.5")
         if is_moe:
             kwargs.update(
-                num_experts=int(need("num_experts")),
-                num_experts_per_tok=int(need("num_experts_per_tok")),
-                moe_intermediate_size=int(need("moe_intermediate_size")),
-                shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size") or 0),
+                num_experts=need("num_experts"),
+                num_experts_per_tok=need("num_experts_per_tok"),
+                moe_intermediate_size=need("moe_intermediate_size"),
+                shared_expert_intermediate_size=opt_int("shared_expert_intermediate_size", 0),
                 norm_topk_prob=bool(text.get("norm_topk_prob", True)),
             )
         elif kwargs["intermediate_size"] <= 0:
-            raise ValueError(f"config.json ({model_type}) is missing required field 'intermediate_size'")
+            raise ValueError(f"{where} is missing required field 'intermediate_size'")
         return cls(**kwargs)
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+        except ValueError as e:  # invalid JSON or invalid UTF-8
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf(data)
 
 
@@ -242,10 +317,23 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _eos(v):
+def _hf_int(where: str, name: str, value) -> int:
+    """An integer field of an HF config (JSON may spell it 4 or 4.0), or a ValueError naming it."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError(f"{where}: field {name!r} is {value!r}; expected an integer")
+    return int(value)
+
+
+def _hf_object(where: str, name: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: field {name!r} is a {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def _eos(where: str, v):
     if isinstance(v, list):
-        return tuple(int(x) for x in v)
-    return None if v is None else int(v)
+        return tuple(_hf_int(where, "eos_token_id", x) for x in v)
+    return None if v is None else _hf_int(where, "eos_token_id", v)
 
 
 def _every_fourth_full(num_layers: int) -> tuple[str, ...]:

@@ -1,0 +1,92 @@
+"""Malformed configs fail with one ValueError naming the field and what was expected, never with a
+ZeroDivisionError, AttributeError or TypeError from deep inside (issue 14, item 13)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pcp_jax.config import ModelConfig
+from tiny import tiny_config
+
+
+def _hf(**kw):
+    d = dict(model_type="qwen3_5_text", vocab_size=10, hidden_size=8, num_hidden_layers=4, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=8, intermediate_size=16, linear_num_key_heads=1,
+             linear_num_value_heads=2, linear_key_head_dim=4, linear_value_head_dim=4)
+    d.update(kw)
+    return d
+
+
+@pytest.mark.parametrize("hf,message", [
+    (_hf(num_attention_heads=0, head_dim=None), "num_attention_heads=0 must be a positive integer"),
+    (_hf(num_attention_heads=0), "num_attention_heads=0 must be a positive integer"),
+    (_hf(num_key_value_heads=0), "num_kv_heads=0 must be a positive integer"),
+    (_hf(linear_num_key_heads=0), "linear_num_key_heads=0 must be a positive integer"),
+    (_hf(full_attention_interval=0), "full_attention_interval=0 must be a positive integer"),
+    (_hf(num_hidden_layers="4"), "field 'num_hidden_layers' is '4'; expected an integer"),
+    (_hf(hidden_size=8.5), "field 'hidden_size' is 8.5; expected an integer"),
+    (_hf(rope_parameters=[1, 2]), "field 'rope_parameters' is a list; expected a JSON object"),
+    (_hf(rope_theta=None), "field 'rope_theta' is None; expected a number"),
+    (_hf(layer_types="full_attention"), "field 'layer_types' is 'full_attention'; expected a list"),
+    (_hf(eos_token_id=["x"]), "field 'eos_token_id' is 'x'; expected an integer"),
+    ([_hf()], "config.json must hold a JSON object of fields, got a list"),
+    ({"model_type": "qwen3_5", "text_config": [1]}, "field 'text_config' is a list; expected a JSON object"),
+])
+def test_hf_config_errors_name_the_field(hf, message):
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_hf(hf)
+    assert type(err.value) is ValueError and message in str(err.value), str(err.value)
+
+
+def test_hf_config_file_not_utf8(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ModelConfig.from_hf_file(path)
+
+
+def test_integral_floats_are_accepted():
+    assert ModelConfig.from_hf(_hf(hidden_size=8.0)).hidden_size == 8
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_heads=0), "num_heads=0 must be a positive integer"),
+    (dict(num_kv_heads=0), "num_kv_heads=0 must be a positive integer"),
+    (dict(linear_num_key_heads=0), "linear_num_key_heads=0 must be a positive integer"),
+    (dict(hidden_size=None), "hidden_size=None must be a positive integer"),
+    (dict(num_experts=-1), "num_experts=-1 must be a non-negative integer"),
+    (dict(rope_theta="big"), "rope_theta='big' must be a positive number"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings='yes' must be true or false"),
+    (dict(layer_types=None), "layer_types=None must be a list"),
+    (dict(eos_token_id=-1), "eos_token_id=-1 must be null"),
+    (dict(intermediate_size=0), "intermediate_size=0 must be positive for a dense model"),
+])
+def test_model_config_checks_types_before_arithmetic(change, message):
+    with pytest.raises(ValueError) as err:
+        tiny_config(**change)
+    assert type(err.value) is ValueError and message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(bogus=1), "unknown config fields ['bogus']"),
+    (lambda d: d.pop("hidden_size"), "config is missing required fields ['hidden_size']"),
+    (lambda d: d.update(num_heads=None), "num_heads=None must be a positive integer"),
+    (lambda d: d.update(layer_types="abc"), "layer_types='abc' must be a list"),
+])
+def test_from_dict_errors_name_the_field(edit, message):
+    d = json.loads(json.dumps(tiny_config().to_dict()))
+    edit(d)
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_dict(d)
+    assert type(err.value) is ValueError and message in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="must be a JSON object of fields, got a list"):
+        ModelConfig.from_dict([d])
+
+
+def test_from_dict_round_trip_and_defaults():
+    cfg = tiny_config(moe=True, eos_token_id=(1, 2))
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    partial = {k: v for k, v in tiny_config().to_dict().items() if k not in ("rope_theta", "conv_kernel")}
+    assert ModelConfig.from_dict(partial) == tiny_config()
