@@ -12,8 +12,9 @@ Contract:
   (BF16 as `ml_dtypes.bfloat16`); the mapping is released when the caller drops the array, so reading a
   model tensor by tensor never keeps the whole file resident.
 - `SafetensorsCheckpoint(folder)` resolves a Hugging Face folder: `model.safetensors.index.json` (every
-  shard it names must exist and agree with the shard headers), else `model.safetensors`, else every
-  `*.safetensors` file in the folder; a tensor name defined twice is an error.
+  shard it names must be a relative path inside the folder, exist and agree with the shard headers), else
+  `model.safetensors`, else every `*.safetensors` file in the folder; a tensor name defined twice is an
+  error.
 """
 
 from __future__ import annotations
@@ -203,23 +204,35 @@ class SafetensorsCheckpoint:
 
     def _from_index(self, index_path: str):
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConvertError(f"{index_path} is not a valid safetensors index: {e!r}") from None
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except OSError as e:
+            raise ConvertError(f"cannot read {index_path}: {e}") from None
+        except ValueError as e:  # invalid JSON or invalid UTF-8
+            raise ConvertError(f"{index_path} is not a valid safetensors index: not valid JSON ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError(f"{index_path} is not a valid safetensors index: expected an object whose "
+                               f"'weight_map' maps tensor names to shard file names")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
+        # Checked before any file is opened: an index must not make us read (even the header of) a file
+        # outside the model folder.
+        outside = sorted(f for f in by_file if not _is_inside(f))
+        if outside:
+            f = outside[0]
+            raise ConvertError(f"{index_path} places {len(by_file[f])} tensors (e.g. {by_file[f][0]!r}) in {f!r}, "
+                               f"outside the model folder; shard names must be relative paths inside it")
         missing = sorted(f for f in by_file if not os.path.isfile(os.path.join(self.folder, f)))
         if missing:
             detail = ", ".join(f"{f} ({len(by_file[f])} tensors, e.g. {by_file[f][0]!r})" for f in missing)
             raise ConvertError(f"missing shard file(s) named in {index_path}: {detail}")
-        files = [SafetensorsFile(os.path.join(self.folder, f)) for f in sorted(by_file)]
+        shard_names = sorted(by_file)
+        files = [SafetensorsFile(os.path.join(self.folder, f)) for f in shard_names]
         tensors = {}
-        for f in files:
-            listed = set(by_file[os.path.basename(f.path)])
+        for shard, f in zip(shard_names, files):
+            listed = set(by_file[shard])
             absent = sorted(listed - set(f.tensors))
             unlisted = sorted(set(f.tensors) - listed)
             if absent:
@@ -233,6 +246,14 @@ class SafetensorsCheckpoint:
         if name not in self.tensors:
             raise ConvertError(f"{self.folder} has no tensor {name!r}")
         return read_tensor(self.tensors[name])
+
+
+def _is_inside(shard: str) -> bool:
+    """Whether the shard name from an index is a relative path that stays inside the folder. Checked on the
+    name, not the resolved path: a shard may be a symlink, as in the Hugging Face cache, whose snapshot
+    files link to ../../blobs."""
+    parts = shard.replace("\\", "/").split("/")
+    return bool(shard) and not os.path.isabs(shard) and parts[0] != "" and ".." not in parts
 
 
 def _names(names: list[str], limit: int = 10) -> str:

@@ -163,3 +163,49 @@ def test_unindexed_shards_and_duplicates(tmp_path):
 def test_empty_folder(tmp_path):
     with pytest.raises(ConvertError, match=r"holds no model.safetensors.index.json, no model.safetensors"):
         SafetensorsCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE"])
+def test_index_cannot_leave_the_folder(tmp_path, monkeypatch, where):
+    """An index naming a shard outside the folder is refused before any file is opened (issue 14, item 13)."""
+    from pcp_jax.convert import safetensors_io
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    index = _sharded(folder)
+    outside = tmp_path / "outside.safetensors"
+    save_file({"c": torch.full((4,), 2.0)}, str(outside))
+    index["weight_map"]["c"] = str(outside) if where == "ABSOLUTE" else where
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    opened = []
+    real = safetensors_io._parse_header
+    monkeypatch.setattr(safetensors_io, "_parse_header", lambda p: opened.append(p) or real(p))
+    with pytest.raises(ConvertError) as err:
+        SafetensorsCheckpoint(folder)
+    assert f"places 1 tensors (e.g. 'c') in {index['weight_map']['c']!r}, outside the model folder" in str(err.value)
+    assert opened == []
+
+
+def test_index_shard_in_a_subfolder_and_symlinked_shard(tmp_path):
+    # Shards may sit in a subfolder, and may be symlinks leaving the folder (the Hugging Face cache links
+    # snapshot files to ../../blobs): only the name in the index is checked.
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    index = _sharded(folder)
+    (folder / "s2.safetensors").rename(tmp_path / "blob")
+    (folder / "sub" / "s2.safetensors").symlink_to(tmp_path / "blob")
+    index["weight_map"]["c"] = "sub/s2.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    np.testing.assert_array_equal(SafetensorsCheckpoint(folder).read("c"), np.full((4,), 2.0, np.float32))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "expected an object whose 'weight_map' maps tensor names to shard file names"),
+    (b'{"weight_map": {"a": 3}}', "expected an object whose 'weight_map'"),
+    (b"\xff\xfe", "not valid JSON"),
+])
+def test_malformed_index(tmp_path, content, message):
+    _sharded(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(ConvertError, match=message):
+        SafetensorsCheckpoint(tmp_path)
