@@ -7,11 +7,12 @@ __all__ = ["PRESETS", "Model", "ModelConfig", "PrefillResult", "load_model", "ma
 
 
 def load_model(path, *, cp: int = 1, dtype: str = "bfloat16", mesh=None, kernels: str = "auto",
-               gdn_strategy: str = "auto") -> Model:
-    """Load an HF folder (config.json + safetensors) or a converted Orbax folder onto a `cp` mesh."""
+               gdn_strategy: str = "auto", **options) -> Model:
+    """Load an HF folder (config.json + safetensors) or a converted Orbax folder onto a `cp` mesh.
+    `options` go to `Model` (prefill_budget_bytes, scan_decode, length_buckets, compile_cache_dir)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from pcp_jax.loading import load_params
     mesh = make_mesh(cp) if mesh is None else mesh
     cfg, params = load_params(path, dtype, NamedSharding(mesh, PartitionSpec()))
-    return Model(cfg, params, mesh=mesh, dtype=dtype, kernels=kernels, gdn_strategy=gdn_strategy)
+    return Model(cfg, params, mesh=mesh, dtype=dtype, kernels=kernels, gdn_strategy=gdn_strategy, **options)

@@ -71,20 +71,22 @@ class Pieces:
     count: int
 
 
-def plan_pieces(n: int, cp: int, chunk_size, auto_piece: int, fixed: bool = False) -> Pieces:
+def plan_pieces(n: int, cp: int, chunk_size, auto_piece: int, fixed: bool = False, steps: int | None = STEPS) -> Pieces:
     """Pieces for a prompt batch whose longest row has n tokens.
     chunk_size None: one piece. An int S: pieces of S tokens. "auto": one piece up to `auto_piece` tokens
     (a ladder value), else the fewest equal pieces of one ladder length <= auto_piece (`fixed`: pieces of
-    exactly auto_piece, so that boundaries do not move with the prompt length, as the prefix cache needs)."""
+    exactly auto_piece, so that boundaries do not move with the prompt length, as the prefix cache needs).
+    steps=None pads to a multiple of the unit only (exact lengths: one program per length)."""
     unit = 2 * cp * 64
+    pad = (lambda t: -(-t // unit) * unit) if steps is None else (lambda t: ladder_up(t, unit, steps))
     if chunk_size is None or (chunk_size == "auto" and n <= auto_piece):
         tokens = n
     elif chunk_size == "auto":
         count = -(-n // auto_piece)
-        tokens = auto_piece if fixed else ladder_up(-(-n // count), unit)
+        tokens = auto_piece if fixed else pad(-(-n // count))
     else:
         tokens = min(int(chunk_size), n)
-    n_pad = ladder_up(tokens, unit)
+    n_pad = pad(tokens)
     if chunk_size is not None and tokens < n:
         tokens = n_pad if chunk_size == "auto" else tokens  # auto pieces fill their padded length
     return Pieces(tokens, n_pad, -(-n // tokens))

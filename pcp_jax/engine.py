@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pcp_jax import compile_cache
-from pcp_jax.buckets import Pieces, capacity, decode_room, ladder_down, plan_pieces
+from pcp_jax.buckets import STEPS, Pieces, capacity, decode_room, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.backend import preload_gpu_backends
@@ -84,11 +84,14 @@ class Model:
     `prefill_budget_bytes`: activation memory per device that one prefill piece may use; with
     `chunk_size="auto"` (the default) longer prompts go in pieces. Default: 40% of the device memory
     left after the weights where the backend reports it, else 2 GiB. `scan_decode`: run decode's layer
-    groups as a loop (one compiled body) or unrolled."""
+    groups as a loop (one compiled body) or unrolled. `length_buckets=False` pads prompts only to a
+    multiple of 2·C·64 tokens (less padding, but a program per length). `compile_cache_dir`: JAX's
+    persistent compilation cache folder, "off", or None for the default (pcp_jax.compile_cache)."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
-                 prefill_budget_bytes: int | None = None, scan_decode: bool = True, compile_cache_dir=None):
+                 prefill_budget_bytes: int | None = None, scan_decode: bool = True, length_buckets: bool = True,
+                 compile_cache_dir=None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
         if kernels not in KERNEL_CHOICES:
@@ -109,6 +112,7 @@ class Model:
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = _DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
+        self.length_buckets = bool(length_buckets)
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
@@ -224,7 +228,8 @@ class Model:
         if not (chunk_size is None or chunk_size == "auto"
                 or (isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) and chunk_size >= 1)):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer, 'auto' or None")
-        return plan_pieces(n, self.cp, chunk_size, self.auto_piece_tokens, fixed=self._prefix_cache is not None)
+        return plan_pieces(n, self.cp, chunk_size, self.auto_piece_tokens, fixed=self._prefix_cache is not None,
+                           steps=STEPS if self.length_buckets else None)
 
     def _slots(self, pieces: Pieces, max_new_tokens: int) -> tuple[int, int]:
         """(prefill slots, cache capacity) per rank for a prompt fed as `pieces`."""

@@ -59,10 +59,8 @@ def test_chunked_prefill_equals_one_shot(moe_setup, cp, chunks):
     for chunk in chunks:  # neither divides the 333-token prompt
         assert rel_err(model.logits(ids, chunk_size=chunk), ref_logits) <= 1e-5, chunk
         state = model.prefill(ids, chunk_size=chunk)
-        for a, b in zip(state.caches, one_shot.caches):
-            if "state" in a:  # GDN conv and recurrent states carried across pieces
-                assert rel_err(to_host(a["state"]), to_host(b["state"])) <= 1e-5, chunk
-                assert rel_err(to_host(a["conv"]), to_host(b["conv"])) <= 1e-5, chunk
+        for name in ("state", "conv"):  # GDN conv and recurrent states carried across pieces
+            assert rel_err(to_host(state.caches[name]), to_host(one_shot.caches[name])) <= 1e-5, (chunk, name)
         tok, trace = _decode_trace(model, ids, 5, chunk_size=chunk)
         np.testing.assert_array_equal(tok, ref_tok)
         assert rel_err(trace, ref_trace) <= 1e-5, chunk
@@ -74,15 +72,13 @@ def test_no_device_holds_the_whole_kv_cache(moe_setup):
     model = Model(cfg, params, cp=cp, dtype="float32")
     state = model.prefill(np.zeros((1, 900), np.int32), max_new_tokens=8)
     model.decode_step(state, np.zeros(1, np.int32), 0)
-    kv = [c for c in state.caches if "k" in c]
-    assert kv
-    for c in kv:
-        for arr in (c["k"], c["v"]):
-            assert arr.sharding.spec[1] == "cp"
-            shards = arr.addressable_shards
-            assert len({s.device for s in shards}) == cp
-            assert all(s.data.shape[1] * cp == arr.shape[1] for s in shards)
-            assert arr.shape[1] // cp < 900  # each device holds well under the prompt's KV
+    for arr in (state.caches["k"], state.caches["v"]):  # [attention layers, B, slots, Hkv, hd]
+        assert arr.shape[0] == len(cfg.attention_layers)
+        assert arr.sharding.spec[2] == "cp"
+        shards = arr.addressable_shards
+        assert len({s.device for s in shards}) == cp
+        assert all(s.data.shape[2] * cp == arr.shape[2] for s in shards)
+        assert arr.shape[2] // cp < 900  # each device holds well under the prompt's KV
 
 
 def test_prefix_cache_hits_partial_hits_eviction_and_keys(moe_setup):
@@ -227,13 +223,13 @@ def test_chunked_prefill_with_batch_strategy_and_ragged_rows():
 
 
 def test_decode_room_follows_max_new_tokens_not_the_prompt(moe_setup):
-    """Room for new tokens is a power of two >= 256 slots per rank (at most one prefill block), so a long
-    prompt's KV cache is not doubled to make room for a few tokens."""
+    """Room for new tokens is a power of two >= 256 slots per rank and the capacity is rounded up on the
+    64-slot ladder, so a long prompt's KV cache is not doubled to make room for a few tokens."""
     cfg, params = moe_setup
     model = Model(cfg, params, cp=2, dtype="float32")
     state = model.prefill(np.zeros((1, 2048), np.int32), max_new_tokens=8)
     assert state.prefill_slots == 1024 and state.slots_per_rank == 1024 + 256
-    assert state.caches[cfg.attention_layers[0]]["k"].shape[1] == 2 * (1024 + 256)
+    assert state.caches["k"].shape[2] == 2 * (1024 + 256)
     model.decode_step(state, np.zeros(1, np.int32), 2 * 256 - 1)  # the last reserved slot on rank 1
     with pytest.raises(ValueError, match="exceeds the cache"):
         model.decode_step(state, np.zeros(1, np.int32), 2 * 256)
