@@ -8,19 +8,26 @@ Flat params: `{name: np.ndarray}`, input-major, names and shapes in `hf_names` (
     convert(hf_dir, out_dir, dtype="bfloat16", progress=True) -> str
     is_orbax_dir(path) -> bool
     save_orbax(out_dir, cfg, params_iter, dtype="bfloat16", *, extra_files=None, progress=False) -> str
-    load_orbax(path, *, shardings=None, dtype=None) -> (ModelConfig, dict[str, array])
+    load_orbax(path, *, shardings=None, dtype=None, verify=None) -> (ModelConfig, dict[str, array])
+    read_orbax_config(path, *, verify=None) -> (ModelConfig, dtype name)
+    stored_weights_digest(path) -> bytes        (the weights digest recorded at conversion)
+    weights_digest(params) -> bytes             (sha256 of flat params: convert/digest.py)
     main_convert(argv) -> int                   (the `pcp-jax convert` command)
 
-Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong.
+Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong; SIGINT or
+SIGTERM during a conversion raise `ConvertInterrupted` (a KeyboardInterrupt) after the partial output is
+removed. Guarantees: docs/errors.md.
 """
 
 from .converter import convert, main_convert
-from .errors import ConvertError
+from .digest import weights_digest
+from .errors import ConvertError, ConvertInterrupted
 from .hf_loader import iter_hf_params, load_hf_config, read_hf_params
 from .hf_names import expected_shapes
-from .orbax_io import is_orbax_dir, load_orbax, read_orbax_config, save_orbax
+from .orbax_io import is_orbax_dir, load_orbax, read_orbax_config, save_orbax, stored_weights_digest
 
 __all__ = [
-    "ConvertError", "convert", "expected_shapes", "is_orbax_dir", "iter_hf_params", "load_hf_config",
-    "load_orbax", "main_convert", "read_hf_params", "read_orbax_config", "save_orbax",
+    "ConvertError", "ConvertInterrupted", "convert", "expected_shapes", "is_orbax_dir", "iter_hf_params",
+    "load_hf_config", "load_orbax", "main_convert", "read_hf_params", "read_orbax_config", "save_orbax",
+    "stored_weights_digest", "weights_digest",
 ]

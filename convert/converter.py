@@ -6,7 +6,8 @@ Order of work, so that every input error surfaces before anything is written:
    unexpected, missing, wrongly shaped or non-float tensors, corrupt/truncated files and missing shards
    all fail here, naming what is wrong;
 3. tensors are streamed one by one (`iter_hf_params`) into one Orbax checkpoint per layer/top-level tensor
-   (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success.
+   (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success; SIGINT/SIGTERM remove
+   it (ConvertInterrupted), and a later conversion removes the ones killed runs left (`workdir`).
 
 Peak host memory is about the largest unit (one layer's tensors, or the embedding / lm_head, in the
 output dtype), which Orbax writes without copying, plus the mapped pages of the one HF tensor being
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from .errors import ConvertError
+from .errors import ConvertError, ConvertInterrupted
 from .hf_loader import iter_hf_params, load_hf_config, resolve_dtype
 from .orbax_io import check_out_dir, save_orbax
 
@@ -32,8 +34,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
             progress: bool = True) -> str:
     """Convert the HF folder `hf_dir` into a new converted folder `out_dir` of `dtype` ("bfloat16" or
-    "float32"); returns the absolute path of `out_dir`. Raises ConvertError; on error OUT_DIR is untouched."""
-    hf_dir = os.fspath(hf_dir)
+    "float32"); both paths may be relative. Returns the absolute path of `out_dir`. Raises ConvertError,
+    or ConvertInterrupted on SIGINT/SIGTERM; on either OUT_DIR is untouched."""
+    hf_dir = os.path.abspath(os.fspath(hf_dir))
     resolve_dtype(dtype)
     out_dir = check_out_dir(out_dir)
     cfg = load_hf_config(hf_dir)
@@ -59,5 +62,10 @@ def main_convert(argv: list[str] | None = None) -> int:
     except ConvertError as e:
         print(f"pcp-jax convert: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # ConvertInterrupted (SIGINT/SIGTERM while writing) or Ctrl-C before
+        signum = e.signum if isinstance(e, ConvertInterrupted) else signal.SIGINT
+        print(f"pcp-jax convert: interrupted by {signal.Signals(signum).name}; nothing was written to "
+              f"{args.out_dir}", file=sys.stderr)
+        return 128 + signum  # the shell convention for "ended by signal N"
     print(f"wrote {path}")
     return 0

@@ -1,8 +1,21 @@
-"""Find what a model path holds and read its config and flat params.
+"""Find what a model path holds and read its config, flat params and weights digest.
 
-A path is either a converted Orbax folder (`pcp_jax.convert.is_orbax_dir`) or a Hugging Face folder
-(config.json + model.safetensors or a sharded index). Orbax folders restore straight to the requested
-sharding (every rank reads the checkpoint; parameters are replicated over `cp`).
+A path (relative or absolute) is either a converted Orbax folder (`pcp_jax.convert.is_orbax_dir`) or a
+Hugging Face folder (config.json + model.safetensors or a sharded index). Orbax folders restore straight to
+the requested sharding (every rank reads the checkpoint; parameters are replicated over `cp`).
+
+    load_params(path, dtype, sharding=None, *, verify=None) -> (ModelConfig, params)
+    load_params_with_digest(path, dtype, sharding=None, *, verify=None) -> (ModelConfig, params, digest)
+    weights_digest(params) -> bytes
+
+`weights_digest` is a 32-byte sha256 over every tensor's name, dtype, shape and bytes (pcp_jax.convert.digest):
+two models share it only if their weights are identical, bit for bit, in the same dtype. For a converted
+folder `load_params_with_digest` returns the digest stored at conversion (weights in the stored dtype; the
+`dtype` they are loaded in is not part of it, so keys should include it); for an HF folder it hashes the
+params as read in `dtype` (one extra pass over the weights in host memory, several threads).
+
+`verify` (converted folders only): compare every checkpoint file with the digests recorded at conversion
+before restoring it; None -> yes unless the environment sets PCP_JAX_SKIP_VERIFY=1.
 """
 
 from __future__ import annotations
@@ -12,21 +25,45 @@ import os
 from pcp_jax.config import ModelConfig
 
 
-def load_params(path, dtype: str, sharding=None) -> tuple[ModelConfig, dict]:
-    from pcp_jax.convert import is_orbax_dir, load_hf_config, load_orbax, read_hf_params
+def weights_digest(params: dict) -> bytes:
+    """sha256 digest (32 bytes) of flat params {name: numpy array or fully addressable jax.Array}, independent
+    of dict order; tensors are hashed one at a time."""
+    from pcp_jax.convert import weights_digest as digest
+    return digest(params)
 
-    path = os.fspath(path)
+
+def load_params(path, dtype: str, sharding=None, *, verify: bool | None = None) -> tuple[ModelConfig, dict]:
+    """(config, flat params) of an HF or converted folder; params in `dtype`, on `sharding` for converted
+    folders (host numpy arrays for HF folders)."""
+    cfg, params, _ = _load(path, dtype, sharding, verify, with_digest=False)
+    return cfg, params
+
+
+def load_params_with_digest(path, dtype: str, sharding=None, *, verify: bool | None = None
+                            ) -> tuple[ModelConfig, dict, bytes]:
+    """`load_params` plus the `weights_digest` of the weights (see the module docstring)."""
+    return _load(path, dtype, sharding, verify, with_digest=True)
+
+
+def _load(path, dtype, sharding, verify, with_digest: bool):
+    from pcp_jax.convert import (is_orbax_dir, load_hf_config, load_orbax, read_hf_params,
+                                 stored_weights_digest)
+    from pcp_jax.convert import weights_digest as digest
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} is not a folder (expected an HF folder with config.json "
                          f"and safetensors, or a folder made by `pcp-jax convert`)")
     if is_orbax_dir(path):
-        return load_orbax(path, shardings=sharding, dtype=dtype)
+        cfg, params = load_orbax(path, shardings=sharding, dtype=dtype, verify=verify)
+        return cfg, params, stored_weights_digest(path) if with_digest else None
     if os.path.isfile(os.path.join(path, "config.json")):
         cfg = load_hf_config(path)
-        return cfg, read_hf_params(path, cfg, dtype)
+        params = read_hf_params(path, cfg, dtype)
+        return cfg, params, digest(params) if with_digest else None
     raise ValueError(f"{path!r} holds neither config.json (HF folder) nor a converted checkpoint")
 
 
 def tokenizer_path(path) -> str | None:
-    p = os.path.join(os.fspath(path), "tokenizer.json")
+    p = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(path))), "tokenizer.json")
     return p if os.path.isfile(p) else None
