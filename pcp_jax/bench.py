@@ -13,7 +13,7 @@ output). MFU = achieved FLOP/s over the measured bf16 matmul peak of the machine
 `--decode N` times N decode steps after each prefill (the prefill then reserves room for them);
 `--profile DIR` traces one more prefill at the longest length and prints how much NCCL kernel time overlapped compute
 (pcp_jax/overlap.py). A length that fails (e.g. out of memory) is reported in the table and the run goes
-on; the exit status is then 1.
+on; at the end one error line names it and the exit status is 1. Bad flags exit 2 before any work.
 """
 
 from __future__ import annotations
@@ -89,7 +89,11 @@ def bench_ours(args, cfg, lengths):
 
     t0 = time.perf_counter()
     params = random_params(cfg, seed=0, dtype=jax.numpy.bfloat16)
-    model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy)
+    try:
+        model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy)
+    except ValueError as e:  # --cp beyond the visible devices, a strategy the shape cannot take: flags
+        from pcp_jax.cli import UsageError
+        raise UsageError(str(e)) from None
     del params
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     devices = list(model.mesh.devices.flat)
@@ -233,39 +237,69 @@ def check_gpu_path():
     return ok
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pcp-jax bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    from pcp_jax.cli import Parser, finite_float, int_at_least, positive_int_list
+    parser = Parser(prog="pcp-jax bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3.5-9b")
-    parser.add_argument("--tokens", default="8192,32768")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--tokens", type=positive_int_list, default=[8192, 32768], help="comma-separated prompt lengths")
+    parser.add_argument("--batch", type=int_at_least(1), default=1)
+    parser.add_argument("--cp", type=int_at_least(1), default=1)
     parser.add_argument("--impl", choices=["ours", "hf"], default="ours")
     parser.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
     parser.add_argument("--gdn-strategy", default="auto", choices=["auto", "batch", "sequence"])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--peak", type=float, default=799.0, help="measured bf16 matmul TFLOP/s")
+    parser.add_argument("--reps", type=int_at_least(1), default=3)
+    parser.add_argument("--peak", type=finite_float(0.0, low_open=True), default=799.0,
+                        help="measured bf16 matmul TFLOP/s")
     parser.add_argument("--check", action="store_true", help="run the GPU-vs-fp32 check first")
     parser.add_argument("--check-only", action="store_true", help="run the check and stop")
-    parser.add_argument("--decode", type=int, default=0, metavar="N",
+    parser.add_argument("--decode", type=int_at_least(0), default=0, metavar="N",
                         help="after each prefill, time N decode steps (median per step; ours only)")
     parser.add_argument("--profile", metavar="DIR", help="trace one prefill at the longest length that ran and "
                         "print how much NCCL time overlapped compute (ours only)")
     parser.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache folder")
-    parser.add_argument("--layers", type=int, help="keep only the first N layers of the preset (N a multiple "
-                        "of its attention period), e.g. to time a slice of a model whose compile is slow")
-    args = parser.parse_args(argv)
+    parser.add_argument("--layers", type=int_at_least(1), help="keep only the first N layers of the preset (N a "
+                        "multiple of its attention period), e.g. to time a slice of a model whose compile is slow")
+    return parser
+
+
+def bench_shape(name: str, layers: int | None):
+    """The preset's ModelConfig, cut to its first `layers` layers; a bad name or cut is a UsageError."""
+    import dataclasses
+    from pcp_jax.cli import UsageError
+    from pcp_jax.config import preset
+    try:
+        cfg = preset(name)
+    except ValueError as e:
+        raise UsageError(f"--preset: {e}") from None
+    if layers is None:
+        return cfg
+    if layers > cfg.num_layers:
+        raise UsageError(f"--layers={layers} exceeds the {cfg.num_layers} layers of preset {name!r}")
+    try:
+        return dataclasses.replace(cfg, num_layers=layers, layer_types=cfg.layer_types[:layers])
+    except ValueError as e:
+        raise UsageError(f"--layers={layers}: {e}") from None
+
+
+def main(argv=None) -> int:
+    from pcp_jax.cli import run_guarded, wants_debug
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(lambda: bench_command(argv), debug=wants_debug(argv))
+
+
+def bench_command(argv) -> int:
+    """`pcp-jax bench` without the error path (pcp_jax.cli.main and main above provide it)."""
+    args = build_parser().parse_args(argv)
+    cfg = bench_shape(args.preset, args.layers)
     from pcp_jax.cli import use_compile_cache
     use_compile_cache(args.compile_cache)
-    from pcp_jax.config import preset
-    cfg = preset(args.preset)
-    if args.layers:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, num_layers=args.layers, layer_types=cfg.layer_types[: args.layers])
-    lengths = [int(t) for t in args.tokens.split(",")]
+    lengths = args.tokens
     if args.check or args.check_only:
-        ok = check_gpu_path()
-        if args.check_only or not ok:
-            return 0 if ok else 1
+        if not check_gpu_path():
+            from pcp_jax.cli import RunError
+            raise RunError("--check: the GPU-kernel path is further from fp32 than allowed (numbers above)")
+        if args.check_only:
+            return 0
     rows = (bench_hf if args.impl == "hf" else bench_ours)(args, cfg, lengths)
     layers = f" (first {args.layers} layers)" if args.layers else ""
     print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, bf16")
@@ -282,7 +316,12 @@ def main(argv=None) -> int:
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
         print(f"| {n} | {t * 1e3:.1f} | {args.batch * n / t:,.0f} | {tf:.0f} | {tf / args.peak:.1%} | "
               f"{r['compile']:.1f} | {dec} | {peak} |")
-    return 0 if all("error" not in r for r in rows) else 1
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        from pcp_jax.cli import RunError
+        raise RunError(f"{len(failed)} of {len(rows)} prompt lengths failed (see the table); the first, "
+                       f"{failed[0]['n']} tokens: {failed[0]['error']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -12,10 +13,14 @@ def run_demo(tokens: int = 4096, new_tokens: int = 32, cp: int = 4) -> int:
     import jax
     from tqdm import tqdm
 
+    from pcp_jax.cli import UsageError
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model, to_host
     from pcp_jax.model import random_params
 
+    if cp > len(jax.devices()):  # XLA_FLAGS from the environment may have fixed a smaller device count
+        raise UsageError(f"--cp={cp} needs {cp} devices but {len(jax.devices())} are visible "
+                         f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
     cfg = PRESETS["demo"]
     print("pcp-jax demo: a RANDOM-WEIGHT Qwen3.5 (demo preset: "
           f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {len(cfg.attention_layers)} full-attention + "
