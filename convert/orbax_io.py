@@ -162,7 +162,7 @@ def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], par
     digests: dict[str, bytes] = {}
     unit_files: dict[str, dict[str, str]] = {}
     buffer: dict[str, np.ndarray] = {}
-    with _unit_writer() as ckptr:
+    with _orbax_quiet(), _unit_writer() as ckptr:
         def flush():
             unit = unit_of(next(iter(buffer)))
             bar.set_postfix_str(unit)
@@ -171,7 +171,7 @@ def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], par
             try:
                 # Orbax writes from its own threads: a signal raised in the middle could leave them adding
                 # files after the cleanup, so it is held until the unit is written.
-                with guard.held(), _orbax_errors_not_logged():
+                with guard.held():
                     ckptr.save(unit_dir, ocp.args.PyTreeSave(dict(buffer), save_args=save_args))
             except Exception as e:  # noqa: BLE001 - TensorStore reports disk full etc. as bare exceptions
                 raise _UnitWriteError(f"writing unit {unit!r} of {out_dir} failed: {one_line(e)}") from e
@@ -210,22 +210,23 @@ class _UnitWriteError(ConvertError):
     """Orbax failed while writing a unit; TensorStore may still be finishing other writes of it."""
 
 
-class _DropErrors(logging.Filter):
+class _QuietOrbax(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        return record.levelno < logging.ERROR and "No jax.Array in TypeHandlerRegistry" not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _orbax_errors_not_logged():
+def _orbax_quiet():
     """Orbax's writer threads log every failure with its traceback at ERROR (a full disk gave 200+ lines)
-    before the save re-raises it; the caller reports that exception in one line, so the logs are dropped."""
+    before the save re-raises it; we report that exception in one line, so those logs are dropped. So is
+    the warning, on every unit, that jax.Array metadata is not kept: we write numpy arrays only."""
     absl_logger = logging.getLogger("absl")
-    drop = _DropErrors()
-    absl_logger.addFilter(drop)
+    quiet = _QuietOrbax()
+    absl_logger.addFilter(quiet)
     try:
         yield
     finally:
-        absl_logger.removeFilter(drop)
+        absl_logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
