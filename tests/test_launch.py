@@ -2,9 +2,11 @@
 
 Two processes with two virtual CPU devices each run cp=4 prefill + greedy generation on a tiny random
 model and must match the single-process cp=1 model: tokens exactly, logits within 1e-5 relative. Then
-each way a job can fail must fail fast, by name: an unreachable coordinator, processes started with
-different --num-processes, a cp that the job's devices cannot hold. Every child runs in its own session
-and is killed in a `finally`; every wait has a timeout.
+each way a job can fail must fail fast, by name, with one error line per process: an unreachable
+coordinator, processes started with different --num-processes (or --save / --warmup), a check that fails
+on one process only, a cp that the job's devices cannot hold, a process killed mid-run, and spawning
+that could multiply. Every child runs in its own session and is killed in a `finally`; every wait has a
+timeout.
 """
 
 import json
@@ -20,7 +22,7 @@ import pytest
 
 import pcp_jax
 from pcp_jax.config import ModelConfig
-from pcp_jax.launch import free_loopback_port, kill_all, wait_all
+from pcp_jax.launch import SPAWNED_ENV, free_loopback_port, kill_all, wait_all
 from pcp_jax.model import random_params
 
 TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, layer_types=["linear_attention", "full_attention"],
@@ -69,9 +71,9 @@ def reference():
     return pcp_jax.Model(cfg, random_params(cfg, 0, jnp.float32), cp=1, dtype="float32")
 
 
-def _run(args, timeout):
+def _run(args, timeout, **kw):
     t0 = time.monotonic()
-    (rc, out, err), = _finish([_start(args)], timeout)
+    (rc, out, err), = _finish([_start(args, **kw)], timeout)
     return rc, out, err, time.monotonic() - t0
 
 
@@ -163,3 +165,91 @@ def test_wait_all_kills_stragglers_after_a_failure():
         kill_all(procs)
     assert time.monotonic() - t0 < 30
     assert all(p.poll() is not None for p in procs)
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("flag", ["--spawn-loc", "--spawn"])
+def test_abbreviated_spawn_local_is_refused(tiny_config, flag):
+    """An abbreviation was once accepted by argparse but not stripped from the children's flags, so
+    every child spawned again, without end."""
+    rc, _, err, seconds = _run([flag, 2, "--cpu-devices-per-process", 1, "--cp", 2, "--config", tiny_config,
+                                "--ids", "1,2,3"], timeout=60)
+    assert rc == 2 and _error_lines(err) == [f"pcp-jax: error: unrecognized arguments: {flag} 2"], err
+    assert seconds < 30
+
+
+def test_spawned_process_never_spawns(tiny_config):
+    """Whatever its flags, a process started by --spawn-local (marked through the environment) refuses
+    --spawn-local instead of starting more processes."""
+    rc, _, err, _ = _run(["--spawn-local", 2, "--cpu-devices-per-process", 1, "--config", tiny_config,
+                          "--ids", "1,2,3"], timeout=60, env=dict(os.environ, **{SPAWNED_ENV: "12345"}))
+    assert rc == 2 and len(_error_lines(err)) == 1, err
+    assert "a started process never starts more" in err and "12345" in err
+
+
+def _start_job(tiny_config, per_process, common=()):
+    """Start one process per entry of `per_process` (its own extra flags) as a manual job on 127.0.0.1."""
+    port = free_loopback_port()
+    env = dict(os.environ, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
+    base = ["--config", tiny_config, "--ids", "1,2,3", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+            len(per_process), "--cpu-devices-per-process", 1, "--cp", len(per_process), "--init-timeout", 30,
+            *common]
+    return [_start(base + ["--process-id", i, *extra], env=env) for i, extra in enumerate(per_process)]
+
+
+def test_save_and_warmup_are_compared_across_processes(tiny_config, tmp_path):
+    """--save and --warmup each add collective work; a process started without them used to wait in a
+    collective its peer never joined (~70 s, then an abort). Now both stop at once, naming both flags."""
+    save = str(tmp_path / "x.npz")
+    t0 = time.monotonic()
+    results = _finish(_start_job(tiny_config, [["--save", save], ["--warmup"]]), timeout=90)
+    for i, (rc, _, err) in enumerate(results):
+        lines = _error_lines(err)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"pcp-jax: error (process {i}):"), err
+        assert f"--save: process 0 has {save!r}, process 1 has None" in lines[0]
+        assert "--warmup: process 0 has False, process 1 has True" in lines[0]
+    assert time.monotonic() - t0 < 45
+
+
+def test_a_check_failing_on_one_process_stops_every_process(tiny_config, tmp_path):
+    """Only process 0 writes --save, so only it checks the folder, before the run; its peers learn of
+    the refusal through the coordinator and stop with the same reason instead of running alone."""
+    save = str(tmp_path / "missing" / "x.npz")
+    results = _finish(_start_job(tiny_config, [[], []], common=["--save", save]), timeout=90)
+    for i, (rc, _, err) in enumerate(results):
+        lines = _error_lines(err)
+        assert rc == 2 and len(lines) == 1 and "does not exist; create it first" in lines[0], err
+    assert "process 0 cannot run: --save=" in results[1][2]
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator-killed", "peer-killed"])
+def test_survivor_of_a_killed_process_exits_with_one_line(tiny_config, tmp_path, victim):
+    """A long generation is running when one process (with its whole session) is killed. The survivor
+    stops within the heartbeat time with one error line and exit code 1, not XLA's SIGABRT and stack dump
+    (which XLA raises at once when the coordinator, process 0, is the one that died)."""
+    procs = _start_job(tiny_config, [[], []], common=["--max-new-tokens", 100000, "--no-eos",
+                                                      "--heartbeat-timeout", 10])
+    survivor = procs[1 - victim]
+    try:
+        deadline = time.monotonic() + 90
+        ready = ""
+        while "ready in" not in ready:  # process 0 prints it when the model is built, then generates
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job did not start"
+            ready += os.read(procs[0].stdout.fileno(), 4096).decode()
+        time.sleep(1)
+        os.killpg(procs[victim].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = survivor.communicate(timeout=40)
+        seconds = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+    lines = _error_lines(err)
+    assert survivor.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"pcp-jax: error (process {1 - victim}): the job stopped"), err
+    assert seconds < 25
