@@ -5,8 +5,11 @@ Every process runs `main` with the same arguments except its process id. Each on
 model, prompt, cp, ...), builds one global mesh whose `cp` axis spans every process's devices (each
 process contributes cp / num_processes of its local devices, in process order, so ring neighbours sit on
 the same host wherever they can), reads the checkpoint itself, and runs prefill + generation. Only
-process 0 prints and writes files. Errors go to stderr, name the offending value, and exit non-zero
-within bounded time (`--init-timeout`), whichever process hits them.
+process 0 prints and writes files. Errors go to stderr, one line per process naming the offending value,
+within bounded time (`--init-timeout`, `--heartbeat-timeout`), whichever process hits them: exit 2 for bad
+arguments (checked before any device work, and agreed on by every process), 1 for a failed run. A process
+that joins a job runs it in a child it supervises, so that XLA's abort when a peer dies also ends in one
+line and exit 1 (see "Supervision").
 
 How the job is found, first match wins:
   1. flags `--coordinator HOST:PORT --num-processes N --process-id I [--local-device-ids 0,1]`;
