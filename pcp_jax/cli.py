@@ -236,6 +236,14 @@ def _prompt_ids(args):
     return tok.encode(args.prompt).ids, tok
 
 
+def _check_cp(cp: int) -> None:
+    import jax
+    visible = jax.devices()
+    if cp > len(visible):
+        raise UsageError(f"--cp={cp} needs {cp} devices but {len(visible)} {visible[0].platform} device(s) are "
+                         f"visible (on CPU, --cpu-devices {cp})")
+
+
 def cmd_generate(args) -> int:
     import numpy as np
 
@@ -244,6 +252,7 @@ def cmd_generate(args) -> int:
     require_folder(args.model, "--model")
     ids, tok = _prompt_ids(args)
     use_compile_cache(args.compile_cache)
+    _check_cp(args.cp)
     model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
     if args.prefix_cache_mb:
         model.enable_prefix_cache(args.prefix_cache_mb << 20)
@@ -320,14 +329,15 @@ _COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "demo": cmd_demo}
 
 def _dispatch(argv: list[str]) -> int:
     rest = list(argv)
+    debug = []
     while rest and rest[0] == "--debug":  # the global flag, before the command
-        rest.pop(0)
+        debug = [rest.pop(0)]
     if rest and rest[0] == "bench":
         from pcp_jax.bench import bench_command
         return bench_command(rest[1:])
-    if rest and rest[0] == "launch":
+    if rest and rest[0] == "launch":  # its own error path (per process), told about a global --debug
         from pcp_jax.launch import main as launch_main
-        return launch_main(rest[1:])
+        return launch_main(rest[1:] + debug)
     args = build_parser().parse_args(rest)
     if args.command == "generate" and args.cpu_devices:
         _want_cpu_devices(args.cpu_devices)

@@ -25,7 +25,6 @@ single-machine runs. Commands for GPUs and clusters: docs/multiprocess.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -369,10 +368,10 @@ def _join_failure(args, probe: _CoordinatorProbe) -> None:
     else:
         msg = (f"{who} reached the coordinator at {where} but the job did not form within --init-timeout={t} s: "
                f"check that all processes were started, with the same --num-processes (this one: {n})")
-    _die(args, msg)
+    _die(msg)
 
 
-def _die(args, msg: str) -> None:
+def _die(msg: str) -> None:
     """Report and leave at once, from any thread (the main one may be stuck inside XLA)."""
     _exit_path.leave_now(LaunchError(msg))
 
@@ -592,9 +591,9 @@ def _run(args, distributed: bool, prepared) -> int:
 
 
 class _ExitPath:
-    """How this process reports an error and leaves. One line per process, whichever thread fails first:
-    the main thread (an exception), a watchdog, or XLA's job-failure callback; a later one leaves with the
-    code already reported, silently.
+    """How this process reports an error and leaves: one line per process, whichever thread fails first
+    (the main thread with an exception, or a watchdog); a later failure leaves with the code already
+    reported, silently.
 
     Up to and including `agree`, every process of a job fails alike, so an error returns normally and the
     processes meet at JAX's final barrier. Once the run has started (`running`), a failure other than a
@@ -669,13 +668,10 @@ def supervise(argv: list[str], exit_path: "_ExitPath") -> int:
     env = dict(os.environ)
     env[WORKER_ENV] = str(os.getpid())
     proc = subprocess.Popen([sys.executable, "-m", "pcp_jax.launch", *argv], env=env, stderr=subprocess.PIPE)
-    restore = _raise_on_sigterm()
+    restore = _raise_on_sigterm()  # SIGTERM or Ctrl-C: the worker is killed below, then "interrupted"
     try:
         fatal, reported = _relay_stderr(proc.stderr, exit_path.debug)
         code = proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        raise
     finally:
         kill_all([proc])
         restore()
@@ -742,11 +738,11 @@ def _run_process(args, argv: list[str], exit_path: _ExitPath) -> int:
     if args.cpu_devices_per_process:
         _set_cpu_devices(args.cpu_devices_per_process)
     distributed = join_job(args)
-    exit_path.process_id = args.process_id
+    exit_path.process_id = args.process_id  # cluster auto-detection may only now have told it
     if not distributed:
         return run(args, False)
-    with _Watchdog(args.init_timeout + 5, lambda: _die(args, "the processes did not compare their runs "
-                                                              f"within --init-timeout={args.init_timeout} s")):
+    with _Watchdog(args.init_timeout + 5, lambda: _die("the processes did not compare their runs within "
+                                                        f"--init-timeout={args.init_timeout} s")):
         prepared = agree(args, lambda: prepare(args, writer=args.process_id == 0))
     exit_path.running = True
     return run(args, True, prepared)

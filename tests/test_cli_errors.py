@@ -64,6 +64,7 @@ def _cases(f):
         (gen + ["--top-p", "0"], 2, "argument --top-p"),
         (gen + ["--max-new-tok", "3"], 2, "unrecognized arguments: --max-new-tok"),
         (gen + ["--compile-cache", str(f / "a_file")], 2, "--compile-cache="),
+        (gen + ["--cp", "64"], 2, "--cp=64 needs 64 devices"),
         (["generate", "--model", str(f / "model"), "--prompt", "hi"], 1, "cannot read the tokenizer"),
         (gen, 1, "config.json"),  # a folder without a model: the flag was fine, loading failed
         # demo
