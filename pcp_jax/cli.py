@@ -2,8 +2,9 @@
 
 Every command reports an error the same way: one line on stderr, `pcp-jax: error: ...`, naming the
 offending value and what was expected, and exit code 2 when the command line was rejected (a bad flag or
-value, a missing path, a value the library refused before doing any work) or 1 when the run itself failed
-(an unreadable checkpoint or tokenizer, out of memory, another process of a job that stopped). `--debug`,
+value, a missing path, a value the library refused before doing any work), 1 when the run itself failed
+(an unreadable checkpoint or tokenizer, out of memory, another process of a job that stopped), 128+N when
+interrupted by signal N (130 for Ctrl-C). `--debug`,
 anywhere before a `--`, adds the traceback. Flags are never abbreviated: `--spawn-loc` is an error, not
 `--spawn-local`, so that a new flag can never change what an old command line means.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -20,7 +22,6 @@ from typing import Callable
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 PREFIX = "pcp-jax: error"
 
 
@@ -54,19 +55,25 @@ def wants_debug(argv: list[str]) -> bool:
     return "--debug" in (argv[:argv.index("--")] if "--" in argv else argv)
 
 
+def _signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal behind an interruption: a `signum` attribute (the converter sets one for SIGTERM), else
+    SIGINT (Ctrl-C)."""
+    return getattr(exc, "signum", signal.SIGINT)
+
+
 def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, UsageError):
         return EXIT_USAGE
     if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
+        return 128 + _signal_of(exc)  # the shell's convention for "ended by signal N"
     return EXIT_FAILURE
 
 
 def error_line(exc: BaseException) -> str:
     """One line for any exception. Our own errors and the library's ValueErrors are written for users and
     shown as they are; anything else gets its type name, since its message alone may be cryptic."""
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+    if isinstance(exc, KeyboardInterrupt):  # its notes say what was left behind
+        return "; ".join([f"interrupted by {signal.Signals(_signal_of(exc)).name}", *getattr(exc, "__notes__", [])])
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
     if len(lines) > 1:
@@ -216,7 +223,11 @@ def read_tokenizer(path: str):
 def cmd_convert(args) -> int:
     from pcp_jax.convert import convert
     require_folder(args.hf_dir, "HF_DIR")
-    path = convert(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.no_progress)
+    try:
+        path = convert(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.no_progress)
+    except KeyboardInterrupt as e:  # the converter removed its partial output before raising
+        e.add_note(f"nothing was written to {args.out_dir}")
+        raise
     print(f"wrote {path}")
     return 0
 

@@ -127,6 +127,19 @@ def test_library_rejections_of_generate_arguments_exit_2(files, monkeypatch, cap
     assert len(err) == 1 and "top_k=100000" in err[0] and "512" in err[0], err
 
 
+def test_interrupted_convert_exits_128_plus_the_signal(files, monkeypatch, capsys):
+    import signal
+    import pcp_jax.convert
+    from pcp_jax.convert import ConvertInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise ConvertInterrupted(signal.SIGTERM)
+    monkeypatch.setattr(pcp_jax.convert, "convert", interrupted)
+    assert cli.main(["convert", str(files / "hf"), str(files / "out4")]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pcp-jax: error: interrupted by SIGTERM; nothing was written to {files / 'out4'}"], err
+
+
 def test_debug_adds_the_traceback(files, capsys):
     argv = ["generate", "--model", str(files / "model"), "--prompt", "hi"]
     assert cli.main(["--debug"] + argv) == 1
