@@ -140,6 +140,16 @@ def test_interrupted_convert_exits_128_plus_the_signal(files, monkeypatch, capsy
     assert err == [f"pcp-jax: error: interrupted by SIGTERM; nothing was written to {files / 'out4'}"], err
 
 
+def test_bench_with_a_failed_length_exits_1_with_one_line(monkeypatch, capsys):
+    from pcp_jax import bench
+    monkeypatch.setattr(bench, "bench_ours", lambda args, cfg, lengths: [{"n": 64, "error": "OOM: no room"}])
+    assert cli.main(["bench", "--preset", "demo", "--tokens", "64"]) == 1
+    captured = capsys.readouterr()
+    assert "| 64 | OOM: no room |" in captured.out
+    assert captured.err.strip().splitlines() == [
+        "pcp-jax: error: 1 of 1 prompt lengths failed (see the table); the first, 64 tokens: OOM: no room"]
+
+
 def test_debug_adds_the_traceback(files, capsys):
     argv = ["generate", "--model", str(files / "model"), "--prompt", "hi"]
     assert cli.main(["--debug"] + argv) == 1
