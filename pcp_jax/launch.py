@@ -821,21 +821,26 @@ def spawn_local(n: int, args: Sequence[str], *, timeout: float = 600, grace: flo
                 own += ["--local-device-ids", ",".join(str(d) for d in range(i * k, (i + 1) * k))]
             procs.append(subprocess.Popen(cmd + own, env=base))
         return wait_all(procs, timeout=timeout, grace=grace)
-    except KeyboardInterrupt:
-        print(f"{PREFIX}: interrupted; killing {len(procs)} process(es)", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{PREFIX}: interrupted by {_signal_name(signum)}; killing {len(procs)} process(es)", file=sys.stderr,
+              flush=True)
+        return 128 + signum
     finally:
         kill_all(procs)
         restore()
 
 
 def _raise_on_sigterm():
-    """SIGTERM becomes KeyboardInterrupt so that spawn_local's children die with it; returns the undo."""
+    """SIGTERM becomes a KeyboardInterrupt (with `signum`, for the exit code 128+N) so that the processes
+    spawn_local or supervise started die with this one; returns the undo."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = signum
+        raise interrupt
 
     old = signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, old)
