@@ -4,9 +4,9 @@ Every command reports an error the same way: one line on stderr, `pcp-jax: error
 offending value and what was expected, and exit code 2 when the command line was rejected (a bad flag or
 value, a missing path, a value the library refused before doing any work), 1 when the run itself failed
 (an unreadable checkpoint or tokenizer, out of memory, another process of a job that stopped), 128+N when
-interrupted by signal N (130 for Ctrl-C). `--debug`,
-anywhere before a `--`, adds the traceback. Flags are never abbreviated: `--spawn-loc` is an error, not
-`--spawn-local`, so that a new flag can never change what an old command line means.
+interrupted by signal N (130 for Ctrl-C). `--debug`, anywhere before a `--`, adds the traceback. Flags are
+never abbreviated: `--spawn-loc` is an error, not `--spawn-local`, so that a new flag can never change what
+an old command line means.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 def seed_int(text: str) -> int:
-    """Seeds are limited to 32 bits so that every key derivation (numpy, jax.random) accepts them."""
+    """Seeds are the engine's range, 0..2**32-1, checked here so that random weights never see a bad one."""
     try:
         value = int(text)
     except ValueError:
