@@ -431,8 +431,9 @@ def agree(args, check_inputs):
     except Exception as e:  # noqa: BLE001 - published, then raised below on every process alike
         prepared, refusal = None, {"code": exit_code_for(e), "error": error_line(e)}
     pid = args.process_id
-    mine = {"run": _run_signature(args), "refusal": refusal}
-    client.key_value_set(f"{_KV_PREFIX}/{pid}", json.dumps(mine, sort_keys=True))
+    published = json.dumps({"run": _run_signature(args), "refusal": refusal}, sort_keys=True)
+    client.key_value_set(f"{_KV_PREFIX}/{pid}", published)
+    mine = json.loads(published)  # compared in the form the others read (tuples become lists)
     records = {pid: mine}
     if pid != 0:
         records[0] = _read_record(client, args, 0)
