@@ -11,6 +11,7 @@ timeout.
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -237,8 +238,10 @@ def test_survivor_of_a_killed_process_exits_with_one_line(tiny_config, tmp_path,
         deadline = time.monotonic() + 90
         ready = ""
         while "ready in" not in ready:  # process 0 prints it when the model is built, then generates
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job did not start"
-            ready += os.read(procs[0].stdout.fileno(), 4096).decode()
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                f"the job did not start: {ready}"
+            if select.select([procs[0].stdout], [], [], 1.0)[0]:
+                ready += os.read(procs[0].stdout.fileno(), 4096).decode()
         time.sleep(1)
         os.killpg(procs[victim].pid, signal.SIGKILL)
         t0 = time.monotonic()
