@@ -56,10 +56,14 @@ def decode_room(max_new_tokens: int, cp: int) -> int:
     return 0 if room == 0 else max(MIN_ROOM, 1 << (room - 1).bit_length())
 
 
+CAPACITY_STEPS = 4  # capacities per doubling: decode programs are keyed on the capacity alone
+
+
 def capacity(slots: int) -> int:
-    """Cache slots per rank: `slots` rounded up on the ladder of 64-slot units (decode programs are keyed
-    on the capacity, so prompts of nearby lengths share them)."""
-    return ladder_up(slots, 64)
+    """Cache slots per rank: `slots` rounded up on a coarser ladder of 64-slot units (4 values per
+    doubling: at most 25% more KV memory than needed), so that prompts of nearby buckets share one
+    decode program."""
+    return ladder_up(slots, 64, CAPACITY_STEPS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_k
                   "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                   "conv_kernel")
 _NON_NEGATIVE_INTS = ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                      "shared_expert_intermediate_size")
+                      "shared_expert_intermediate_size", "max_position_embeddings")
 _POSITIVE_FLOATS = ("rope_theta", "partial_rotary_factor")
 _BOOLS = ("tie_word_embeddings", "norm_topk_prob")
 
@@ -89,6 +89,7 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
     eos_token_id: int | tuple[int, ...] | None = None
+    max_position_embeddings: int = 0  # positions the model was trained for (0: not stated, no limit checked)
 
     def __post_init__(self):
         # Types and signs first: the divisibility checks below (and every derived shape) would otherwise
@@ -243,6 +244,7 @@ class ModelConfig:
             partial_rotary_factor=opt_float("partial_rotary_factor", prf),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             eos_token_id=_eos(where, hf.get("eos_token_id", text.get("eos_token_id"))),
+            max_position_embeddings=opt_int("max_position_embeddings", 0),
         )
         if text.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {text.get('hidden_act')!r} is not supported; expected 'silu'")
@@ -346,13 +348,13 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=248320, hidden_size=4096, num_layers=32, layer_types=_every_fourth_full(32),
         num_heads=16, num_kv_heads=4, head_dim=256, intermediate_size=12288,
         linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-        rope_theta=10_000_000.0),
+        rope_theta=10_000_000.0, max_position_embeddings=262144),
     "qwen3.5-397b-a17b": ModelConfig(
         vocab_size=248320, hidden_size=4096, num_layers=60, layer_types=_every_fourth_full(60),
         num_heads=32, num_kv_heads=2, head_dim=256, intermediate_size=0,
         linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
         rope_theta=10_000_000.0, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
-        shared_expert_intermediate_size=1024),
+        shared_expert_intermediate_size=1024, max_position_embeddings=262144),
     # A small random model for `pcp-jax demo` and CPU experiments.
     "demo": ModelConfig(
         vocab_size=4096, hidden_size=256, num_layers=8, layer_types=_every_fourth_full(8),

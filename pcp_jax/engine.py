@@ -16,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -84,14 +85,18 @@ class Model:
     `prefill_budget_bytes`: activation memory per device that one prefill piece may use; with
     `chunk_size="auto"` (the default) longer prompts go in pieces. Default: 40% of the device memory
     left after the weights where the backend reports it, else 2 GiB. `scan_decode`: run decode's layer
-    groups as a loop (one compiled body) or unrolled. `length_buckets=False` pads prompts only to a
-    multiple of 2·C·64 tokens (less padding, but a program per length). `compile_cache_dir`: JAX's
-    persistent compilation cache folder, "off", or None for the default (pcp_jax.compile_cache)."""
+    groups as a loop (one compiled body) or, by default, unrolled: a scanned decode step reads each
+    layer's weights through a dynamic slice that XLA copies, which made the 9B step 1.6x slower on an
+    H200 (14.7 vs 9.1 ms at 8k context; docs/BENCHMARKS.md). `bucket_steps`: padded lengths per doubling of the length ladder (pcp_jax.buckets;
+    fewer: fewer programs to warm up, more padding); None pads prompts only to a multiple of 2·C·64 tokens
+    (the least padding, but a program per length). `compile_cache_dir`: JAX's persistent compilation cache
+    folder, "off", or None for the default (pcp_jax.compile_cache). `weights_digest`: a digest of the
+    weights already known (stored at conversion), so `fingerprint` need not hash them."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
-                 prefill_budget_bytes: int | None = None, scan_decode: bool = True, length_buckets: bool = True,
-                 compile_cache_dir=None):
+                 prefill_budget_bytes: int | None = None, scan_decode: bool = False, bucket_steps: int | None = STEPS,
+                 compile_cache_dir=None, weights_digest: bytes | None = None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
         if kernels not in KERNEL_CHOICES:
@@ -112,7 +117,11 @@ class Model:
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = _DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
-        self.length_buckets = bool(length_buckets)
+        if bucket_steps is not None and (isinstance(bucket_steps, bool) or not isinstance(bucket_steps, (int, np.integer))
+                                         or bucket_steps < 1 or bucket_steps & (bucket_steps - 1)):
+            raise ValueError(f"bucket_steps={bucket_steps!r} must be a power of two (lengths per doubling) or None")
+        self.bucket_steps = bucket_steps
+        self._weights_digest = weights_digest
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
         module = Qwen35(cfg, params, self.dtype)
         self._graphdef, state = nnx.split(module)
@@ -127,10 +136,16 @@ class Model:
         self.auto_piece_tokens = ladder_down(max(unit, self.prefill_budget_bytes // per_token * self.cp), unit)
 
     def _default_budget(self) -> int:
-        stats = self.mesh.devices.flat[0].memory_stats() if hasattr(self.mesh.devices.flat[0], "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            return CPU_PREFILL_BUDGET
-        return int(0.4 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+        free = self._free_device_bytes()
+        return CPU_PREFILL_BUDGET if free is None else int(0.4 * free)
+
+    def _free_device_bytes(self) -> int | None:
+        """Free memory of one of this process's devices in the mesh (None where the backend does not say)."""
+        mine = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
+        stats = mine.memory_stats() if hasattr(mine, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
 
     # Input checks ---------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +236,7 @@ class Model:
                                      CACHES, KV_SLOTS),
                            out_specs=(REPLICATED, REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None),
                            check_vma=False)
-        self._fns[key] = jax.jit(fn, donate_argnums=(6, 7, 8))
+        self._fns[key] = jax.jit(fn, donate_argnums=(7, 8))  # not `logits`: it may be a prefix-cache entry's
         return self._fns[key]
 
     def _pieces(self, n: int, chunk_size) -> Pieces:
@@ -229,7 +244,7 @@ class Model:
                 or (isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) and chunk_size >= 1)):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer, 'auto' or None")
         return plan_pieces(n, self.cp, chunk_size, self.auto_piece_tokens, fixed=self._prefix_cache is not None,
-                           steps=STEPS if self.length_buckets else None)
+                           steps=self.bucket_steps)
 
     def _slots(self, pieces: Pieces, max_new_tokens: int) -> tuple[int, int]:
         """(prefill slots, cache capacity) per rank for a prompt fed as `pieces`."""
@@ -238,18 +253,19 @@ class Model:
 
     def _check_request(self, batch: int, n: int, max_new_tokens: int, slots: int) -> None:
         """Refuse, before allocating anything, a request beyond the model's positions or the device memory."""
-        limit = getattr(self.cfg, "max_position_embeddings", None)
+        limit = self.cfg.max_position_embeddings
         if limit and n + max_new_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                              f"{limit} positions (max_position_embeddings)")
         cfg = self.cfg
         kv = 2 * len(cfg.attention_layers) * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.dtype).itemsize
-        stats = self.mesh.devices.flat[0].memory_stats() if hasattr(self.mesh.devices.flat[0], "memory_stats") else None
-        free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and "bytes_limit" in stats else None
+        free, where = self._free_device_bytes(), "per device"
+        if free is None and self.mesh.devices.flat[0].platform == "cpu":  # CPU devices share the host's memory
+            free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.cp, "per CPU device (host memory)"
         if free is not None and kv > free:
             raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
-                             f"{kv / 2**30:.1f} GiB per device; {free / 2**30:.1f} GiB are free (use a larger cp or "
-                             f"fewer tokens)")
+                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are free (use a larger cp, fewer "
+                             f"tokens or a smaller batch)")
 
     def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
         ids, lengths = self._as_batch(input_ids)
@@ -321,13 +337,14 @@ class Model:
         return self._prefix_cache
 
     def fingerprint(self) -> bytes:
-        """A digest of the config and the weights (per-tensor sums), for keys that must not cross models."""
+        """A collision-resistant key of the config and the weights, for keys that must not cross models:
+        sha256 of the config and of the weights' digest (the one stored at conversion when loaded from a
+        converted folder, else a sha256 of every weight's name, dtype, shape and bytes, computed here once,
+        one tensor at a time, on first use)."""
         if self._fingerprint is None:
             import hashlib
-            sums = jax.jit(lambda st: jnp.stack([jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(st)]))
-            digest = hashlib.sha256(repr(self.cfg).encode())
-            digest.update(to_host(sums(self._state)).tobytes())
-            self._fingerprint = digest.digest()
+            weights = self._weights_digest or _state_digest(self._state)
+            self._fingerprint = hashlib.sha256(repr(self.cfg).encode() + weights).digest()
         return self._fingerprint
 
     def _slot_block_fn(self, block: int, slots: int):
@@ -369,14 +386,14 @@ class Model:
         if key in self._fns:
             return self._fns[key]
         C, graphdef, kernels = self.cp, self._graphdef, self.kernels
-        unroll = 1 if self.scan_decode else True
+        scan = self.scan_decode
 
         def per_shard(state, tokens, positions, caches, kpos, owner, slot):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1)
             kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
-            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), unroll=unroll)
+            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan)
             return logits, caches, kpos
 
         fn = jax.shard_map(per_shard, mesh=self.mesh,
@@ -478,16 +495,16 @@ class Model:
         self._room_floor = max(self._room_floor, decode_room(max_new_tokens, self.cp))
         wanted = {}
         for B in sizes:
-            for pieces in self._all_pieces(int(max_tokens), chunk_size):
+            for pieces in self._all_pieces(int(max_tokens), chunk_size)[::-1]:  # the largest programs first
                 for key, args in self._programs_for(B, pieces, max_new_tokens, logits):
                     wanted.setdefault(key, args)
         todo = [(k, a) for k, a in wanted.items() if not isinstance(self._fns.get(k), jax.stages.Compiled)]
         bar = tqdm(total=len(todo), desc="pcp_jax warmup", unit="program", disable=not progress)
-        lowered = []
-        for key, args in todo:  # tracing holds the GIL: one at a time
-            lowered.append((key, self._jit_for(key).lower(*args)))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, len(lowered) or 1)) as pool:
-            futures = {pool.submit(low.compile): key for key, low in lowered}
+        workers = workers or max(1, min(len(todo), (os.cpu_count() or 2) // 2, 16))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {}
+            for key, args in todo:  # tracing holds the GIL: one at a time, each compile starts once traced
+                futures[pool.submit(self._jit_for(key).lower(*args).compile)] = key
             for fut in concurrent.futures.as_completed(futures):
                 self._fns[futures[fut]] = fut.result()
                 bar.update(1)
@@ -570,6 +587,18 @@ def _replicate(tree, sharding: NamedSharding):
         return jax.make_array_from_single_device_arrays(np.shape(x), sharding, [jax.device_put(x, d) for d in local])
 
     return jax.tree.map(leaf, tree)
+
+
+def _state_digest(state) -> bytes:
+    """sha256 of every weight of a model state: path, dtype, shape and bytes, one tensor at a time (each
+    leaf is replicated, so this process's first shard is the whole tensor)."""
+    import hashlib
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(state)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+        host = np.asarray(leaf.addressable_shards[0].data)
+        h.update(f"{jax.tree_util.keystr(path)}|{host.dtype}|{host.shape}|".encode())
+        h.update(np.ascontiguousarray(host).tobytes())
+    return h.digest()
 
 
 def to_host(x: jax.Array) -> np.ndarray:

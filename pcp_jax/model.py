@@ -387,10 +387,17 @@ class Qwen35(nnx.Module):
     def embed_tokens(self, ids):
         return jnp.take(self.embed[...], ids, axis=0)
 
-    def _layers(self, x, caches, step, unroll=1):
-        """Run every layer: `step(layer, x, caches, index) -> (x, caches)`; the groups as one scan."""
+    def _layers(self, x, caches, step, scan=True):
+        """Run every layer: `step(layer, x, caches, index) -> (x, caches)`; the groups as one scan (one
+        compiled body), or with `scan=False` unrolled with static group indices (the weights and cache
+        entries of each layer are then static slices of the stacked arrays)."""
         plan = self.plan
-        if plan.groups:
+        if plan.groups and not scan:
+            graphdef, stacked = nnx.split(self.group)
+            for g in range(plan.groups):
+                for j, layer in enumerate(nnx.merge(graphdef, jax.tree.map(lambda a: a[g], stacked))):
+                    x, caches = step(layer, x, caches, plan.group_index(j, g))
+        elif plan.groups:
             graphdef, stacked = nnx.split(self.group)
 
             def body(carry, xs):
@@ -400,8 +407,7 @@ class Qwen35(nnx.Module):
                     x, caches = step(layer, x, caches, plan.group_index(j, g))
                 return (x, caches), None
 
-            (x, caches), _ = jax.lax.scan(body, (x, caches), (jnp.arange(plan.groups, dtype=jnp.int32), stacked),
-                                          unroll=unroll)
+            (x, caches), _ = jax.lax.scan(body, (x, caches), (jnp.arange(plan.groups, dtype=jnp.int32), stacked))
         for i, layer in zip(plan.rest, self.rest):
             x, caches = step(layer, x, caches, plan.ordinal(i))
         return x, caches
@@ -412,10 +418,10 @@ class Qwen35(nnx.Module):
         return self._layers(self.embed_tokens(ids), caches,
                             lambda layer, x, c, i: layer.prefill(x, ctx, c, i, history))
 
-    def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, unroll=1):
+    def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, scan=True):
         """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""
         x, caches = self._layers(self.embed_tokens(ids), caches,
-                                 lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write), unroll)
+                                 lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write), scan)
         return self.head(x[:, 0]), caches
 
     def head(self, x):

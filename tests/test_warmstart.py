@@ -82,7 +82,7 @@ def test_after_warmup_any_length_compiles_nothing_and_is_exact(hf_ten_layers):
     got = [(model.logits(ids), model.generate(ids, new)) for ids in prompts]
     assert len(COMPILES) == before, f"{len(COMPILES) - before} programs compiled after warmup"
 
-    exact = pcp_jax.load_model(path, cp=4, dtype="float32", length_buckets=False)
+    exact = pcp_jax.load_model(path, cp=4, dtype="float32", bucket_steps=None)
     for ids, (logits, tokens) in zip(prompts, got):
         n = ids.shape[1]
         assert rel_err(logits, exact.logits(ids)) <= 1e-6, n
