@@ -1,4 +1,4 @@
-"""`pcp-jax` command line: convert, generate, demo, bench, launch.
+"""`pcp-jax` command line: convert, generate, warmup, demo, bench, launch.
 
 Every command reports an error the same way: one line on stderr, `pcp-jax: error: ...`, naming the
 offending value and what was expected, and exit code 2 when the command line was rejected (a bad flag or
@@ -178,36 +178,26 @@ def _want_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-_CACHE_COUNTS = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
-
-
-def use_compile_cache(path: str | None) -> None:
-    """Keep compiled programs in `path` across processes (JAX's persistent compilation cache): a prompt
-    length compiled once is not compiled again by the next run. Every program is kept, however small.
-    Hits and misses are counted for `compile_cache_report`."""
-    if not path:
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--compile-cache={path!r} is a file; expected a folder (created if missing)")
+def use_compile_cache(path: str | None) -> str | None:
+    """JAX's persistent compilation cache (pcp_jax.compile_cache): in `path`, or "off", or by default in
+    $PCP_JAX_COMPILE_CACHE / $XDG_CACHE_HOME/pcp_jax/xla. A bad folder is a bad flag."""
+    from pcp_jax import compile_cache
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--compile-cache={path!r} cannot be created: {e.strerror or e}") from None
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-    def count(event, **_):
-        if event in _CACHE_COUNTS:
-            _CACHE_COUNTS[event] += 1
-
-    jax.monitoring.register_event_listener(count)
+        return compile_cache.enable(path)
+    except ValueError as e:
+        raise UsageError(f"--compile-cache={path!r}: {e}") from None
 
 
 def compile_cache_report() -> str:
-    return (f"[compile cache: {_CACHE_COUNTS['/jax/compilation_cache/cache_hits']} programs read, "
-            f"{_CACHE_COUNTS['/jax/compilation_cache/cache_misses']} compiled and stored]")
+    from pcp_jax import compile_cache
+    return compile_cache.report()
+
+
+def chunk_size_arg(text: str):
+    """--chunk-size: "auto" (pieces sized from the memory budget), "none" (one piece) or a token count."""
+    if text.strip().lower() in ("auto", "none"):
+        return text.strip().lower() if text.strip().lower() == "auto" else None
+    return int_at_least(1)(text)
 
 
 def read_tokenizer(path: str):
@@ -262,11 +252,15 @@ def cmd_generate(args) -> int:
 
     require_folder(args.model, "--model")
     ids, tok = _prompt_ids(args)
-    use_compile_cache(args.compile_cache)
+    cache_dir = use_compile_cache(args.compile_cache)
     _check_cp(args.cp)
     model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
     if args.prefix_cache_mb:
         model.enable_prefix_cache(args.prefix_cache_mb << 20)
+    if args.warmup:
+        stats = model.warmup(args.warmup, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+                             logits=False)
+        print(f"[warmup: {stats['programs']} programs in {stats['seconds']:.1f} s]", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         out = model.generate(np.asarray([ids]), args.max_new_tokens, temperature=args.temperature,
@@ -280,9 +274,46 @@ def cmd_generate(args) -> int:
     print(f"[{len(ids)} prompt tokens, {len(new)} new, {dt:.2f} s, cp={model.cp}]", file=sys.stderr)
     if args.prefix_cache_mb:
         print(f"[prefix cache: {model.prefix_cache_stats()}]", file=sys.stderr)
-    if args.compile_cache:
+    if cache_dir:
         print(compile_cache_report(), file=sys.stderr)
     return 0
+
+
+def cmd_warmup(args) -> int:
+    import pcp_jax
+
+    require_folder(args.model, "--model")
+    cache_dir = use_compile_cache(args.compile_cache)
+    _check_cp(args.cp)
+    model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
+    try:
+        stats = model.warmup(args.max_tokens, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
+                             chunk_size=args.chunk_size, logits=args.logits, progress=not args.no_progress)
+    except ValueError as e:  # warmup checks its arguments before any work: every one of them is a flag
+        raise UsageError(str(e)) from e
+    print(f"compiled {stats['programs']} programs in {stats['seconds']:.1f} s (prompts up to {args.max_tokens} "
+          f"tokens, batch sizes {list(args.batch_sizes)}, cp={model.cp})")
+    if cache_dir:
+        print(compile_cache_report())
+    else:
+        print("the persistent compilation cache is off: these programs last only as long as this process")
+    return 0
+
+
+def _add_model_flags(p) -> None:
+    """Flags that load a model and say where it runs (generate, warmup)."""
+    p.add_argument("--model", required=True, help="HF folder or converted folder")
+    p.add_argument("--cp", type=int_at_least(1), default=1, help="devices on the context-parallel axis")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
+    p.add_argument("--cpu-devices", type=int_at_least(1),
+                   help="virtual CPU devices (for --cp > 1 without accelerators)")
+    p.add_argument("--chunk-size", type=chunk_size_arg, default="auto",
+                   help="prefill pieces: 'auto' (default: sized from the memory budget), 'none' (one piece) "
+                   "or a token count")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache: programs compiled once are read back by later runs "
+                   "(default: $PCP_JAX_COMPILE_CACHE, else $XDG_CACHE_HOME/pcp_jax/xla; 'off' disables it)")
 
 
 def cmd_demo(args) -> int:
@@ -304,25 +335,31 @@ def build_parser() -> Parser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help="generate from an HF or converted folder")
-    p.add_argument("--model", required=True, help="HF folder or converted folder")
+    _add_model_flags(p)
     p.add_argument("--prompt", help="text (needs tokenizer.json in the model folder)")
     p.add_argument("--ids", type=int_list, help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=32)
-    p.add_argument("--cp", type=int_at_least(1), default=1, help="devices on the context-parallel axis")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
     p.add_argument("--temperature", type=finite_float(0.0), default=0.0)
     p.add_argument("--top-k", type=int_at_least(1), help="sample among the k most likely tokens (k <= vocabulary)")
     p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True))
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-eos", dest="eos", action="store_false", help="ignore the model's EOS token")
-    p.add_argument("--cpu-devices", type=int_at_least(1),
-                   help="virtual CPU devices (for --cp > 1 without accelerators)")
-    p.add_argument("--chunk-size", type=int_at_least(1), help="prefill the prompt in pieces of this many tokens")
     p.add_argument("--prefix-cache-mb", type=int_at_least(0), default=0,
                    help="keep prefill KV blocks and GDN states up to this many MiB (reported on stderr)")
-    p.add_argument("--compile-cache", metavar="DIR", help="keep compiled programs in DIR for later runs (JAX's "
-                   "persistent compilation cache; a 9B prefill compiles for about a minute per prompt length)")
+    p.add_argument("--warmup", type=int_at_least(1), metavar="N",
+                   help="first compile every program prompts up to N tokens need (Model.warmup)")
+
+    p = sub.add_parser("warmup", help="compile every program prompts up to N tokens need, into the compile cache",
+                       description="Compile ahead of time every program that prompts of up to --max-tokens tokens "
+                       "need (Model.warmup), into JAX's persistent compilation cache, so that later runs read them "
+                       "back instead of compiling.")
+    _add_model_flags(p)
+    p.add_argument("--max-tokens", type=int_at_least(1), required=True, help="longest prompt to prepare for")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1], help="comma-separated batch sizes")
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=256, help="decode room to prepare for")
+    p.add_argument("--no-logits", dest="logits", action="store_false",
+                   help="skip the full-sequence scoring programs (Model.logits)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="random small Qwen3.5: long prefill at cp=1 and cp=4, then generation")
     p.add_argument("--tokens", type=int_at_least(1), default=4096, help="prompt length")
@@ -335,7 +372,7 @@ def build_parser() -> Parser:
     return parser
 
 
-_COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "demo": cmd_demo}
+_COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "warmup": cmd_warmup, "demo": cmd_demo}
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -350,7 +387,7 @@ def _dispatch(argv: list[str]) -> int:
         from pcp_jax.launch import main as launch_main
         return launch_main(rest[1:] + debug)
     args = build_parser().parse_args(rest)
-    if args.command == "generate" and args.cpu_devices:
+    if args.command in ("generate", "warmup") and args.cpu_devices:
         _want_cpu_devices(args.cpu_devices)
     return _COMMANDS[args.command](args)
 

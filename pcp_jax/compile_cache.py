@@ -64,5 +64,5 @@ def _count(event, **_):
 
 
 def report() -> str:
-    return (f"[compile cache {_state['dir']}: {_COUNTS['/jax/compilation_cache/cache_hits']} programs read, "
-            f"{_COUNTS['/jax/compilation_cache/cache_misses']} compiled and stored]")
+    return (f"[compile cache: {_COUNTS['/jax/compilation_cache/cache_hits']} programs read, "
+            f"{_COUNTS['/jax/compilation_cache/cache_misses']} compiled and stored, in {_state['dir']}]")

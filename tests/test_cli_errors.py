@@ -67,6 +67,18 @@ def _cases(f):
         (gen + ["--cp", "64"], 2, "--cp=64 needs 64 devices"),
         (["generate", "--model", str(f / "model"), "--prompt", "hi"], 1, "cannot read the tokenizer"),
         (gen, 1, "config.json"),  # a folder without a model: the flag was fine, loading failed
+        (gen + ["--chunk-size", "0"], 2, "argument --chunk-size: expected an integer >= 1, got 0"),
+        (gen + ["--warmup", "-3"], 2, "argument --warmup: expected an integer >= 1, got -3"),
+        # warmup
+        (["warmup", "--model", str(f / "empty")], 2, "required: --max-tokens"),
+        (["warmup", "--model", str(f / "missing"), "--max-tokens", "9"], 2, "--model="),
+        (["warmup", "--model", str(f / "empty"), "--max-tokens", "0"], 2, "argument --max-tokens: expected an integer >= 1, got 0"),
+        (["warmup", "--model", str(f / "empty"), "--max-tokens", "9", "--batch-sizes", "1,0"], 2,
+         "argument --batch-sizes: expected integers >= 1, got 0"),
+        (["warmup", "--model", str(f / "empty"), "--max-tokens", "9", "--max-new", "3"], 2, "unrecognized arguments: --max-new"),
+        (["warmup", "--model", str(f / "empty"), "--max-tokens", "9", "--compile-cache", str(f / "a_file")], 2,
+         "--compile-cache="),
+        (["warmup", "--model", str(f / "empty"), "--max-tokens", "9"], 1, "config.json"),
         # demo
         (["demo", "--tokens", "0"], 2, "argument --tokens: expected an integer >= 1, got 0"),
         (["demo", "--tokens", "-5"], 2, "argument --tokens: expected an integer >= 1, got -5"),
