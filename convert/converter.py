@@ -16,12 +16,10 @@ copied. It does not grow with the number of layers; see docs/convert.md for the 
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
 
-from .errors import ConvertError, ConvertInterrupted
+from .errors import ConvertError
 from .hf_loader import iter_hf_params, load_hf_config, resolve_dtype
 from .orbax_io import check_out_dir, save_orbax
 
@@ -48,24 +46,8 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
 
 
 def main_convert(argv: list[str] | None = None) -> int:
-    """`pcp-jax convert HF_DIR OUT_DIR [--dtype bfloat16] [--no-progress]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="pcp-jax convert",
-        description="Convert a Hugging Face Qwen3.5 folder (config.json + safetensors) into a pcp_jax Orbax folder.")
-    parser.add_argument("hf_dir", metavar="HF_DIR")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="new folder (absent or empty)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        path = convert(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.no_progress)
-    except ConvertError as e:
-        print(f"pcp-jax convert: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # ConvertInterrupted (SIGINT/SIGTERM while writing) or Ctrl-C before
-        signum = e.signum if isinstance(e, ConvertInterrupted) else signal.SIGINT
-        print(f"pcp-jax convert: interrupted by {signal.Signals(signum).name}; nothing was written to "
-              f"{args.out_dir}", file=sys.stderr)
-        return 128 + signum  # the shell convention for "ended by signal N"
-    print(f"wrote {path}")
-    return 0
+    """`pcp-jax convert HF_DIR OUT_DIR [--dtype bfloat16] [--no-progress]`; returns the exit code. The
+    command line's one parser and error path (pcp_jax.cli: no abbreviated flags, one error line, exit 2
+    for a bad command line, 1 for a failed conversion, 128+N after signal N)."""
+    from pcp_jax.cli import main
+    return main(["convert", *(sys.argv[1:] if argv is None else argv)])

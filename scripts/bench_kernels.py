@@ -421,7 +421,7 @@ def section_moe(args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--sections", default="check,gdn,tune,attn,moe")
     ap.add_argument("--gdn-T", default="8192,32768,131072")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

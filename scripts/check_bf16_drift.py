@@ -19,7 +19,7 @@ from pcp_jax.kernels.gdn import pallas_gpu  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
     args = parser.parse_args()
     cfg, params, ids, rel = demo_bf16_reference(args.tokens, 1)

@@ -343,7 +343,10 @@ def test_cli(dense, tmp_path, capsys):
     assert main_convert([path, str(tmp_path / "out"), "--dtype", "float32", "--no-progress"]) == 0
     assert is_orbax_dir(tmp_path / "out")
     assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 1
-    assert "pcp-jax convert: error: output folder" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pcp-jax: error: ") and "output folder" in err[0], err
+    assert main_convert([path, str(tmp_path / "out2"), "--no-prog"]) == 2  # the CLI's parser: no abbreviations
+    assert "unrecognized arguments: --no-prog" in capsys.readouterr().err
 
 
 # Bad inputs: a clear message and nothing at OUT_DIR ---------------------------------------------------
