@@ -260,11 +260,13 @@ class Model:
         cfg = self.cfg
         kv = 2 * len(cfg.attention_layers) * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.dtype).itemsize
         free, where = self._free_device_bytes(), "per device"
-        if free is None and self.mesh.devices.flat[0].platform == "cpu":  # CPU devices share the host's memory
-            free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.cp, "per CPU device (host memory)"
+        if free is None and self.mesh.devices.flat[0].platform == "cpu":
+            # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right
+            # now would refuse requests the page cache could make room for)
+            free, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.cp, "per CPU device (host memory)"
         if free is not None and kv > free:
             raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
-                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are free (use a larger cp, fewer "
+                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are available (use a larger cp, fewer "
                              f"tokens or a smaller batch)")
 
     def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
