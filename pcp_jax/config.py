@@ -2,7 +2,8 @@
 
 `ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` (model types `qwen3_5`, `qwen3_5_text`,
 `qwen3_5_moe`, `qwen3_5_moe_text`; multimodal configs nest the text model under `text_config`).
-`PRESETS` holds the real shapes used by benchmarks (random weights).
+`PRESETS` holds the shapes of every released Qwen3.5 size, 0.8B to 397B-A17B (for benchmarks with random
+weights, and for sizing with `pcp_jax.memory.memory_estimate` before loading anything).
 """
 
 from __future__ import annotations
@@ -342,19 +343,60 @@ def _every_fourth_full(num_layers: int) -> tuple[str, ...]:
     return tuple(LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(num_layers))
 
 
+def _qwen35(num_layers: int, **shape) -> ModelConfig:
+    """A released Qwen3.5 text model: what every size shares (vocabulary 248320, attention head_dim 256,
+    GDN key/value heads of 128 with 16 key heads, conv kernel 4, full attention every 4th layer, RoPE theta
+    1e7 on a quarter of each head, 262144 positions, EOS 248046 = <|im_end|>), plus the size's `shape`.
+    EOS is the top-level `eos_token_id` of the released multimodal config.json (what `from_hf` reads), as
+    copies of the 0.8B and 27B configs state it; the text_config's own is 248044 (<|endoftext|>)."""
+    return ModelConfig(
+        vocab_size=248320, num_layers=num_layers, layer_types=_every_fourth_full(num_layers), head_dim=256,
+        linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, conv_kernel=4,
+        rope_theta=10_000_000.0, partial_rotary_factor=0.25, max_position_embeddings=262144,
+        eos_token_id=248046, **shape)
+
+
+# Sources of each size's values (the issue's table was checked against them; none disagrees with it). No
+# config.json of Qwen/Qwen3.5-* itself is in reach of our search; these are copies and ports of them:
+#  [T] transformers' Qwen3_5TextConfig defaults, which are the 9B (vendored in vllm-project/vllm
+#      vllm/transformers_utils/configs/qwen3_5.py);
+#  [J] p-doom/omegalax omegalax/models/qwen3_5/config.py `_QWEN3_5_SPECS`: per-size overrides keyed by the
+#      Qwen/Qwen3.5-* repository ids (hidden, layers, heads, MLP or experts, GDN value heads, tied), the rest
+#      from its 397B-shaped defaults (GDN 16 x 128 / 64 x 128, conv 4, head_dim 256, theta 1e7, 1/4 rotary);
+#  [C] third-party copies of released config.json text_configs: 0.8B ("Qwen/Qwen3.5-0.8B@2fc06364
+#      config.json" in a test, and others), 4B (a Qwen3_5ForCausalLM export), 27B (a full Qwen3_5Config in a
+#      test; the 27B model card's hidden 5120 / 64 layers), 122B-A10B and 397B-A17B (several, agreeing);
+#  [M] moyuan5989/CortexLab tests/test_qwen3_5.py, "real config dicts for 0.8B and 2B" (not a config.json).
 PRESETS: dict[str, ModelConfig] = {
-    # transformers' default Qwen3_5TextConfig.
-    "qwen3.5-9b": ModelConfig(
-        vocab_size=248320, hidden_size=4096, num_layers=32, layer_types=_every_fourth_full(32),
-        num_heads=16, num_kv_heads=4, head_dim=256, intermediate_size=12288,
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-        rope_theta=10_000_000.0, max_position_embeddings=262144),
-    "qwen3.5-397b-a17b": ModelConfig(
-        vocab_size=248320, hidden_size=4096, num_layers=60, layer_types=_every_fourth_full(60),
-        num_heads=32, num_kv_heads=2, head_dim=256, intermediate_size=0,
-        linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
-        rope_theta=10_000_000.0, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
-        shared_expert_intermediate_size=1024, max_position_embeddings=262144),
+    # [J][C][M]: 1024 hidden, 24 layers, 8/2 heads, MLP 3584, GDN 16/16, tied.
+    "qwen3.5-0.8b": _qwen35(24, hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=3584,
+                            linear_num_value_heads=16, tie_word_embeddings=True),
+    # [J][M] only: no copy of its config.json was found (its GDN 16/16 is the least certain value).
+    # 2048 hidden, 24 layers, 8/2 heads, MLP 6144, GDN 16/16, tied.
+    "qwen3.5-2b": _qwen35(24, hidden_size=2048, num_heads=8, num_kv_heads=2, intermediate_size=6144,
+                          linear_num_value_heads=16, tie_word_embeddings=True),
+    # [J][C]: 2560 hidden, 32 layers, 16/4 heads, MLP 9216, GDN 16/32, tied.
+    "qwen3.5-4b": _qwen35(32, hidden_size=2560, num_heads=16, num_kv_heads=4, intermediate_size=9216,
+                          linear_num_value_heads=32, tie_word_embeddings=True),
+    # [T][J]: 4096 hidden, 32 layers, 16/4 heads, MLP 12288, GDN 16/32, untied.
+    "qwen3.5-9b": _qwen35(32, hidden_size=4096, num_heads=16, num_kv_heads=4, intermediate_size=12288,
+                          linear_num_value_heads=32),
+    # [J][C]: 5120 hidden, 64 layers, 24/4 heads, MLP 17408, GDN 16/48, untied.
+    "qwen3.5-27b": _qwen35(64, hidden_size=5120, num_heads=24, num_kv_heads=4, intermediate_size=17408,
+                           linear_num_value_heads=48),
+    # [J], and a partial copy (hidden, layers, heads, expert size).
+    # 2048 hidden, 40 layers, 16/2 heads, 256 experts top-8 of 512, shared 512, GDN 16/32, untied.
+    "qwen3.5-35b-a3b": _qwen35(40, hidden_size=2048, num_heads=16, num_kv_heads=2, intermediate_size=0,
+                               linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
+                               moe_intermediate_size=512, shared_expert_intermediate_size=512),
+    # [J][C]: 3072 hidden, 48 layers, 32/2 heads, 256 experts top-8 of 1024, shared 1024, GDN 16/64, untied.
+    "qwen3.5-122b-a10b": _qwen35(48, hidden_size=3072, num_heads=32, num_kv_heads=2, intermediate_size=0,
+                                 linear_num_value_heads=64, num_experts=256, num_experts_per_tok=8,
+                                 moe_intermediate_size=1024, shared_expert_intermediate_size=1024),
+    # [J][C]: 4096 hidden, 60 layers, 32/2 heads, 512 experts top-10 of 1024, shared 1024, GDN 16/64, untied.
+    "qwen3.5-397b-a17b": _qwen35(60, hidden_size=4096, num_heads=32, num_kv_heads=2, intermediate_size=0,
+                                 linear_num_value_heads=64, num_experts=512, num_experts_per_tok=10,
+                                 moe_intermediate_size=1024, shared_expert_intermediate_size=1024),
     # A small random model for `pcp-jax demo` and CPU experiments.
     "demo": ModelConfig(
         vocab_size=4096, hidden_size=256, num_layers=8, layer_types=_every_fourth_full(8),

@@ -326,6 +326,14 @@ class Model:
             out.append(host[:, np.argsort(token_permutation(host.shape[1], self.cp))][:, :n])
         return np.concatenate(out, axis=1)
 
+    def memory_report(self, budget_bytes: int | None = None) -> dict:
+        """Bytes per device of the weights, the KV cache per prompt token, the GDN state per sequence and one
+        prefill piece's activations, and the longest prompt that fits `budget_bytes` per device (default:
+        the device's memory limit where the backend reports it). Keys and units: pcp_jax.memory;
+        `pcp_jax.memory.format_memory_report` prints it."""
+        from pcp_jax import memory
+        return memory.memory_report(self, budget_bytes)
+
     # Prefix cache ---------------------------------------------------------------------------------
     def enable_prefix_cache(self, max_bytes: int | None = None, *, cache=None):
         """Keep the KV blocks and GDN states at the end of every prefill piece (within `max_bytes`, LRU),

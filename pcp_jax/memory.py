@@ -1,0 +1,190 @@
+"""Memory per device: weights, KV cache, GDN state, prefill activations, and the longest prompt that fits.
+
+Every figure is in bytes on ONE device of the `cp` mesh axis:
+- weights: every weight is replicated on every device (tensor parallelism would divide them);
+- KV cache: full-attention layers keep K and V of `num_kv_heads` heads of `head_dim` per token; prompt tokens
+  are split over `cp`, so a device holds 2 · n_attention · num_kv_heads · head_dim · dtype bytes / cp per
+  prompt token;
+- GDN state: per sequence, every GDN layer's conv window (K-1 tokens of conv_dim, in the model dtype) and
+  recurrent state (value heads x dk x dv, fp32), replicated;
+- activations: `engine.activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
+  of the piece held by this device (piece tokens / cp).
+
+`memory_report(model)` reads a built model (its actual weights, piece size and bucket ladder);
+`memory_estimate(cfg, ...)` computes the same from a ModelConfig alone, before any weight is allocated, with
+the piece size and bucket ladder a `Model` would pick by default. `max_prompt_tokens` is the longest single
+prompt (batch 1, no new tokens) whose weights + KV cache (as the engine allocates it: padded to the bucket
+and capacity ladders) + GDN state + one piece's activations fit `budget_bytes`; it ignores XLA's own
+buffers and fragmentation, and the decode room a `warmup` reserves, so leave some margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
+from pcp_jax.config import ModelConfig, param_shapes
+from pcp_jax.engine import _DTYPES, CPU_PREFILL_BUDGET, activation_bytes_per_token
+
+_NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
+
+
+def kv_bytes_per_token(cfg: ModelConfig, cp: int, dtype_bytes: int) -> float:
+    """KV-cache bytes one device holds per prompt token (K and V of every full-attention layer, 1/cp of
+    the tokens)."""
+    return 2 * len(cfg.attention_layers) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes / cp
+
+
+def gdn_state_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of one sequence's GDN state on each device: conv windows (model dtype) + fp32 recurrent states
+    of every GDN layer (replicated over cp)."""
+    conv = (cfg.conv_kernel - 1) * cfg.conv_dim * dtype_bytes
+    recurrent = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    return len(cfg.gdn_layers) * (conv + recurrent)
+
+
+def config_weights_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of every parameter of `cfg` in one dtype (all weights are cast to the model dtype at load)."""
+    return sum(math.prod(shape) for shape in param_shapes(cfg).values()) * dtype_bytes
+
+
+def state_bytes_per_device(state) -> int:
+    """Bytes of a model state's leaves on one device (each leaf's first addressable shard)."""
+    return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
+
+
+def default_prefill_budget(weights_bytes: int, budget_bytes: int | None) -> int:
+    """The activation budget a `Model` picks by default: 40% of the device memory left after the weights
+    (0 when they do not fit), or CPU_PREFILL_BUDGET where the memory is not known."""
+    return CPU_PREFILL_BUDGET if budget_bytes is None else max(0, int(0.4 * (budget_bytes - weights_bytes)))
+
+
+def auto_piece_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, prefill_budget_bytes: int) -> int:
+    """The piece length (tokens over all of cp) of chunk_size="auto" for an activation budget per device,
+    as `Model` computes it."""
+    unit = 2 * cp * 64
+    per_token = activation_bytes_per_token(cfg, dtype_bytes)
+    return ladder_down(max(unit, prefill_budget_bytes // per_token * cp), unit)
+
+
+def prompt_bytes(cfg: ModelConfig, cp: int, dtype_bytes: int, n: int, piece_tokens: int,
+                 bucket_steps: int | None) -> int:
+    """Bytes per device beyond the weights that prefilling one prompt of n tokens needs: the KV cache as
+    the engine allocates it (pieces padded to the bucket ladder, slots to the capacity ladder), the GDN
+    state, and one piece's activations. A prompt longer than one piece is charged the largest piece (that of
+    a prompt exactly `piece_tokens` long: its own pieces are at most that), which keeps the figure
+    non-decreasing in n."""
+    plan = lambda tokens: plan_pieces(tokens, cp, "auto", piece_tokens, steps=bucket_steps)
+    pieces = plan(n)
+    slots = capacity(pieces.count * pieces.n_pad // cp)
+    kv = 2 * len(cfg.attention_layers) * slots * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    active = pieces.n_pad if pieces.count == 1 else plan(piece_tokens).n_pad
+    return kv + gdn_state_bytes(cfg, dtype_bytes) + activation_bytes_per_token(cfg, dtype_bytes) * active // cp
+
+
+def max_prompt_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, weights_bytes: int, budget_bytes: int,
+                      piece_tokens: int, bucket_steps: int | None) -> int:
+    """The longest prompt (batch 1, no new tokens, at most max_position_embeddings) whose weights +
+    `prompt_bytes` fit `budget_bytes` per device; 0 when not even one token fits."""
+    room = budget_bytes - weights_bytes
+    lo, hi = 0, cfg.max_position_embeddings or _NO_POSITION_LIMIT
+    while lo < hi:  # invariant: lo fits (or is 0); everything above hi does not
+        mid = (lo + hi + 1) // 2
+        if prompt_bytes(cfg, cp, dtype_bytes, mid, piece_tokens, bucket_steps) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_bytes: int | None,
+            prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None) -> dict:
+    b = jnp.dtype(_DTYPES[dtype]).itemsize
+    per_local_token = activation_bytes_per_token(cfg, b)
+    return {
+        "cp": cp,
+        "dtype": dtype,
+        "weights_bytes": weights_bytes,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b),
+        "gdn_state_bytes_per_sequence": gdn_state_bytes(cfg, b),
+        "activation_bytes_per_local_token": per_local_token,
+        "prefill_budget_bytes": prefill_budget_bytes,
+        "piece_tokens": piece_tokens,
+        "piece_activation_bytes": per_local_token * piece_tokens // cp,
+        "budget_bytes": budget_bytes,
+        "max_prompt_tokens": None if budget_bytes is None else max_prompt_tokens(
+            cfg, cp, b, weights_bytes, budget_bytes, piece_tokens, bucket_steps),
+    }
+
+
+def _check_budget(budget_bytes) -> None:
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer))
+                                     or budget_bytes <= 0):
+        raise ValueError(f"budget_bytes={budget_bytes!r} must be a positive integer (bytes per device) or None")
+
+
+def device_memory_limit(mesh) -> int | None:
+    """The memory limit in bytes of one of this process's devices in `mesh` (None where the backend does not
+    report it, e.g. CPU)."""
+    mine = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    stats = mine.memory_stats() if hasattr(mine, "memory_stats") else None
+    return stats["bytes_limit"] if stats and "bytes_limit" in stats else None
+
+
+def memory_report(model, budget_bytes: int | None = None) -> dict:
+    """Memory per device of a built `engine.Model` (keys and units: `memory_estimate`). Weights are the bytes
+    of the model's state on one device; `budget_bytes` defaults to the device's memory limit where the
+    backend reports it."""
+    _check_budget(budget_bytes)
+    if budget_bytes is None:
+        budget_bytes = device_memory_limit(model.mesh)
+    return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model._state), budget_bytes,
+                   model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps)
+
+
+def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budget_bytes: int | None = None) -> dict:
+    """Memory per device of `cfg` on a `cp` mesh, from the config alone (nothing is allocated), for a `Model`
+    with default settings on devices of `budget_bytes` memory each (None: unknown, as on CPU). Returns:
+    cp, dtype; weights_bytes; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
+    activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
+    (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
+    (None without a budget). All sizes are bytes per device."""
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"cp={cp!r} must be a positive integer")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
+    _check_budget(budget_bytes)
+    b = jnp.dtype(_DTYPES[dtype]).itemsize
+    weights = config_weights_bytes(cfg, b)
+    prefill_budget = default_prefill_budget(weights, budget_bytes)
+    return _report(cfg, cp, dtype, weights, budget_bytes, prefill_budget,
+                   auto_piece_tokens(cfg, cp, b, prefill_budget), STEPS)
+
+
+def format_memory_report(report: dict) -> str:
+    """A short table of a `memory_report` / `memory_estimate` result, sizes in GiB (MiB below 1 GiB)."""
+    def size(n) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+    budget = report["budget_bytes"]
+    if budget is None:
+        longest = "unknown (no budget)"
+    elif report["weights_bytes"] > budget:
+        longest = "0 tokens (the weights alone exceed the budget)"
+    else:
+        longest = f"{report['max_prompt_tokens']} tokens"
+    rows = [
+        ("weights", size(report["weights_bytes"])),
+        ("KV cache per prompt token", f"{report['kv_bytes_per_token'] / 2**10:.2f} KiB"),
+        ("GDN state per sequence", size(report["gdn_state_bytes_per_sequence"])),
+        ("prefill piece", f"{report['piece_tokens']} tokens, {size(report['piece_activation_bytes'])} activations"),
+        ("budget", "unknown" if budget is None else size(budget)),
+        ("longest prompt that fits", longest),
+    ]
+    width = max(len(name) for name, _ in rows)
+    head = f"memory per device (cp={report['cp']}, {report['dtype']})"
+    return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])
