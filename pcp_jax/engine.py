@@ -490,7 +490,9 @@ class Model:
         Afterwards `prefill`, `generate` (max_new_tokens <= this one) and `logits` of any such length
         compile nothing new: every prefill reserves at least this decode room from now on, so all requests
         share the warmed capacities. Programs are traced one by one and compiled by `workers` threads (XLA
-        compiles without the GIL). Returns {"programs", "seconds"}."""
+        compiles without the GIL). Enable the prefix cache first if it is to be used: with it on,
+        `chunk_size="auto"` cuts long prompts into fixed pieces, which are other programs. Returns
+        {"programs", "seconds"}."""
         import time
 
         from tqdm import tqdm
