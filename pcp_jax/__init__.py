@@ -22,4 +22,5 @@ def load_model(path, *, cp: int = 1, dtype: str = "bfloat16", mesh=None, kernels
         cfg, params, options["weights_digest"] = load_params_with_digest(path, dtype, sharding)
     else:  # hashed only if the prefix cache asks for a fingerprint
         cfg, params = load_params(path, dtype, sharding)
-    return Model(cfg, params, mesh=mesh, dtype=dtype, kernels=kernels, gdn_strategy=gdn_strategy, **options)
+    return Model(cfg, params, mesh=mesh, dtype=dtype, kernels=kernels, gdn_strategy=gdn_strategy,
+                 consume_params=True, **options)

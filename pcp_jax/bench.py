@@ -90,7 +90,8 @@ def bench_ours(args, cfg, lengths):
     t0 = time.perf_counter()
     params = random_params(cfg, seed=0, dtype=jax.numpy.bfloat16)
     try:
-        model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy)
+        model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy,
+                      consume_params=True)
     except ValueError as e:  # --cp beyond the visible devices, a strategy the shape cannot take: flags
         from pcp_jax.cli import UsageError
         raise UsageError(str(e)) from None

@@ -91,12 +91,14 @@ class Model:
     fewer: fewer programs to warm up, more padding); None pads prompts only to a multiple of 2·C·64 tokens
     (the least padding, but a program per length). `compile_cache_dir`: JAX's persistent compilation cache
     folder, "off", or None for the default (pcp_jax.compile_cache). `weights_digest`: a digest of the
-    weights already known (stored at conversion), so `fingerprint` need not hash them."""
+    weights already known (stored at conversion), so `fingerprint` need not hash them.
+    `consume_params`: empty `params` while building, so that no weight is held twice at load (the layer
+    stacking makes new arrays; without it the caller's arrays stay alive until the caller drops them)."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
                  prefill_budget_bytes: int | None = None, scan_decode: bool = False, bucket_steps: int | None = STEPS,
-                 compile_cache_dir=None, weights_digest: bytes | None = None):
+                 compile_cache_dir=None, weights_digest: bytes | None = None, consume_params: bool = False):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
         if kernels not in KERNEL_CHOICES:
@@ -123,7 +125,7 @@ class Model:
         self.bucket_steps = bucket_steps
         self._weights_digest = weights_digest
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
-        module = Qwen35(cfg, params, self.dtype)
+        module = Qwen35(cfg, params, self.dtype, consume=consume_params)
         self._graphdef, state = nnx.split(module)
         self._state = _replicate(state, NamedSharding(mesh, REPLICATED))
         self._fns: dict = {}

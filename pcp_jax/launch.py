@@ -523,7 +523,7 @@ def build_model(args, mesh, cfg=None):
             raise LaunchError(f"--model={args.model!r} cannot be loaded: {e}") from None
     cfg = cfg or _model_shape(args)
     params = random_params(cfg, args.seed, {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype])
-    return pcp_jax.Model(cfg, params, **kw)
+    return pcp_jax.Model(cfg, params, consume_params=True, **kw)
 
 
 def run(args, distributed: bool, prepared=None) -> int:

@@ -344,6 +344,14 @@ class LayerPlan:
         return self.ordinal(j) + g * per_group
 
 
+class _TakeOnRead(dict):
+    """A params dict whose tensors leave it when read: once a tensor is placed or stacked, only the model
+    holds it."""
+
+    def __getitem__(self, name):
+        return self.pop(name)
+
+
 def _stacked_params(params: dict, plan: LayerPlan, dtype) -> dict:
     """`group.{j}.<name>` -> the weights of layers j, p + j, 2p + j, ... stacked on a new leading axis,
     one tensor at a time (each cast to `dtype` first, so the stack is built once in the model dtype)."""
@@ -364,8 +372,13 @@ class Qwen35(nnx.Module):
     """The text model. `params` is the flat dict of the checkpoint contract; arrays are cast to `dtype`.
     Layers are stacked per `LayerPlan` here, at load: the contract on disk stays flat per layer."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16):
+    def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16, consume: bool = False):
+        """`consume`: take the tensors out of `params` (the dict is emptied) as they are placed and stacked,
+        so that no weight is held twice during the build (stacking makes new arrays)."""
         self.cfg = cfg
+        if consume:
+            params, original = _TakeOnRead(params), params
+            original.clear()
         expected = set(param_shapes(cfg))
         extra = sorted(set(params) - expected)
         if extra:

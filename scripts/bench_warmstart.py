@@ -45,7 +45,8 @@ def main() -> int:
         lambda event, secs, **_: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None)
     cfg = preset(args.preset)
     t0 = time.perf_counter()
-    model = Model(cfg, random_params(cfg, seed=0, dtype=jax.numpy.bfloat16), cp=args.cp, dtype="bfloat16")
+    model = Model(cfg, random_params(cfg, seed=0, dtype=jax.numpy.bfloat16), cp=args.cp, dtype="bfloat16",
+                  consume_params=True)
     print(f"model built in {time.perf_counter() - t0:.1f} s; auto piece {model.auto_piece_tokens} tokens "
           f"(budget {model.prefill_budget_bytes / 2**30:.1f} GiB per device)", flush=True)
     rng = np.random.default_rng(args.seed)

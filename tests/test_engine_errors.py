@@ -111,3 +111,24 @@ def test_scanned_and_unrolled_decode_agree(tiny):
             tok = trace[-1].argmax(-1).astype(np.int32)
         runs.append(np.stack(trace))
     assert rel_err(runs[0], runs[1]) <= 1e-6
+
+
+def test_consumed_params_are_never_held_twice():
+    """Stacking the layers makes new arrays: with consume_params the caller's dict gives its tensors up,
+    so after the build the live arrays are the model's weights once (without it, twice)."""
+    import jax
+    cfg = tiny_config(num_layers=8, layer_types=("linear_attention", "full_attention") * 4)
+    weights = sum(np.asarray(a).nbytes for a in tiny_params(cfg).values())
+
+    def live_bytes_after_build(consume):  # arrays other tests left alive are not counted
+        live = lambda: sum(a.nbytes for a in jax.live_arrays())
+        before = live()
+        params = {k: jax.numpy.asarray(v) for k, v in tiny_params(cfg).items()}
+        model = Model(cfg, params, dtype="float32", consume_params=consume)
+        assert (len(params) == 0) == consume
+        grown = live() - before
+        del model, params
+        return grown
+
+    assert live_bytes_after_build(True) <= 1.05 * weights
+    assert live_bytes_after_build(False) >= 1.8 * weights
