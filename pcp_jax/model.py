@@ -405,14 +405,12 @@ class Qwen35(nnx.Module):
         compiled body), or with `scan=False` unrolled with static group indices (the weights and cache
         entries of each layer are then static slices of the stacked arrays)."""
         plan = self.plan
+        graphdef, stacked = nnx.split(self.group)
         if plan.groups and not scan:
-            graphdef, stacked = nnx.split(self.group)
             for g in range(plan.groups):
                 for j, layer in enumerate(nnx.merge(graphdef, jax.tree.map(lambda a: a[g], stacked))):
                     x, caches = step(layer, x, caches, plan.group_index(j, g))
         elif plan.groups:
-            graphdef, stacked = nnx.split(self.group)
-
             def body(carry, xs):
                 x, caches = carry
                 g, weights = xs
