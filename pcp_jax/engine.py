@@ -26,18 +26,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pcp_jax import compile_cache
-from pcp_jax.buckets import STEPS, Pieces, capacity, decode_room, ladder_down, plan_pieces
+from pcp_jax.buckets import STEPS, Pieces, capacity, decode_room, plan_pieces
 from pcp_jax.config import ModelConfig
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.backend import preload_gpu_backends
+from pcp_jax.memory import DTYPES, auto_piece_tokens, default_prefill_budget, device_memory_stats, kv_bytes_per_token
 from pcp_jax.model import History, Qwen35, _write_slot, empty_caches
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.zigzag import local_positions, rank_index, token_permutation
 from pcp_jax.sharding import CACHES, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS
 from pcp_jax.sharding import CP_AXIS as AXIS
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 
 def make_mesh(cp: int, devices=None) -> Mesh:
@@ -63,22 +62,6 @@ class PrefillResult:
     prefill_slots: int         # slots per rank written by prefill; decode appends after them
 
 
-def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """A bound on the prefill temporaries per local token of one piece (the widest layer's live arrays,
-    doubled for XLA's buffers), used to size `chunk_size="auto"` pieces; the piece's logits are extra."""
-    b, D = dtype_bytes, cfg.hidden_size
-    H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    gdn = 2 * cfg.conv_dim * b + 2 * cfg.linear_key_dim * 4 + H * (dv + dk) * (b + 4) + H * dv * (4 + b) + 2 * H * 4
-    attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + 3 * cfg.num_heads * cfg.head_dim * 4
-    if cfg.is_moe:
-        k = cfg.num_experts_per_tok
-        mlp = k * (2 * D + 3 * cfg.moe_intermediate_size) * b + cfg.num_experts * 4 \
-            + 3 * cfg.shared_expert_intermediate_size * b
-    else:
-        mlp = 3 * cfg.intermediate_size * b
-    return 2 * (4 * D * b + max(gdn, attn, mlp))
-
-
 class Model:
     """A Qwen3.5 model placed on a `cp` mesh. Build it with `pcp_jax.load_model` or `Model(cfg, params)`.
 
@@ -99,8 +82,8 @@ class Model:
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
                  prefill_budget_bytes: int | None = None, scan_decode: bool = False, bucket_steps: int | None = STEPS,
                  compile_cache_dir=None, weights_digest: bytes | None = None, consume_params: bool = False):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; expected one of {list(KERNEL_CHOICES)}")
         if prefill_budget_bytes is not None and (not isinstance(prefill_budget_bytes, (int, np.integer))
@@ -117,7 +100,7 @@ class Model:
         self.cfg, self.mesh, self.dtype_name = cfg, mesh, dtype
         self.cp = mesh.shape[AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
         if bucket_steps is not None and (isinstance(bucket_steps, bool) or not isinstance(bucket_steps, (int, np.integer))
                                          or bucket_steps < 1 or bucket_steps & (bucket_steps - 1)):
@@ -132,22 +115,16 @@ class Model:
         self._prefix_cache = None
         self._fingerprint = None
         self._room_floor = 0  # decode slots every prefill reserves at least (set by warmup)
-        self.prefill_budget_bytes = prefill_budget_bytes or self._default_budget()
-        unit = 2 * self.cp * 64
-        per_token = activation_bytes_per_token(cfg, jnp.dtype(self.dtype).itemsize)
-        self.auto_piece_tokens = ladder_down(max(unit, self.prefill_budget_bytes // per_token * self.cp), unit)
-
-    def _default_budget(self) -> int:
-        free = self._free_device_bytes()
-        return CPU_PREFILL_BUDGET if free is None else int(0.4 * free)
+        if prefill_budget_bytes is None:  # 40% of what the weights left free (pcp_jax.memory)
+            stats = device_memory_stats(mesh) or {}
+            prefill_budget_bytes = default_prefill_budget(stats.get("bytes_in_use", 0), stats.get("bytes_limit"))
+        self.prefill_budget_bytes = prefill_budget_bytes
+        self.auto_piece_tokens = auto_piece_tokens(cfg, self.cp, jnp.dtype(self.dtype).itemsize, prefill_budget_bytes)
 
     def _free_device_bytes(self) -> int | None:
         """Free memory of one of this process's devices in the mesh (None where the backend does not say)."""
-        mine = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
-        stats = mine.memory_stats() if hasattr(mine, "memory_stats") else None
-        if stats and "bytes_limit" in stats:
-            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return None
+        stats = device_memory_stats(self.mesh)
+        return None if stats is None else stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
     # Input checks ---------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +236,7 @@ class Model:
         if limit and n + max_new_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                              f"{limit} positions (max_position_embeddings)")
-        cfg = self.cfg
-        kv = 2 * len(cfg.attention_layers) * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.dtype).itemsize
+        kv = kv_bytes_per_token(self.cfg, 1, jnp.dtype(self.dtype).itemsize) * batch * slots  # slots: per rank
         free, where = self._free_device_bytes(), "per device"
         if free is None and self.mesh.devices.flat[0].platform == "cpu":
             # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right

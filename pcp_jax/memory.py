@@ -7,7 +7,7 @@ Every figure is in bytes on ONE device of the `cp` mesh axis:
   prompt token;
 - GDN state: per sequence, every GDN layer's conv window (K-1 tokens of conv_dim, in the model dtype) and
   recurrent state (value heads x dk x dv, fp32), replicated;
-- activations: `engine.activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
+- activations: `activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
   of the piece held by this device (piece tokens / cp).
 
 `memory_report(model)` reads a built model (its actual weights, piece size and bucket ladder);
@@ -28,9 +28,27 @@ import numpy as np
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig, param_shapes
-from pcp_jax.engine import _DTYPES, CPU_PREFILL_BUDGET, activation_bytes_per_token
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
+CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
+
+
+def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """A bound on the prefill temporaries per local token of one piece (the widest layer's live arrays,
+    doubled for XLA's buffers), used to size `chunk_size="auto"` pieces; the piece's logits are extra."""
+    b, D = dtype_bytes, cfg.hidden_size
+    H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    gdn = 2 * cfg.conv_dim * b + 2 * cfg.linear_key_dim * 4 + H * (dv + dk) * (b + 4) + H * dv * (4 + b) + 2 * H * 4
+    attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + 3 * cfg.num_heads * cfg.head_dim * 4
+    if cfg.is_moe:
+        k = cfg.num_experts_per_tok
+        mlp = k * (2 * D + 3 * cfg.moe_intermediate_size) * b + cfg.num_experts * 4 \
+            + 3 * cfg.shared_expert_intermediate_size * b
+    else:
+        mlp = 3 * cfg.intermediate_size * b
+    return 2 * (4 * D * b + max(gdn, attn, mlp))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, cp: int, dtype_bytes: int) -> float:
@@ -103,7 +121,7 @@ def max_prompt_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, weights_bytes
 
 def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_bytes: int | None,
             prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None) -> dict:
-    b = jnp.dtype(_DTYPES[dtype]).itemsize
+    b = jnp.dtype(DTYPES[dtype]).itemsize
     per_local_token = activation_bytes_per_token(cfg, b)
     return {
         "cp": cp,
@@ -127,12 +145,18 @@ def _check_budget(budget_bytes) -> None:
         raise ValueError(f"budget_bytes={budget_bytes!r} must be a positive integer (bytes per device) or None")
 
 
-def device_memory_limit(mesh) -> int | None:
-    """The memory limit in bytes of one of this process's devices in `mesh` (None where the backend does not
-    report it, e.g. CPU)."""
+def device_memory_stats(mesh) -> dict | None:
+    """The allocator's statistics of one of this process's devices in `mesh` (bytes_limit, bytes_in_use, ...),
+    or None where the backend does not report a limit (e.g. CPU)."""
     mine = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     stats = mine.memory_stats() if hasattr(mine, "memory_stats") else None
-    return stats["bytes_limit"] if stats and "bytes_limit" in stats else None
+    return stats if stats and "bytes_limit" in stats else None
+
+
+def device_memory_limit(mesh) -> int | None:
+    """The memory limit in bytes of one of this process's devices in `mesh` (None where not reported)."""
+    stats = device_memory_stats(mesh)
+    return None if stats is None else stats["bytes_limit"]
 
 
 def memory_report(model, budget_bytes: int | None = None) -> dict:
@@ -155,10 +179,10 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
     (None without a budget). All sizes are bytes per device."""
     if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
         raise ValueError(f"cp={cp!r} must be a positive integer")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
     _check_budget(budget_bytes)
-    b = jnp.dtype(_DTYPES[dtype]).itemsize
+    b = jnp.dtype(DTYPES[dtype]).itemsize
     weights = config_weights_bytes(cfg, b)
     prefill_budget = default_prefill_budget(weights, budget_bytes)
     return _report(cfg, cp, dtype, weights, budget_bytes, prefill_budget,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import pcp_jax
+import pcp_jax.memory
 from pcp_jax.buckets import Pieces, ladder, ladder_up, plan_pieces
 from pcp_jax.engine import Model, to_host
 from pcp_jax.model import LayerPlan
@@ -121,7 +122,7 @@ def test_auto_pieces_equal_one_shot_and_warm_up_too():
     cfg = tiny_config()
     params = tiny_params(cfg, seed=6)
     # A budget that fits 512 tokens per piece at cp=2, so longer prompts go in equal pieces.
-    per_token = pcp_jax.engine.activation_bytes_per_token(cfg, 4)
+    per_token = pcp_jax.memory.activation_bytes_per_token(cfg, 4)
     model = Model(cfg, params, cp=2, dtype="float32", prefill_budget_bytes=per_token * 300)
     assert model.auto_piece_tokens == 512
     model.warmup(1100, batch_sizes=(3,), max_new_tokens=2, logits=False, progress=False)
