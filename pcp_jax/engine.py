@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pcp_jax import compile_cache
 from pcp_jax.buckets import STEPS, Pieces, capacity, decode_room, plan_pieces
-from pcp_jax.config import ModelConfig
+from pcp_jax.config import ModelConfig, _is_int
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.backend import preload_gpu_backends
 from pcp_jax.memory import DTYPES, auto_piece_tokens, default_prefill_budget, device_memory_stats, kv_bytes_per_token
@@ -86,8 +86,7 @@ class Model:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; expected one of {list(KERNEL_CHOICES)}")
-        if prefill_budget_bytes is not None and (not isinstance(prefill_budget_bytes, (int, np.integer))
-                                                 or prefill_budget_bytes <= 0):
+        if prefill_budget_bytes is not None and not (_is_int(prefill_budget_bytes) and prefill_budget_bytes > 0):
             raise ValueError(f"prefill_budget_bytes={prefill_budget_bytes!r} must be a positive integer")
         resolve_strategy(gdn_strategy, 0, 1)  # validates the name
         if mesh is None:
@@ -102,8 +101,8 @@ class Model:
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
-        if bucket_steps is not None and (isinstance(bucket_steps, bool) or not isinstance(bucket_steps, (int, np.integer))
-                                         or bucket_steps < 1 or bucket_steps & (bucket_steps - 1)):
+        if bucket_steps is not None and not (_is_int(bucket_steps) and bucket_steps >= 1
+                                             and not bucket_steps & (bucket_steps - 1)):
             raise ValueError(f"bucket_steps={bucket_steps!r} must be a power of two (lengths per doubling) or None")
         self.bucket_steps = bucket_steps
         self._weights_digest = weights_digest
@@ -220,7 +219,7 @@ class Model:
 
     def _pieces(self, n: int, chunk_size) -> Pieces:
         if not (chunk_size is None or chunk_size == "auto"
-                or (isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool) and chunk_size >= 1)):
+                or (_is_int(chunk_size) and chunk_size >= 1)):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer, 'auto' or None")
         return plan_pieces(n, self.cp, chunk_size, self.auto_piece_tokens, fixed=self._prefix_cache is not None,
                            steps=self.bucket_steps)
@@ -290,7 +289,7 @@ class Model:
         so activation memory follows the piece, not the prompt: `chunk_size="auto"` (default) uses one
         piece up to `auto_piece_tokens` and equal pieces above it, an int S pieces of S tokens, None one
         piece. Returns next-token logits and caches with room for `max_new_tokens` decode steps."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         return self._run_prefill(input_ids, max_new_tokens, chunk_size, all_logits=False)[0]
 
@@ -331,7 +330,13 @@ class Model:
         one tensor at a time, on first use)."""
         if self._fingerprint is None:
             import hashlib
-            weights = self._weights_digest or _state_digest(self._state)
+
+            from pcp_jax.loading import weights_digest
+            # Each leaf is replicated: this process's first shard is the whole tensor (a device array, copied
+            # to the host only while it is hashed).
+            weights = self._weights_digest or weights_digest(
+                {jax.tree_util.keystr(path): leaf.addressable_shards[0].data
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(self._state)[0]})
             self._fingerprint = hashlib.sha256(repr(self.cfg).encode() + weights).digest()
         return self._fingerprint
 
@@ -395,7 +400,7 @@ class Model:
         and returns next-token logits [B, V] fp32."""
         C = self.cp
         B = len(state.lengths)
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        if not (_is_int(step) and step >= 0):
             raise ValueError(f"step={step!r} must be a non-negative integer (0 for the first token after prefill)")
         slot = state.prefill_slots + step // C
         if slot >= state.slots_per_rank:
@@ -425,7 +430,7 @@ class Model:
         row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
         EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made.
         `chunk_size` feeds the prompt in pieces (see `prefill`)."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         temperature, top_k, top_p, seed = _sampling_args(temperature, top_k, top_p, seed, self.cfg.vocab_size)
         ids, lengths = self._as_batch(input_ids)
@@ -474,12 +479,12 @@ class Model:
         import time
 
         from tqdm import tqdm
-        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not (_is_int(max_tokens) and max_tokens >= 1):
             raise ValueError(f"max_tokens={max_tokens!r} must be a positive integer")
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         sizes = list(batch_sizes)
-        if not sizes or any(not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 for b in sizes):
+        if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
             raise ValueError(f"batch_sizes={batch_sizes!r} must be positive integers")
         t0 = time.perf_counter()
         self._room_floor = max(self._room_floor, decode_room(max_new_tokens, self.cp))
@@ -551,13 +556,12 @@ def _sampling_args(temperature, top_k, top_p, seed, vocab: int):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or not 1 <= top_k <= vocab):
+    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= vocab):
         raise ValueError(f"top_k={top_k!r} must be an integer in 1..{vocab} (the vocabulary size)")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    if not (_is_int(seed) and 0 <= seed < 2**32):
         raise ValueError(f"seed={seed!r} must be an integer in 0..2**32-1")
     return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p), int(seed)
 
@@ -579,18 +583,6 @@ def _replicate(tree, sharding: NamedSharding):
     return jax.tree.map(leaf, tree)
 
 
-def _state_digest(state) -> bytes:
-    """sha256 of every weight of a model state: path, dtype, shape and bytes, one tensor at a time (each
-    leaf is replicated, so this process's first shard is the whole tensor)."""
-    import hashlib
-    h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(state)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
-        host = np.asarray(leaf.addressable_shards[0].data)
-        h.update(f"{jax.tree_util.keystr(path)}|{host.dtype}|{host.shape}|".encode())
-        h.update(np.ascontiguousarray(host).tobytes())
-    return h.digest()
-
-
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as numpy on every process (gathers across processes when needed)."""
     if x.is_fully_addressable or x.is_fully_replicated:
@@ -603,12 +595,12 @@ def _eos_set(eos, vocab: int) -> set[int]:
     """EOS ids as a set: None, one id, or a sequence of ids, each in [0, vocab)."""
     if eos is None:
         return set()
-    items = [eos] if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool) else eos
+    items = [eos] if _is_int(eos) else eos
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset, np.ndarray)):
         raise ValueError(f"eos_token_id={eos!r} must be a token id or a list of token ids")
     out = set()
     for e in items:
-        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < vocab:
+        if not (_is_int(e) and 0 <= e < vocab):
             raise ValueError(f"eos_token_id={eos!r}: {e!r} is not a token id in [0, {vocab})")
         out.add(int(e))
     return out
