@@ -1,14 +1,17 @@
 """Memory per device: weights, KV cache, GDN state, prefill activations, and the longest prompt that fits.
 
-Every figure is in bytes on ONE device of the `cp` mesh axis:
-- weights: every weight is replicated on every device (tensor parallelism would divide them);
+Every figure is in bytes on ONE device of the ("cp", "tp") mesh (cp·tp devices; tp = 1 is the plain cp mesh):
+- weights: replicated over `cp`; over `tp`, split Megatron-style by the table `TP_SPLIT_AXIS` (heads,
+  intermediate, experts, vocabulary; norms, router and shared_gate replicated). KV heads and GDN key heads
+  fewer than tp are replicated so that each rank holds one (`heads_per_device`);
 - KV cache: full-attention layers keep K and V of `num_kv_heads` heads of `head_dim` per token; prompt tokens
-  are split over `cp`, so a device holds 2 · n_attention · num_kv_heads · head_dim · dtype bytes / cp per
-  prompt token;
-- GDN state: per sequence, every GDN layer's conv window (K-1 tokens of conv_dim, in the model dtype) and
-  recurrent state (value heads x dk x dv, fp32), replicated;
+  are split over `cp` and heads over `tp`, so a device holds
+  2 · n_attention · heads_per_device(num_kv_heads, tp) · head_dim · dtype bytes / cp per prompt token;
+- GDN state: per sequence, every GDN layer's conv window (K-1 tokens of the rank's conv channels, in the model
+  dtype) and recurrent state (value heads / tp x dk x dv, fp32), replicated over cp;
 - activations: `activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
   of the piece held by this device (piece tokens / cp).
+These functions do not check that `tp` divides the shapes (`pcp_jax.parallel.tensor` does); they assume it.
 
 `memory_report(model)` reads a built model (its actual weights, piece size and bucket ladder);
 `memory_estimate(cfg, ...)` computes the same from a ModelConfig alone, before any weight is allocated, with
@@ -34,40 +37,106 @@ CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto
 
 _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
 
+# How tensor parallelism lays out each tensor of the checkpoint contract (`pcp_jax.config.param_shapes`; layer
+# tensors by the name after "layers.<i>."): the axis split over tp, or None where every tp rank holds it whole.
+# Full attention: q_proj columns per head [query|gate] and o_proj rows follow the query heads, k/v_proj the KV
+# heads; GDN: value heads with their key heads (in_proj_qkv / conv_weight columns are conv channels); dense MLP
+# and shared expert: the intermediate; routed experts: whole experts (expert parallel); vocabulary: embed rows,
+# lm_head columns.
+TP_SPLIT_AXIS: dict[str, int | None] = {
+    "embed": 0, "final_norm": None, "lm_head": 1,
+    "input_norm": None, "post_norm": None,
+    "attn.q_proj": 1, "attn.k_proj": 1, "attn.v_proj": 1, "attn.o_proj": 0,
+    "attn.q_norm": None, "attn.k_norm": None,
+    "gdn.in_proj_qkv": 1, "gdn.conv_weight": 1, "gdn.in_proj_z": 1, "gdn.in_proj_b": 1, "gdn.in_proj_a": 1,
+    "gdn.A_log": 0, "gdn.dt_bias": 0, "gdn.norm": None, "gdn.out_proj": 0,
+    "mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 0,
+    "moe.router": None, "moe.gate_proj": 0, "moe.up_proj": 0, "moe.down_proj": 0,
+    "moe.shared.gate_proj": 1, "moe.shared.up_proj": 1, "moe.shared.down_proj": 0, "moe.shared_gate": None,
+}
 
-def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """A bound on the prefill temporaries per local token of one piece (the widest layer's live arrays,
-    doubled for XLA's buffers), used to size `chunk_size="auto"` pieces; the piece's logits are extra."""
+
+def heads_per_device(heads: int, tp: int) -> int:
+    """KV heads (or GDN key heads) one tp rank holds: heads/tp, or one replicated head where heads < tp."""
+    return max(heads, tp) // tp
+
+
+def conv_channels_per_device(cfg: ModelConfig, tp: int) -> int:
+    """GDN conv channels ([q|k|v] columns of in_proj_qkv and conv_weight) one tp rank holds:
+    (2 · max(Hk, tp) · dk + Hv · dv) / tp."""
+    return 2 * heads_per_device(cfg.linear_num_key_heads, tp) * cfg.linear_key_head_dim \
+        + cfg.linear_num_value_heads // tp * cfg.linear_value_head_dim
+
+
+def tp_rule(name: str) -> str:
+    """The key of `TP_SPLIT_AXIS` for a contract tensor name ("layers.3.attn.q_proj" -> "attn.q_proj")."""
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+def local_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """The shape of contract tensor `name` (full shape `shape`) on one tp rank: its split axis divided by tp,
+    except k/v_proj (KV heads, replicated below tp) and in_proj_qkv/conv_weight (conv channels, key heads
+    replicated below tp)."""
+    rule = tp_rule(name)
+    axis = TP_SPLIT_AXIS[rule]
+    if axis is None or tp == 1:
+        return shape
+    if rule in ("attn.k_proj", "attn.v_proj"):
+        width = heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim
+    elif rule in ("gdn.in_proj_qkv", "gdn.conv_weight"):
+        width = conv_channels_per_device(cfg, tp)
+    else:
+        width = shape[axis] // tp
+    return shape[:axis] + (width,) + shape[axis + 1:]
+
+
+def weights_bytes_per_device(cfg: ModelConfig, tp: int, dtype_bytes: int) -> int:
+    """Bytes of the parameters one device holds under tensor parallelism `tp` (every tensor's `local_shape`),
+    in one dtype (all weights are cast to the model dtype at load). tp = 1: the whole model."""
+    return sum(math.prod(local_shape(cfg, name, shape, tp)) for name, shape in param_shapes(cfg).items()) \
+        * dtype_bytes
+
+
+def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
+    """A bound in bytes on the prefill temporaries per local token of one piece on one device (the widest
+    layer's live arrays, doubled for XLA's buffers), used to size `chunk_size="auto"` pieces; the piece's logits
+    are extra. Under tp the head- and intermediate-wide arrays are the rank's share; the D-wide ones (residual,
+    block outputs before their all-reduce) and the routed-expert rows are not divided: every rank routes all its
+    tokens and how many (token, expert) pairs land on its experts depends on the data, up to all k."""
     b, D = dtype_bytes, cfg.hidden_size
-    H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    gdn = 2 * cfg.conv_dim * b + 2 * cfg.linear_key_dim * 4 + H * (dv + dk) * (b + 4) + H * dv * (4 + b) + 2 * H * 4
-    attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + 3 * cfg.num_heads * cfg.head_dim * 4
+    H, dk, dv = cfg.linear_num_value_heads // tp, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    key_dim = heads_per_device(cfg.linear_num_key_heads, tp) * dk
+    gdn = 2 * conv_channels_per_device(cfg, tp) * b + 2 * key_dim * 4 + H * (dv + dk) * (b + 4) \
+        + H * dv * (4 + b) + 2 * H * 4
+    hq, hkv = cfg.num_heads // tp, heads_per_device(cfg.num_kv_heads, tp)
+    attn = (2 * hq + 2 * hkv) * cfg.head_dim * b + 3 * hq * cfg.head_dim * 4
     if cfg.is_moe:
         k = cfg.num_experts_per_tok
         mlp = k * (2 * D + 3 * cfg.moe_intermediate_size) * b + cfg.num_experts * 4 \
-            + 3 * cfg.shared_expert_intermediate_size * b
+            + 3 * (cfg.shared_expert_intermediate_size // tp) * b
     else:
-        mlp = 3 * cfg.intermediate_size * b
+        mlp = 3 * (cfg.intermediate_size // tp) * b
     return 2 * (4 * D * b + max(gdn, attn, mlp))
 
 
-def kv_bytes_per_token(cfg: ModelConfig, cp: int, dtype_bytes: int) -> float:
-    """KV-cache bytes one device holds per prompt token (K and V of every full-attention layer, 1/cp of
-    the tokens)."""
-    return 2 * len(cfg.attention_layers) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes / cp
+def kv_bytes_per_token(cfg: ModelConfig, cp: int, dtype_bytes: int, tp: int = 1) -> float:
+    """KV-cache bytes one device holds per prompt token (K and V of every full-attention layer: the rank's
+    `heads_per_device(num_kv_heads, tp)` heads, 1/cp of the tokens)."""
+    return 2 * len(cfg.attention_layers) * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * dtype_bytes / cp
 
 
-def gdn_state_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of one sequence's GDN state on each device: conv windows (model dtype) + fp32 recurrent states
-    of every GDN layer (replicated over cp)."""
-    conv = (cfg.conv_kernel - 1) * cfg.conv_dim * dtype_bytes
-    recurrent = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+def gdn_state_bytes(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
+    """Bytes of one sequence's GDN state on each device: conv windows of the rank's conv channels (model
+    dtype) + fp32 recurrent states of its Hv/tp value heads, every GDN layer (replicated over cp)."""
+    conv = (cfg.conv_kernel - 1) * conv_channels_per_device(cfg, tp) * dtype_bytes
+    recurrent = cfg.linear_num_value_heads // tp * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
     return len(cfg.gdn_layers) * (conv + recurrent)
 
 
-def config_weights_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of every parameter of `cfg` in one dtype (all weights are cast to the model dtype at load)."""
-    return sum(math.prod(shape) for shape in param_shapes(cfg).values()) * dtype_bytes
+def config_weights_bytes(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
+    """Bytes of the parameters of `cfg` one device holds under tensor parallelism `tp`, in one dtype (all
+    weights are cast to the model dtype at load); tp = 1: every parameter."""
+    return weights_bytes_per_device(cfg, tp, dtype_bytes)
 
 
 def state_bytes_per_device(state) -> int:
@@ -81,16 +150,16 @@ def default_prefill_budget(weights_bytes: int, budget_bytes: int | None) -> int:
     return CPU_PREFILL_BUDGET if budget_bytes is None else max(0, int(0.4 * (budget_bytes - weights_bytes)))
 
 
-def auto_piece_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, prefill_budget_bytes: int) -> int:
-    """The piece length (tokens over all of cp) of chunk_size="auto" for an activation budget per device,
-    as `Model` computes it."""
+def auto_piece_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, prefill_budget_bytes: int, tp: int = 1) -> int:
+    """The piece length (tokens over all of cp) of chunk_size="auto" for an activation budget in bytes per
+    device, as `Model` computes it."""
     unit = 2 * cp * 64
-    per_token = activation_bytes_per_token(cfg, dtype_bytes)
+    per_token = activation_bytes_per_token(cfg, dtype_bytes, tp)
     return ladder_down(max(unit, prefill_budget_bytes // per_token * cp), unit)
 
 
 def prompt_bytes(cfg: ModelConfig, cp: int, dtype_bytes: int, n: int, piece_tokens: int,
-                 bucket_steps: int | None) -> int:
+                 bucket_steps: int | None, tp: int = 1) -> int:
     """Bytes per device beyond the weights that prefilling one prompt of n tokens needs: the KV cache as
     the engine allocates it (pieces padded to the bucket ladder, slots to the capacity ladder), the GDN
     state, and one piece's activations. A prompt longer than one piece is charged the largest piece (that of
@@ -99,20 +168,20 @@ def prompt_bytes(cfg: ModelConfig, cp: int, dtype_bytes: int, n: int, piece_toke
     plan = lambda tokens: plan_pieces(tokens, cp, "auto", piece_tokens, steps=bucket_steps)
     pieces = plan(n)
     slots = capacity(pieces.count * pieces.n_pad // cp)
-    kv = 2 * len(cfg.attention_layers) * slots * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    kv = 2 * len(cfg.attention_layers) * slots * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * dtype_bytes
     active = pieces.n_pad if pieces.count == 1 else plan(piece_tokens).n_pad
-    return kv + gdn_state_bytes(cfg, dtype_bytes) + activation_bytes_per_token(cfg, dtype_bytes) * active // cp
+    return kv + gdn_state_bytes(cfg, dtype_bytes, tp) + activation_bytes_per_token(cfg, dtype_bytes, tp) * active // cp
 
 
 def max_prompt_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, weights_bytes: int, budget_bytes: int,
-                      piece_tokens: int, bucket_steps: int | None) -> int:
+                      piece_tokens: int, bucket_steps: int | None, tp: int = 1) -> int:
     """The longest prompt (batch 1, no new tokens, at most max_position_embeddings) whose weights +
     `prompt_bytes` fit `budget_bytes` per device; 0 when not even one token fits."""
     room = budget_bytes - weights_bytes
     lo, hi = 0, cfg.max_position_embeddings or _NO_POSITION_LIMIT
     while lo < hi:  # invariant: lo fits (or is 0); everything above hi does not
         mid = (lo + hi + 1) // 2
-        if prompt_bytes(cfg, cp, dtype_bytes, mid, piece_tokens, bucket_steps) <= room:
+        if prompt_bytes(cfg, cp, dtype_bytes, mid, piece_tokens, bucket_steps, tp) <= room:
             lo = mid
         else:
             hi = mid - 1
@@ -120,22 +189,27 @@ def max_prompt_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, weights_bytes
 
 
 def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_bytes: int | None,
-            prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None) -> dict:
+            prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None, tp: int = 1) -> dict:
     b = jnp.dtype(DTYPES[dtype]).itemsize
-    per_local_token = activation_bytes_per_token(cfg, b)
+    per_local_token = activation_bytes_per_token(cfg, b, tp)
     return {
         "cp": cp,
+        "tp": tp,
+        "devices": cp * tp,
         "dtype": dtype,
         "weights_bytes": weights_bytes,
-        "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b),
-        "gdn_state_bytes_per_sequence": gdn_state_bytes(cfg, b),
+        "model_weights_bytes": config_weights_bytes(cfg, b),
+        "kv_heads_per_device": heads_per_device(cfg.num_kv_heads, tp),
+        "gdn_value_heads_per_device": cfg.linear_num_value_heads // tp,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b, tp),
+        "gdn_state_bytes_per_sequence": gdn_state_bytes(cfg, b, tp),
         "activation_bytes_per_local_token": per_local_token,
         "prefill_budget_bytes": prefill_budget_bytes,
         "piece_tokens": piece_tokens,
         "piece_activation_bytes": per_local_token * piece_tokens // cp,
         "budget_bytes": budget_bytes,
         "max_prompt_tokens": None if budget_bytes is None else max_prompt_tokens(
-            cfg, cp, b, weights_bytes, budget_bytes, piece_tokens, bucket_steps),
+            cfg, cp, b, weights_bytes, budget_bytes, piece_tokens, bucket_steps, tp),
     }
 
 
@@ -162,31 +236,35 @@ def device_memory_limit(mesh) -> int | None:
 def memory_report(model, budget_bytes: int | None = None) -> dict:
     """Memory per device of a built `engine.Model` (keys and units: `memory_estimate`). Weights are the bytes
     of the model's state on one device; `budget_bytes` defaults to the device's memory limit where the
-    backend reports it."""
+    backend reports it. A model without a `tp` attribute runs at tp = 1."""
     _check_budget(budget_bytes)
     if budget_bytes is None:
         budget_bytes = device_memory_limit(model.mesh)
     return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model._state), budget_bytes,
-                   model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps)
+                   model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps, getattr(model, "tp", 1))
 
 
-def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budget_bytes: int | None = None) -> dict:
-    """Memory per device of `cfg` on a `cp` mesh, from the config alone (nothing is allocated), for a `Model`
-    with default settings on devices of `budget_bytes` memory each (None: unknown, as on CPU). Returns:
-    cp, dtype; weights_bytes; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
+def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budget_bytes: int | None = None,
+                    tp: int = 1) -> dict:
+    """Memory per device of `cfg` on a ("cp", "tp") mesh of cp·tp devices, from the config alone (nothing is
+    allocated), for a `Model` with default settings on devices of `budget_bytes` memory each (None: unknown, as
+    on CPU). `tp` is assumed valid for `cfg` (not checked here). Returns: cp, tp, devices (cp·tp), dtype;
+    weights_bytes (on one device); model_weights_bytes (one whole copy of the model); kv_heads_per_device;
+    gdn_value_heads_per_device; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
     activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
     (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
-    (None without a budget). All sizes are bytes per device."""
-    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
-        raise ValueError(f"cp={cp!r} must be a positive integer")
+    (None without a budget). All sizes are bytes per device unless named otherwise."""
+    for name, value in (("cp", cp), ("tp", tp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
     _check_budget(budget_bytes)
     b = jnp.dtype(DTYPES[dtype]).itemsize
-    weights = config_weights_bytes(cfg, b)
+    weights = weights_bytes_per_device(cfg, tp, b)
     prefill_budget = default_prefill_budget(weights, budget_bytes)
     return _report(cfg, cp, dtype, weights, budget_bytes, prefill_budget,
-                   auto_piece_tokens(cfg, cp, b, prefill_budget), STEPS)
+                   auto_piece_tokens(cfg, cp, b, prefill_budget, tp), STEPS, tp)
 
 
 def format_memory_report(report: dict) -> str:
@@ -202,7 +280,8 @@ def format_memory_report(report: dict) -> str:
     else:
         longest = f"{report['max_prompt_tokens']} tokens"
     rows = [
-        ("weights", size(report["weights_bytes"])),
+        ("weights", size(report["weights_bytes"])
+         + (f" (of {size(report['model_weights_bytes'])} in all)" if report["tp"] > 1 else "")),
         ("KV cache per prompt token", f"{report['kv_bytes_per_token'] / 2**10:.2f} KiB"),
         ("GDN state per sequence", size(report["gdn_state_bytes_per_sequence"])),
         ("prefill piece", f"{report['piece_tokens']} tokens, {size(report['piece_activation_bytes'])} activations"),
@@ -210,5 +289,5 @@ def format_memory_report(report: dict) -> str:
         ("longest prompt that fits", longest),
     ]
     width = max(len(name) for name, _ in rows)
-    head = f"memory per device (cp={report['cp']}, {report['dtype']})"
+    head = f"memory per device (cp={report['cp']}, tp={report['tp']}, {report['dtype']})"
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])
