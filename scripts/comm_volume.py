@@ -1,16 +1,24 @@
-"""Communication volume per layer and rank of prefill context parallelism, and a paper model of the
-prefill time of the 9B shape under cp (docs/communication.md, docs/BENCHMARKS.md).
+"""Communication volume per layer and rank of prefill context parallelism, a paper model of the
+prefill time of the 9B shape under cp, and the bytes of a ("cp", "tp") mesh for the large MoE presets
+(docs/communication.md, docs/BENCHMARKS.md).
 
-  python scripts/comm_volume.py            prints both tables (markdown)
+  python scripts/comm_volume.py            prints every table (markdown)
 
-Volumes come from `pcp_jax.parallel.gdn_cp.communication_bytes` (bf16 activations, fp32 GDN maps).
-The time model is a model, not a measurement: its inputs are the single-H100 kernel figures measured in
-docs/BENCHMARKS.md and an assumed NVLink point-to-point bandwidth (stated below).
+cp-only volumes come from `pcp_jax.parallel.gdn_cp.communication_bytes` (bf16 activations, fp32 GDN maps);
+the cp x tp volumes from `prefill_volumes` / `decode_volumes` below (the same formulas on each tp rank's heads,
+plus the tp all-reduces), weights per device from `pcp_jax.memory.weights_bytes_per_device`.
+Everything here is a model (formulas), not a measurement: the time model's inputs are the single-H100 kernel
+figures measured in docs/BENCHMARKS.md and an assumed NVLink bandwidth (stated below); no cp x tp figure has
+been measured yet.
 """
 
 from __future__ import annotations
 
-from pcp_jax.config import PRESETS
+import math
+
+from pcp_jax.config import PRESETS, param_shapes
+from pcp_jax.memory import (conv_channels_per_device, heads_per_device, kv_bytes_per_token, local_shape,
+                            memory_estimate, tp_rule, weights_bytes_per_device)
 from pcp_jax.parallel.gdn_cp import communication_bytes
 
 MB = 1e6
@@ -71,7 +79,116 @@ def time_model(tokens: int = 131072) -> str:
     return "\n".join(lines)
 
 
+# The cp x tp tables: the large MoE presets on the factorizations of 4 and 8 devices.
+CP_TP_MODELS = ("qwen3.5-122b-a10b", "qwen3.5-397b-a17b")
+FACTORIZATIONS = ((4, 1), (2, 2), (1, 4), (8, 1), (4, 2), (2, 4), (1, 8))
+H200_BYTES = 141 << 30           # memory per H200 as the tests and README size it
+H200_HBM_GBPS = 4800.0           # nominal H200 HBM bandwidth (spec sheet, not measured)
+
+
+def allreduce_bytes(buffer_bytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of `buffer_bytes` over n ranks: 2 · (n-1)/n of the buffer."""
+    return 2 * (n - 1) / n * buffer_bytes
+
+
+def allgather_bytes(piece_bytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-gather of one `piece_bytes` piece per rank over n ranks: (n-1) pieces."""
+    return (n - 1) * piece_bytes
+
+
+def prefill_volumes(cfg, tokens: int, cp: int, tp: int, batch: int = 1, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes one rank sends per layer in a prefill of `tokens` tokens on a (cp, tp) mesh, GDN `sequence`
+    strategy: ring K/V per full-attention layer (its KV heads, over cp), GDN chunk maps (fp32, its Hv/tp value
+    heads) and conv halos (its conv channels) per GDN layer (over cp), the two tp all-reduces of the block
+    outputs [B, N/C, D] per layer; and `per_prefill`, the sum over every layer plus the embedding all-reduce."""
+    t_local = tokens // cp
+    ring = (cp - 1) * batch * t_local * 2 * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * act_bytes
+    hv, dk, dv = cfg.linear_num_value_heads // tp, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    maps = (cp - 1) * batch * 2 * hv * dk * (dv + dk) * 4
+    halos = 2 * batch * (cfg.conv_kernel - 1) * conv_channels_per_device(cfg, tp) * act_bytes if cp > 1 else 0
+    block = allreduce_bytes(batch * t_local * cfg.hidden_size * act_bytes, tp)
+    per_prefill = len(cfg.attention_layers) * ring + len(cfg.gdn_layers) * (maps + halos) \
+        + (2 * cfg.num_layers + 1) * block
+    return {"ring_attention": ring, "gdn_sequence": maps + halos, "tp_allreduce": 2 * block,
+            "per_prefill": per_prefill}
+
+
+def decode_volumes(cfg, cp: int, tp: int, batch: int = 1, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes one rank sends per decode step: per full-attention layer the cp all-gather of its partial output
+    and LSE for its Hq/tp query heads (fp32); per layer the two tp all-reduces of [B, 1, D]; per step the sum
+    over layers plus the embedding all-reduce and the tp all-gather of the fp32 logits [B, V]."""
+    hq = cfg.num_heads // tp
+    partial = allgather_bytes(batch * hq * (cfg.head_dim + 1) * 4, cp)
+    block = allreduce_bytes(batch * cfg.hidden_size * act_bytes, tp)
+    logits = allgather_bytes(batch * cfg.vocab_size // tp * 4, tp)
+    per_step = len(cfg.attention_layers) * partial + (2 * cfg.num_layers + 1) * block + logits
+    return {"attention_partials": partial, "tp_allreduce": 2 * block, "logits": logits, "per_step": per_step}
+
+
+def decode_weight_read_bytes(cfg, tp: int, dtype_bytes: int = 2) -> float:
+    """Weight bytes one device reads per decode step at batch 1: its share of every tensor (`local_shape`),
+    except the embedding (one row per token; unless it is the tied LM head) and the routed experts, of which it
+    reads k/tp (the top-k spread evenly over the tp ranks: the expectation, not the slowest rank)."""
+    total = 0.0
+    for name, shape in param_shapes(cfg).items():
+        rule = tp_rule(name)
+        if rule == "embed" and not cfg.tie_word_embeddings:
+            continue
+        if rule in ("moe.gate_proj", "moe.up_proj", "moe.down_proj"):
+            total += math.prod(shape[1:]) * cfg.num_experts_per_tok / tp * dtype_bytes
+        else:
+            total += math.prod(local_shape(cfg, name, shape, tp)) * dtype_bytes
+    return total
+
+
+def _longest(cfg, tokens: int) -> str:
+    if tokens == 0:
+        return "0 (weights do not fit)"
+    return f"{tokens:,}" + (" (all positions)" if tokens == cfg.max_position_embeddings else "")
+
+
+def cp_tp_prefill_table(tokens: int = 131072) -> str:
+    lines = [f"Per rank, one prompt of {tokens // 1024}k tokens (B = 1, GDN `sequence`), bf16. Model, not measured.",
+             "", "| model | devices | (cp, tp) | weights per device | longest prompt at 141 GiB | ring K/V per attention layer "
+             "| GDN maps + halos per GDN layer | tp all-reduces per layer | per prefill (all layers) "
+             f"| at {LINK_GBPS:.0f} GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in CP_TP_MODELS:
+        cfg = PRESETS[name]
+        for cp, tp in FACTORIZATIONS:
+            w = weights_bytes_per_device(cfg, tp, 2)
+            longest = memory_estimate(cfg, cp=cp, tp=tp, budget_bytes=H200_BYTES)["max_prompt_tokens"]
+            v = prefill_volumes(cfg, tokens, cp, tp)
+            lines.append(f"| {name} | {cp * tp} | ({cp}, {tp}) | {w / 2**30:,.1f} GiB | "
+                         f"{_longest(cfg, longest)} | "
+                         f"{v['ring_attention'] / MB:,.1f} MB | "
+                         f"{v['gdn_sequence'] / MB:,.2f} MB | {v['tp_allreduce'] / MB:,.1f} MB | "
+                         f"{v['per_prefill'] / 1e9:,.1f} GB | {v['per_prefill'] / (LINK_GBPS * 1e9) * 1e3:,.0f} ms |")
+    return "\n".join(lines)
+
+
+def cp_tp_decode_table(context: int = 131072) -> str:
+    lines = [f"Per rank and decode step, B = 1, context of {context // 1024}k tokens, bf16. Model, not measured.",
+             "", "| model | (cp, tp) | weights read per step | KV cache read per step | memory floor at "
+             f"{H200_HBM_GBPS / 1000:.1f} TB/s | cp all-gather per attention layer | tp all-reduces per layer "
+             "| sent per step | collectives per step |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in CP_TP_MODELS:
+        cfg = PRESETS[name]
+        for cp, tp in FACTORIZATIONS:
+            w = decode_weight_read_bytes(cfg, tp)
+            kv = kv_bytes_per_token(cfg, cp, 2, tp) * context
+            v = decode_volumes(cfg, cp, tp)
+            count = len(cfg.attention_layers) * (cp > 1) + (2 * cfg.num_layers + 2) * (tp > 1)
+            lines.append(f"| {name} | ({cp}, {tp}) | {w / 1e9:.2f} GB | {kv / 1e9:.3f} GB | "
+                         f"{(w + kv) / (H200_HBM_GBPS * 1e9) * 1e3:.2f} ms | {v['attention_partials'] / 1e3:.1f} KB | "
+                         f"{v['tp_allreduce'] / 1e3:.1f} KB | {v['per_step'] / 1e6:.2f} MB | {count} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(volume_table())
     print()
     print(time_model())
+    print()
+    print(cp_tp_prefill_table())
+    print()
+    print(cp_tp_decode_table())
