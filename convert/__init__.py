@@ -11,6 +11,8 @@ Flat params: `{name: np.ndarray}`, input-major, names and shapes in `hf_names` (
     load_orbax(path, *, shardings=None, dtype=None, verify=None) -> (ModelConfig, dict[str, array])
     read_orbax_config(path, *, verify=None) -> (ModelConfig, dtype name)
     stored_weights_digest(path) -> bytes        (the weights digest recorded at conversion)
+    SafetensorsSource(hf_dir, cfg=None, dtype="bfloat16"), OrbaxSource(path, *, verify=None, dtype=None)
+                                                (blocks of tensors without reading them whole: sources.py)
     weights_digest(params) -> bytes             (sha256 of flat params: convert/digest.py)
     main_convert(argv) -> int                   (the `pcp-jax convert` command)
 
@@ -25,9 +27,10 @@ from .errors import ConvertError, ConvertInterrupted
 from .hf_loader import iter_hf_params, load_hf_config, read_hf_params
 from .hf_names import expected_shapes
 from .orbax_io import is_orbax_dir, load_orbax, read_orbax_config, save_orbax, stored_weights_digest
+from .sources import OrbaxSource, SafetensorsSource
 
 __all__ = [
-    "ConvertError", "ConvertInterrupted", "convert", "expected_shapes", "is_orbax_dir", "iter_hf_params",
-    "load_hf_config", "load_orbax", "main_convert", "read_hf_params", "read_orbax_config", "save_orbax",
-    "stored_weights_digest", "weights_digest",
+    "ConvertError", "ConvertInterrupted", "OrbaxSource", "SafetensorsSource", "convert", "expected_shapes",
+    "is_orbax_dir", "iter_hf_params", "load_hf_config", "load_orbax", "main_convert", "read_hf_params",
+    "read_orbax_config", "save_orbax", "stored_weights_digest", "weights_digest",
 ]
