@@ -237,12 +237,26 @@ def _prompt_ids(args):
     return tok.encode(args.prompt).ids, tok
 
 
-def _check_cp(cp: int) -> None:
+def _check_mesh(model: str, cp: int, tp: int) -> None:
+    """--cp x --tp devices must be visible, and --tp must split the model (its config is read here, so that a
+    bad --tp fails before the weights are read)."""
     import jax
     visible = jax.devices()
-    if cp > len(visible):
-        raise UsageError(f"--cp={cp} needs {cp} devices but {len(visible)} {visible[0].platform} device(s) are "
-                         f"visible (on CPU, --cpu-devices {cp})")
+    flags = f"--cp={cp}" if tp == 1 else f"--cp={cp} x --tp={tp}"
+    if cp * tp > len(visible):
+        raise UsageError(f"{flags} needs {cp * tp} devices but {len(visible)} {visible[0].platform} device(s) are "
+                         f"visible (on CPU, --cpu-devices {cp * tp})")
+    if tp > 1:
+        from pcp_jax.loading import model_config
+        from pcp_jax.parallel.tensor import check_tp
+        try:
+            cfg = model_config(model)
+        except ValueError:
+            return  # not a readable model folder: load_model says why
+        try:
+            check_tp(cfg, tp)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None  # "--tp=3 does not split this model: ..."
 
 
 def cmd_generate(args) -> int:
@@ -253,8 +267,8 @@ def cmd_generate(args) -> int:
     require_folder(args.model, "--model")
     ids, tok = _prompt_ids(args)
     cache_dir = use_compile_cache(args.compile_cache)
-    _check_cp(args.cp)
-    model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
+    _check_mesh(args.model, args.cp, args.tp)
+    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels)
     if args.prefix_cache_mb:
         model.enable_prefix_cache(args.prefix_cache_mb << 20)
     if args.warmup:
@@ -271,7 +285,7 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()
     print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
-    print(f"[{len(ids)} prompt tokens, {len(new)} new, {dt:.2f} s, cp={model.cp}]", file=sys.stderr)
+    print(f"[{len(ids)} prompt tokens, {len(new)} new, {dt:.2f} s, cp={model.cp}, tp={model.tp}]", file=sys.stderr)
     if args.prefix_cache_mb:
         print(f"[prefix cache: {model.prefix_cache_stats()}]", file=sys.stderr)
     if cache_dir:
@@ -284,15 +298,15 @@ def cmd_warmup(args) -> int:
 
     require_folder(args.model, "--model")
     cache_dir = use_compile_cache(args.compile_cache)
-    _check_cp(args.cp)
-    model = pcp_jax.load_model(args.model, cp=args.cp, dtype=args.dtype, kernels=args.kernels)
+    _check_mesh(args.model, args.cp, args.tp)
+    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels)
     try:
         stats = model.warmup(args.max_tokens, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
                              chunk_size=args.chunk_size, logits=args.logits, progress=not args.no_progress)
     except ValueError as e:  # warmup checks its arguments before any work: every one of them is a flag
         raise UsageError(str(e)) from e
     print(f"compiled {stats['programs']} programs in {stats['seconds']:.1f} s (prompts up to {args.max_tokens} "
-          f"tokens, batch sizes {list(args.batch_sizes)}, cp={model.cp})")
+          f"tokens, batch sizes {list(args.batch_sizes)}, cp={model.cp}, tp={model.tp})")
     if cache_dir:
         print(compile_cache_report())
     else:
@@ -304,10 +318,12 @@ def _add_model_flags(p) -> None:
     """Flags that load a model and say where it runs (generate, warmup)."""
     p.add_argument("--model", required=True, help="HF folder or converted folder")
     p.add_argument("--cp", type=int_at_least(1), default=1, help="devices on the context-parallel axis")
+    p.add_argument("--tp", type=int_at_least(1), default=1,
+                   help="devices on the tensor-parallel axis (each holds 1/tp of the weights); --cp x --tp devices")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
     p.add_argument("--cpu-devices", type=int_at_least(1),
-                   help="virtual CPU devices (for --cp > 1 without accelerators)")
+                   help="virtual CPU devices (for --cp x --tp > 1 without accelerators)")
     p.add_argument("--chunk-size", type=chunk_size_arg, default="auto",
                    help="prefill pieces: 'auto' (default: sized from the memory budget), 'none' (one piece) "
                    "or a token count")

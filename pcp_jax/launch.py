@@ -2,14 +2,14 @@
 
 Every process runs `main` with the same arguments except its process id. Each one joins the job
 (`jax.distributed.initialize`), checks that all processes were started with the same run (process count,
-model, prompt, cp, ...), builds one global mesh whose `cp` axis spans every process's devices (each
-process contributes cp / num_processes of its local devices, in process order, so ring neighbours sit on
-the same host wherever they can), reads the checkpoint itself, and runs prefill + generation. Only
-process 0 prints and writes files. Errors go to stderr, one line per process naming the offending value,
-within bounded time (`--init-timeout`, `--heartbeat-timeout`), whichever process hits them: exit 2 for bad
-arguments (checked before any device work, and agreed on by every process), 1 for a failed run. A process
-that joins a job runs it in a child it supervises, so that XLA's abort when a peer dies also ends in one
-line and exit 1 (see "Supervision").
+model, prompt, cp, tp, ...), builds one global (`cp`, `tp`) mesh that spans every process's devices (each
+process contributes cp·tp / num_processes of its local devices, in process order, so ring neighbours and
+the `tp` ranks of one `cp` rank sit on the same host wherever they can), reads the blocks of the checkpoint
+its own devices hold, and runs prefill + generation. Only process 0 prints and writes files. Errors go to
+stderr, one line per process naming the offending value, within bounded time (`--init-timeout`,
+`--heartbeat-timeout`), whichever process hits them: exit 2 for bad arguments (checked before any device
+work, and agreed on by every process), 1 for a failed run. A process that joins a job runs it in a child it
+supervises, so that XLA's abort when a peer dies also ends in one line and exit 1 (see "Supervision").
 
 How the job is found, first match wins:
   1. flags `--coordinator HOST:PORT --num-processes N --process-id I [--local-device-ids 0,1]`;
@@ -89,7 +89,10 @@ def build_parser() -> Parser:
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     m.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
     m.add_argument("--gdn-strategy", default="auto", choices=["auto", "batch", "sequence"])
-    m.add_argument("--cp", type=int_at_least(1), help="size of the cp axis (default: every device of every process)")
+    m.add_argument("--cp", type=int_at_least(1), help="size of the cp axis (default: every device of every process, "
+                   "divided by --tp)")
+    m.add_argument("--tp", type=int_at_least(1), default=1, help="size of the tp axis: each of its devices holds 1/tp "
+                   "of the weights (default 1); the mesh takes --cp x --tp devices")
 
     r = p.add_argument_group("run")
     r.add_argument("--ids", help="token ids: comma-separated, prompts of a batch separated by ';'")
@@ -162,7 +165,7 @@ def _run_signature(args) -> dict:
     that decides which programs run, in which order, with which collectives (--warmup adds a pass,
     --save adds a full-logits pass), so that a difference fails by name instead of hanging in a collective."""
     keys = ("num_processes", "model", "preset", "config", "seed", "dtype", "kernels", "gdn_strategy", "cp",
-            "ids", "prompt", "tokenizer", "max_new_tokens", "temperature", "top_k", "top_p", "eos", "warmup",
+            "tp", "ids", "prompt", "tokenizer", "max_new_tokens", "temperature", "top_k", "top_p", "eos", "warmup",
             "save", "cpu_collectives")
     return {k: getattr(args, k) for k in keys}
 
@@ -209,13 +212,32 @@ def _check_save(path: str | None) -> None:
         raise UsageError(f"--save={path!r}: folder {folder!r} is not writable")
 
 
+def _check_tp(args, cfg) -> None:
+    """--tp must split the model, judged on its config (for --model read here, without the weights)."""
+    if args.tp == 1:
+        return
+    from pcp_jax.parallel.tensor import check_tp
+    if cfg is None:
+        from pcp_jax.loading import model_config
+        try:
+            cfg = model_config(args.model)
+        except ValueError:
+            return  # not a readable model folder: loading it says why
+    try:
+        check_tp(cfg, args.tp)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None  # "--tp=3 does not split this model: ..."
+
+
 def prepare(args, writer: bool):
-    """What one process checks and reads by itself: the prompts (and their tokenizer), the model shape,
-    that --model is a folder here, and, on the process that writes (`writer`), the --save folder.
+    """What one process checks and reads by itself: the prompts (and their tokenizer), the model shape and
+    that --tp splits it, that --model is a folder here, and, on the process that writes (`writer`), the --save
+    folder.
     Returns (rows, tokenizer or None, ModelConfig or None)."""
     if args.model and not os.path.isdir(args.model):
         raise UsageError(f"--model={args.model!r} is not a folder on this host")
     cfg = _model_shape(args)
+    _check_tp(args, cfg)
     rows, tok = _read_prompts(args)
     if writer:
         _check_save(args.save)
@@ -454,8 +476,9 @@ def agree(args, check_inputs):
 
 
 # The run ------------------------------------------------------------------------------------------
-def global_mesh(cp: int | None):
-    """A `cp` mesh over cp / num_processes devices of every process, in process order."""
+def global_mesh(cp: int | None, tp: int = 1):
+    """A (`cp`, `tp`) mesh over cp·tp / num_processes devices of every process, in process order (the `tp`
+    ranks of one `cp` rank are consecutive devices, so they share a process whenever tp divides its share)."""
     import jax
     import pcp_jax
 
@@ -464,21 +487,25 @@ def global_mesh(cp: int | None):
     by_proc: dict[int, list] = {}
     for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
         by_proc.setdefault(d.process_index, []).append(d)
-    cp = len(devices) if cp is None else cp
     where = (f"the job has {len(devices)} {jax.default_backend()} device(s) over {nproc} process(es) "
              f"({', '.join(str(len(by_proc.get(p, []))) for p in range(nproc))} per process)")
-    if cp > len(devices):
-        raise UsageError(f"--cp={cp} needs {cp} devices but {where}")
-    if cp % nproc:
-        raise UsageError(f"--cp={cp} must be a multiple of the number of processes ({nproc}) so that every "
-                         f"process holds an equal share of the sequence; {where}")
-    per = cp // nproc
+    if cp is None and tp > len(devices):
+        raise UsageError(f"--tp={tp} needs {tp} devices but {where}")
+    cp = len(devices) // tp if cp is None else cp
+    total = cp * tp
+    flags = f"--cp={cp}" if tp == 1 else f"--cp={cp} x --tp={tp}"
+    if total > len(devices):
+        raise UsageError(f"{flags} needs {total} devices but {where}")
+    if total % nproc:
+        raise UsageError(f"{flags} must be a multiple of the number of processes ({nproc}) so that every "
+                         f"process holds an equal share of the {'sequence' if tp == 1 else 'mesh'}; {where}")
+    per = total // nproc
     short = [p for p in range(nproc) if len(by_proc.get(p, [])) < per]
     if short:
-        raise UsageError(f"--cp={cp} needs {per} device(s) on every process but process {short[0]} has "
+        raise UsageError(f"{flags} needs {per} device(s) on every process but process {short[0]} has "
                          f"{len(by_proc.get(short[0], []))}; {where}")
     try:
-        return pcp_jax.make_mesh(cp, [d for p in range(nproc) for d in by_proc[p][:per]])
+        return pcp_jax.make_mesh(cp, tp=tp, devices=[d for p in range(nproc) for d in by_proc[p][:per]])
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -547,7 +574,7 @@ def _run(args, distributed: bool, prepared) -> int:
         if lead:
             print(msg, flush=True)
 
-    mesh = global_mesh(args.cp)
+    mesh = global_mesh(args.cp, args.tp)
     rows, tok, cfg = prepared
     t0 = time.perf_counter()
     model = build_model(args, mesh, cfg)
@@ -555,7 +582,7 @@ def _run(args, distributed: bool, prepared) -> int:
     cfg = model.cfg
     eos = cfg.eos_token_id if args.eos else None
     say(f"[{PROG}] {jax.process_count()} process(es), {len(jax.devices())} {jax.default_backend()} device(s), "
-        f"cp={model.cp}, distributed={distributed}")
+        f"cp={model.cp}, tp={model.tp}, distributed={distributed}")
     say(f"[{PROG}] model {args.model or args.preset or args.config} ({cfg.num_layers} layers, "
         f"vocab {cfg.vocab_size}, {args.dtype}), ready in {t_load:.2f} s")
 

@@ -1,7 +1,8 @@
 """Multi-process runs through jax.distributed on 127.0.0.1 (pcp_jax.launch).
 
 Two processes with two virtual CPU devices each run cp=4 prefill + greedy generation on a tiny random
-model and must match the single-process cp=1 model: tokens exactly, logits within 1e-5 relative. Then
+model and must match the single-process cp=1 model: tokens exactly, logits within 1e-5 relative; so must two
+processes of one device each at tp=2, each reading its half of the weights from a converted folder. Then
 each way a job can fail must fail fast, by name, with one error line per process: an unreachable
 coordinator, processes started with different --num-processes (or --save / --warmup), a check that fails
 on one process only, a cp that the job's devices cannot hold, a process killed mid-run, and spawning
@@ -88,12 +89,30 @@ def test_two_processes_match_single_process(tiny_config, reference, tmp_path):
                             "float32", "--cpu-devices-per-process", 2, "--cp", 4, "--ids", _ids_flag(PROMPTS),
                             "--max-new-tokens", NEW, "--save", save, "--init-timeout", 60], timeout=170)
     assert rc == 0, err
-    assert "2 process(es), 4 cpu device(s), cp=4, distributed=True" in out
+    assert "2 process(es), 4 cpu device(s), cp=4, tp=1, distributed=True" in out
     assert out.count("tokens[0]:") == 1, "only process 0 prints"
     got = np.load(save)
     want_tokens = reference.generate(PROMPTS, NEW)
     np.testing.assert_array_equal(got["tokens"], want_tokens)
     assert _rel_err(got["next_logits"], np.asarray(reference.prefill(PROMPTS).logits)) < 1e-5
+    want_logits = reference.logits(PROMPTS)
+    for b, n in enumerate(len(p) for p in PROMPTS):
+        assert _rel_err(got["logits"][b, :n], want_logits[b, :n]) < 1e-5
+
+
+def test_tp_over_two_processes_from_a_converted_folder(reference, tmp_path):
+    # One device per process and tp=2: each process holds, and reads from the folder, half of every split weight.
+    from pcp_jax.convert import save_orbax
+    cfg = ModelConfig.from_dict(TINY)
+    folder = save_orbax(tmp_path / "conv", cfg, random_params(cfg, 0, jnp.float32).items(), "float32")
+    save = tmp_path / "run.npz"
+    rc, out, err, _ = _run(["--spawn-local", 2, "--spawn-timeout", 150, "--model", folder, "--dtype", "float32",
+                            "--cpu-devices-per-process", 1, "--tp", 2, "--ids", _ids_flag(PROMPTS),
+                            "--max-new-tokens", NEW, "--save", save, "--init-timeout", 60], timeout=170)
+    assert rc == 0, err
+    assert "2 process(es), 2 cpu device(s), cp=1, tp=2, distributed=True" in out
+    got = np.load(save)
+    np.testing.assert_array_equal(got["tokens"], reference.generate(PROMPTS, NEW))
     want_logits = reference.logits(PROMPTS)
     for b, n in enumerate(len(p) for p in PROMPTS):
         assert _rel_err(got["logits"][b, :n], want_logits[b, :n]) < 1e-5
@@ -108,7 +127,7 @@ def test_prompt_with_tokenizer_single_process(tiny_config, reference, tmp_path):
     rc, out, err, _ = _run(["--config", tiny_config, "--tokenizer", tmp_path / "tokenizer.json", "--prompt", text,
                             "--dtype", "float32", "--cpu-devices-per-process", 1, "--max-new-tokens", 4], timeout=90)
     assert rc == 0, err
-    assert "1 process(es), 1 cpu device(s), cp=1, distributed=False" in out
+    assert "1 process(es), 1 cpu device(s), cp=1, tp=1, distributed=False" in out
     ids = tok.encode(text).ids
     want = reference.generate([ids], 4)[0, len(ids):]
     assert f"tokens[0]: {','.join(map(str, want))}" in out
