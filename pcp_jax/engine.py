@@ -1,13 +1,15 @@
-"""The user-facing model: prefill, full-sequence logits and generation over a `cp` mesh.
+"""The user-facing model: prefill, full-sequence logits and generation over a `cp` x `tp` mesh.
 
-Everything runs in one `shard_map` over the mesh axis `cp`: prompts are padded to a bucket of the length
+Everything runs in one `shard_map` over the mesh axes `cp` and `tp` (weights split over `tp`:
+pcp_jax/parallel/tensor.py; tokens over `cp`): prompts are padded to a bucket of the length
 ladder (pcp_jax.buckets), put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The exact
 length is a traced input, so a session compiles one program per bucket, not per length; long prompts go
 in pieces (`chunk_size="auto"`: sized from a memory budget), and `Model.warmup` compiles every program a
 range of prompt lengths needs, ahead of time. The KV cache of full-attention layers stays where prefill
 left it: each rank holds its own tokens' K/V plus a share of the decode slots (new tokens go round-robin:
 decode step j writes on rank j mod C, at slot prefill_slots + j div C). GDN conv and recurrent states are
-small and replicated. No rank ever holds the whole KV cache.
+small and replicated over `cp` (split by heads over `tp`, like the KV cache). No rank ever holds the whole KV
+cache.
 """
 
 from __future__ import annotations
@@ -31,23 +33,36 @@ from pcp_jax.config import ModelConfig, _is_int
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.backend import preload_gpu_backends
 from pcp_jax.memory import DTYPES, auto_piece_tokens, default_prefill_budget, device_memory_stats, kv_bytes_per_token
-from pcp_jax.model import History, Qwen35, _write_slot, empty_caches
+from pcp_jax.model import History, LayerPlan, Qwen35, _write_slot, empty_caches
 from pcp_jax.parallel.context import ShardContext
+from pcp_jax.parallel.tensor import DictSource, check_tp, local_config, mesh_config, place_params
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.zigzag import local_positions, rank_index, token_permutation
 from pcp_jax.sharding import CACHES, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS
 from pcp_jax.sharding import CP_AXIS as AXIS
+from pcp_jax.sharding import TP_AXIS
 
 
-def make_mesh(cp: int, devices=None) -> Mesh:
-    """A 1-D mesh named `cp` over the first `cp` devices (of all processes)."""
+def make_mesh(cp: int, tp: int = 1, devices=None) -> Mesh:
+    """A mesh with axes ("cp", "tp") over the first cp·tp devices (of all processes); the `tp` ranks of one
+    `cp` rank are consecutive devices (on one host, the closest ones)."""
     devices = jax.devices() if devices is None else list(devices)
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp={cp!r} must be a positive integer")
-    if cp > len(devices):
-        raise ValueError(f"cp={cp} needs {cp} devices but only {len(devices)} are visible "
+    for name, v in (("cp", cp), ("tp", tp)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if cp * tp > len(devices):
+        raise ValueError(f"cp={cp}{f' x tp={tp}' if tp > 1 else ''} needs {cp * tp} devices but only {len(devices)} are visible "
                          f"({jax.process_count()} process(es), backend {jax.default_backend()!r})")
-    return Mesh(np.asarray(devices[:cp]), (AXIS,))
+    return Mesh(np.asarray(devices[:cp * tp]).reshape(cp, tp), (AXIS, TP_AXIS))
+
+
+def _with_tp_axis(mesh: Mesh) -> Mesh:
+    """A mesh given with only a `cp` axis gains a `tp` axis of size 1 (same devices)."""
+    if TP_AXIS in mesh.axis_names:
+        return mesh
+    if mesh.axis_names != (AXIS,):
+        raise ValueError(f"mesh axes {mesh.axis_names}; expected ({AXIS!r},) or ({AXIS!r}, {TP_AXIS!r})")
+    return Mesh(mesh.devices.reshape(-1, 1), (AXIS, TP_AXIS))
 
 
 @dataclasses.dataclass
@@ -63,7 +78,10 @@ class PrefillResult:
 
 
 class Model:
-    """A Qwen3.5 model placed on a `cp` mesh. Build it with `pcp_jax.load_model` or `Model(cfg, params)`.
+    """A Qwen3.5 model placed on a `cp` x `tp` mesh. Build it with `pcp_jax.load_model` or
+    `Model(cfg, params, cp=C, tp=T)`: `params` is the flat checkpoint contract {name: array} or a
+    `TensorSource` (pcp_jax.parallel.tensor: names/shape/read of contract tensors), from which each device
+    reads only the blocks it holds.
 
     `prefill_budget_bytes`: activation memory per device that one prefill piece may use; with
     `chunk_size="auto"` (the default) longer prompts go in pieces. Default: 40% of the device memory
@@ -75,10 +93,11 @@ class Model:
     (the least padding, but a program per length). `compile_cache_dir`: JAX's persistent compilation cache
     folder, "off", or None for the default (pcp_jax.compile_cache). `weights_digest`: a digest of the
     weights already known (stored at conversion), so `fingerprint` need not hash them.
-    `consume_params`: empty `params` while building, so that no weight is held twice at load (the layer
-    stacking makes new arrays; without it the caller's arrays stay alive until the caller drops them)."""
+    `consume_params`: empty `params` while building (each tensor leaves the dict once its device copies are
+    made), so that no weight is held twice at load; without it the caller's arrays stay alive until the
+    caller drops them."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, *, cp: int = 1, mesh: Mesh | None = None,
+    def __init__(self, cfg: ModelConfig, params, *, cp: int = 1, tp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
                  prefill_budget_bytes: int | None = None, scan_decode: bool = False, bucket_steps: int | None = STEPS,
                  compile_cache_dir=None, weights_digest: bytes | None = None, consume_params: bool = False):
@@ -90,14 +109,18 @@ class Model:
             raise ValueError(f"prefill_budget_bytes={prefill_budget_bytes!r} must be a positive integer")
         resolve_strategy(gdn_strategy, 0, 1)  # validates the name
         if mesh is None:
-            mesh = make_mesh(cp)
+            mesh = make_mesh(cp, tp)
         elif AXIS not in mesh.axis_names:
             raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis")
-        elif cp not in (1, mesh.shape[AXIS]):
-            raise ValueError(f"cp={cp} disagrees with the mesh's {AXIS!r} axis of size {mesh.shape[AXIS]}")
+        else:
+            mesh = _with_tp_axis(mesh)
+            for name, v in (("cp", cp), ("tp", tp)):
+                if v not in (1, mesh.shape[name]):
+                    raise ValueError(f"{name}={v} disagrees with the mesh's {name!r} axis of size {mesh.shape[name]}")
+        check_tp(cfg, mesh.shape[TP_AXIS])
         compile_cache.enable(compile_cache_dir)
         self.cfg, self.mesh, self.dtype_name = cfg, mesh, dtype
-        self.cp = mesh.shape[AXIS]
+        self.cp, self.tp = mesh.shape[AXIS], mesh.shape[TP_AXIS]
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
@@ -107,9 +130,12 @@ class Model:
         self.bucket_steps = bucket_steps
         self._weights_digest = weights_digest
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
-        module = Qwen35(cfg, params, self.dtype, consume=consume_params)
-        self._graphdef, state = nnx.split(module)
-        self._state = _replicate(state, NamedSharding(mesh, REPLICATED))
+        plan = LayerPlan.of(cfg.layer_types)
+        source = DictSource(params, consume=consume_params) if isinstance(params, dict) else params
+        placed = place_params(cfg, mesh, source, self.dtype, plan.period, plan.groups)
+        self._graphdef, self._state = nnx.split(Qwen35(cfg, placed, self.dtype, self.tp))
+        del placed
+        self._state_specs = jax.tree.map(lambda a: a.sharding.spec, self._state)
         self._fns: dict = {}
         self._prefix_cache = None
         self._fingerprint = None
@@ -118,7 +144,12 @@ class Model:
             stats = device_memory_stats(mesh) or {}
             prefill_budget_bytes = default_prefill_budget(stats.get("bytes_in_use", 0), stats.get("bytes_limit"))
         self.prefill_budget_bytes = prefill_budget_bytes
-        self.auto_piece_tokens = auto_piece_tokens(cfg, self.cp, jnp.dtype(self.dtype).itemsize, prefill_budget_bytes)
+        self.auto_piece_tokens = auto_piece_tokens(cfg, self.cp, jnp.dtype(self.dtype).itemsize, prefill_budget_bytes,
+                                                   tp=self.tp)
+
+    def _tp_fields(self) -> tuple:
+        """(tp, tp_axis, tp_rank) of a ShardContext, inside the shard_map."""
+        return self.tp, TP_AXIS, jax.lax.axis_index(TP_AXIS) if self.tp > 1 else 0
 
     def _free_device_bytes(self) -> int | None:
         """Free memory of one of this process's devices in the mesh (None where the backend does not say)."""
@@ -165,10 +196,11 @@ class Model:
     # Prefill --------------------------------------------------------------------------------------
     def _alloc_fn(self, batch: int, slots: int):
         """Empty stacked caches (model.empty_caches), allocated shard by shard: KV [NA, B, C*slots, Hkv, hd]
-        over `cp`, GDN states replicated; and the slot positions [B, C*slots] (-1: empty)."""
+        over `cp` (heads over `tp`), GDN states replicated over `cp`; and the slot positions [B, C*slots]
+        (-1: empty)."""
         key = ("alloc", batch, slots)
         if key not in self._fns:
-            cfg, dtype = self.cfg, self.dtype
+            cfg, dtype = local_config(self.cfg, self.tp), self.dtype
 
             def per_shard():
                 return empty_caches(cfg, batch, slots, dtype), jnp.full((batch, slots), -1, jnp.int32)
@@ -197,21 +229,22 @@ class Model:
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             pos = jnp.broadcast_to(piece_start + local_positions(rank, C, lc), ids.shape)
-            ctx = ShardContext(AXIS, C, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece_len))
+            ctx = ShardContext(AXIS, C, strategy, kernels, rank, pos, jnp.minimum(lengths, piece_start + piece_len),
+                               *self._tp_fields())
             history = History(offset, offset // (2 * lc) if with_history else None, kpos)
             x, caches = model.prefill(ids, ctx, caches, history)
             kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(ctx.valid, pos, -1), offset, axis=1)
             hidden_at = lambda mask: ctx.psum(jnp.einsum("bt,btd->bd", mask.astype(x.dtype), x))
             is_last = (pos == lengths[:, None] - 1) & ctx.valid
             has_last = ctx.psum(jnp.sum(is_last, axis=1)) > 0
-            logits = jnp.where(has_last[:, None], model.head(hidden_at(is_last)), logits)
-            edge = model.head(hidden_at((pos == piece_start + piece_len - 1) & ctx.valid))
-            every = model.head(x) if all_logits else None
+            logits = jnp.where(has_last[:, None], model.head(hidden_at(is_last), ctx), logits)
+            edge = model.head(hidden_at((pos == piece_start + piece_len - 1) & ctx.valid), ctx)
+            every = model.head(x, ctx) if all_logits else None
             return logits, edge, caches, kpos, every
 
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(REPLICATED, TOKENS, REPLICATED, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
-                                     CACHES, KV_SLOTS),
+                           in_specs=(self._state_specs, TOKENS, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
+                                     REPLICATED, CACHES, KV_SLOTS),
                            out_specs=(REPLICATED, REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None),
                            check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(7, 8))  # not `logits`: it may be a prefix-cache entry's
@@ -235,7 +268,7 @@ class Model:
         if limit and n + max_new_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                              f"{limit} positions (max_position_embeddings)")
-        kv = kv_bytes_per_token(self.cfg, 1, jnp.dtype(self.dtype).itemsize) * batch * slots  # slots: per rank
+        kv = kv_bytes_per_token(self.cfg, 1, jnp.dtype(self.dtype).itemsize, tp=self.tp) * batch * slots  # slots: per rank
         free, where = self._free_device_bytes(), "per device"
         if free is None and self.mesh.devices.flat[0].platform == "cpu":
             # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right
@@ -332,11 +365,9 @@ class Model:
             import hashlib
 
             from pcp_jax.loading import weights_digest
-            # Each leaf is replicated: this process's first shard is the whole tensor (a device array, copied
-            # to the host only while it is hashed).
-            weights = self._weights_digest or weights_digest(
-                {jax.tree_util.keystr(path): leaf.addressable_shards[0].data
-                 for path, leaf in jax.tree_util.tree_flatten_with_path(self._state)[0]})
+            # Every distinct block this process holds (a replicated leaf is one block, named by its path
+            # alone), each a device array copied to the host only while it is hashed.
+            weights = self._weights_digest or weights_digest(_distinct_blocks(self._state))
             self._fingerprint = hashlib.sha256(repr(self.cfg).encode() + weights).digest()
         return self._fingerprint
 
@@ -384,13 +415,13 @@ class Model:
         def per_shard(state, tokens, positions, caches, kpos, owner, slot):
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
-            ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1)
+            ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1, *self._tp_fields())
             kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
             logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan)
             return logits, caches, kpos
 
         fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(REPLICATED, REPLICATED, REPLICATED, CACHES, KV_SLOTS, REPLICATED, REPLICATED),
+                           in_specs=(self._state_specs, REPLICATED, REPLICATED, CACHES, KV_SLOTS, REPLICATED, REPLICATED),
                            out_specs=(REPLICATED, CACHES, KV_SLOTS), check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(3, 4))
         return self._fns[key]
@@ -523,7 +554,8 @@ class Model:
         spec = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, s))
         scalar = spec((), jnp.int32, REPLICATED)
         caches = jax.tree.map(lambda a, s: spec(a.shape, a.dtype, s),
-                              jax.eval_shape(lambda: empty_caches(cfg, batch, C * slots, self.dtype)), CACHES)
+                              jax.eval_shape(lambda: empty_caches(mesh_config(cfg, self.tp), batch, C * slots,
+                                                                  self.dtype)), CACHES)
         kpos = spec((batch, C * slots), jnp.int32, KV_SLOTS)
         out = [(("alloc", batch, slots), ())]
         for all_logits in (False, True) if logits else (False,):
@@ -566,21 +598,18 @@ def _sampling_args(temperature, top_k, top_p, seed, vocab: int):
     return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p), int(seed)
 
 
-def _replicate(tree, sharding: NamedSharding):
-    """Every leaf on every device of a replicated `sharding`. Across processes each process copies its
-    own (identical) leaves onto its local devices: `jax.device_put` would instead compare every leaf
-    across processes first (a process_allgather of the whole model). Leaves that are already global
-    (e.g. restored from Orbax onto this mesh) are resharded, not copied through the host."""
-    if sharding.is_fully_addressable:
-        return jax.device_put(tree, sharding)
-    local = sorted(sharding.addressable_devices, key=lambda d: d.id)
-
-    def leaf(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        return jax.make_array_from_single_device_arrays(np.shape(x), sharding, [jax.device_put(x, d) for d in local])
-
-    return jax.tree.map(leaf, tree)
+def _distinct_blocks(state) -> dict:
+    """{name: device array} of every distinct addressable block of every leaf: a leaf held whole is named by
+    its path, a split one by its path and the block's index."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = jax.tree_util.keystr(path)
+        if leaf.is_fully_replicated:
+            out[name] = leaf.addressable_shards[0].data
+            continue
+        for shard in leaf.addressable_shards:
+            out.setdefault(f"{name}{[(s.start, s.stop) for s in shard.index]}", shard.data)
+    return out
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -31,29 +31,16 @@ import numpy as np
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig, param_shapes
+from pcp_jax.parallel.tensor import SPLIT_AXIS, TOP_SPLIT_AXIS
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
 CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
 
-# How tensor parallelism lays out each tensor of the checkpoint contract (`pcp_jax.config.param_shapes`; layer
-# tensors by the name after "layers.<i>."): the axis split over tp, or None where every tp rank holds it whole.
-# Full attention: q_proj columns per head [query|gate] and o_proj rows follow the query heads, k/v_proj the KV
-# heads; GDN: value heads with their key heads (in_proj_qkv / conv_weight columns are conv channels); dense MLP
-# and shared expert: the intermediate; routed experts: whole experts (expert parallel); vocabulary: embed rows,
-# lm_head columns.
-TP_SPLIT_AXIS: dict[str, int | None] = {
-    "embed": 0, "final_norm": None, "lm_head": 1,
-    "input_norm": None, "post_norm": None,
-    "attn.q_proj": 1, "attn.k_proj": 1, "attn.v_proj": 1, "attn.o_proj": 0,
-    "attn.q_norm": None, "attn.k_norm": None,
-    "gdn.in_proj_qkv": 1, "gdn.conv_weight": 1, "gdn.in_proj_z": 1, "gdn.in_proj_b": 1, "gdn.in_proj_a": 1,
-    "gdn.A_log": 0, "gdn.dt_bias": 0, "gdn.norm": None, "gdn.out_proj": 0,
-    "mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 0,
-    "moe.router": None, "moe.gate_proj": 0, "moe.up_proj": 0, "moe.down_proj": 0,
-    "moe.shared.gate_proj": 1, "moe.shared.up_proj": 1, "moe.shared.down_proj": 0, "moe.shared_gate": None,
-}
+# How tensor parallelism lays out each tensor of the checkpoint contract: the axis split over tp, or None where
+# every tp rank holds it whole (the table the loader uses: pcp_jax.parallel.tensor).
+TP_SPLIT_AXIS: dict[str, int | None] = {**TOP_SPLIT_AXIS, **SPLIT_AXIS}
 
 
 def heads_per_device(heads: int, tp: int) -> int:

@@ -1,4 +1,4 @@
-"""Qwen3.5 text model in Flax NNX, written per shard of the `cp` mesh axis.
+"""Qwen3.5 text model in Flax NNX, written per shard of the `cp` and `tp` mesh axes.
 
 Reads top-down in the order data flows: norms and RoPE, the two token mixers (gated full attention,
 Gated DeltaNet), the two channel mixers (MLP, MoE), the decoder layer, the model. Parameters are
@@ -10,6 +10,11 @@ with weights stacked over the groups at load; layers after the last whole group 
 (`LayerPlan`). Caches are stacked by layer kind (`empty_caches`): every attention layer's KV slots in one
 [n_attention, B, S, Hkv, hd] pair, every GDN layer's conv and recurrent state in one array each; a layer
 reads and writes its own index of them in place.
+
+Under tensor parallelism (`tp` > 1) each shard holds its heads, intermediate columns, experts and vocabulary
+rows (pcp_jax/parallel/tensor.py) and its modules are built with `local_config`: the code below is the unsplit
+code with smaller counts. Token mixers, MLP and MoE return partial sums; the decoder layer reduces each
+block's output over `tp` once (`ShardContext.tp_sum`).
 
 Two entry points per module, both per shard and both inside one `shard_map`:
 - `prefill(x, ctx, caches, index, history)`: x [B, T, D] are this rank's tokens (zigzag order under cp); returns the
@@ -33,6 +38,7 @@ from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matm
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
 from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
+from pcp_jax.parallel.tensor import local_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +253,10 @@ class MoE(nnx.Module):
             self.shared = MLP(params, f"{prefix}.shared", dtype)
             self.shared_gate = _param(params, f"{prefix}.shared_gate", dtype)
 
-    def __call__(self, x, kernels="auto"):
+    def __call__(self, x, ctx: ShardContext):
+        """x [..., D] -> this shard's partial output [..., D]: its own experts' share of the routed tokens
+        (expert parallel over `tp`: the shard holds experts [r·E/T, (r+1)·E/T)) plus its columns of the
+        shared expert. Every shard routes every token (the router is replicated), so routing is exact."""
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -258,15 +267,18 @@ class MoE(nnx.Module):
         if cfg.norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         top_w = top_w.astype(x.dtype)
-        flat_e = top_e.reshape(-1)
-        order = jnp.argsort(flat_e, stable=True)
+        mine = self.gate_proj.shape[0]  # experts held here
+        local_e = top_e.reshape(-1) - ctx.tp_rank * mine
+        local_e = jnp.where((local_e >= 0) & (local_e < mine), local_e, mine)  # other shards' experts sort last
+        order = jnp.argsort(local_e, stable=True)
         token = order // k
-        group_sizes = jnp.bincount(flat_e, length=cfg.num_experts).astype(jnp.int32)
+        group_sizes = jnp.bincount(local_e, length=mine + 1)[:mine].astype(jnp.int32)
+        routed_here = jnp.arange(order.shape[0]) < jnp.sum(group_sizes)  # rows past these are not computed
         xs = jnp.take(x, token, axis=0)
-        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=kernels)
+        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=ctx.kernels)
         h = jax.nn.silu(gmm(xs, self.gate_proj[...])) * gmm(xs, self.up_proj[...])
         y = gmm(h, self.down_proj[...]) * jnp.take(top_w.reshape(-1), order)[:, None]
-        out = jnp.zeros_like(x).at[token].add(y)
+        out = jnp.zeros_like(x).at[token].add(jnp.where(routed_here[:, None], y, jnp.zeros((), y.dtype)))
         if cfg.shared_expert_intermediate_size:
             out = out + jax.nn.sigmoid(x @ self.shared_gate[...]) * self.shared(x)
         return out.reshape(shape)
@@ -293,13 +305,13 @@ class DecoderLayer(nnx.Module):
 
     def _channel(self, x, ctx):
         h = rms_norm(x, self.post_norm[...], self.cfg.rms_norm_eps)
-        return x + (self.moe(h, ctx.kernels) if self.cfg.is_moe else self.mlp(h))
+        return x + ctx.tp_sum(self.moe(h, ctx) if self.cfg.is_moe else self.mlp(h))
 
     def prefill(self, x, ctx: ShardContext, caches, index, history):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
         mixer = self.attn if self.is_attention else self.gdn
         y, caches = mixer.prefill(h, ctx, caches, index, history)
-        return self._channel(x + y, ctx), caches
+        return self._channel(x + ctx.tp_sum(y), ctx), caches
 
     def decode(self, x, ctx: ShardContext, caches, index, kpos, write):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
@@ -307,7 +319,7 @@ class DecoderLayer(nnx.Module):
             y, caches = self.attn.decode(h, ctx, caches, index, kpos, write)
         else:
             y, caches = self.gdn.decode(h, ctx, caches, index)
-        return self._channel(x + y, ctx), caches
+        return self._channel(x + ctx.tp_sum(y), ctx), caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,52 +356,17 @@ class LayerPlan:
         return self.ordinal(j) + g * per_group
 
 
-class _TakeOnRead(dict):
-    """A params dict whose tensors leave it when read: once a tensor is placed or stacked, only the model
-    holds it."""
-
-    def __getitem__(self, name):
-        return self.pop(name)
-
-
-def _stacked_params(params: dict, plan: LayerPlan, dtype) -> dict:
-    """`group.{j}.<name>` -> the weights of layers j, p + j, 2p + j, ... stacked on a new leading axis,
-    one tensor at a time (each cast to `dtype` first, so the stack is built once in the model dtype)."""
-    out = {}
-    for j in range(plan.period):
-        prefix = f"layers.{j}."
-        for name in [n for n in params if n.startswith(prefix)]:
-            leaf = name[len(prefix):]
-            parts = [params[f"layers.{g * plan.period + j}.{leaf}"] for g in range(plan.groups)]
-            if all(isinstance(a, np.ndarray) for a in parts):
-                out[f"group.{j}.{leaf}"] = np.stack([np.asarray(a, dtype) for a in parts])
-            else:
-                out[f"group.{j}.{leaf}"] = jnp.stack([jnp.asarray(a, dtype) for a in parts])
-    return out
-
-
 class Qwen35(nnx.Module):
-    """The text model. `params` is the flat dict of the checkpoint contract; arrays are cast to `dtype`.
-    Layers are stacked per `LayerPlan` here, at load: the contract on disk stays flat per layer."""
+    """The text model. `params` are the device parameters of `pcp_jax.parallel.tensor.placements` for this
+    config's `LayerPlan` and `tp` (`place_params` makes them from the flat checkpoint contract: scanned
+    layers stacked as `group.{j}.<leaf>`, the rest flat, each split over `tp`); arrays are cast to `dtype`.
+    The modules are built with the config of one `tp` shard (`local_config`)."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16, consume: bool = False):
-        """`consume`: take the tensors out of `params` (the dict is emptied) as they are placed and stacked,
-        so that no weight is held twice during the build (stacking makes new arrays)."""
-        self.cfg = cfg
-        if consume:
-            params, original = _TakeOnRead(params), params
-            original.clear()
-        expected = set(param_shapes(cfg))
-        extra = sorted(set(params) - expected)
-        if extra:
-            raise ValueError(f"unexpected parameters for this config: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
-        missing = sorted(expected - set(params))
-        if missing:
-            raise ValueError(f"missing parameter {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    def __init__(self, cfg: ModelConfig, params: dict, dtype=jnp.bfloat16, tp: int = 1):
+        self.cfg = cfg = local_config(cfg, tp)
         self.plan = plan = LayerPlan.of(cfg.layer_types)
         self.embed = _param(params, "embed", dtype)
-        stacked = _stacked_params(params, plan, dtype) if plan.groups else {}
-        self.group = _ModuleList([DecoderLayer(cfg, plan.layer_types[j], stacked, f"group.{j}", dtype)
+        self.group = _ModuleList([DecoderLayer(cfg, plan.layer_types[j], params, f"group.{j}", dtype)
                                   for j in range(plan.period if plan.groups else 0)])
         self.rest = _ModuleList([DecoderLayer(cfg, plan.layer_types[i], params, f"layers.{i}", dtype)
                                  for i in plan.rest])
@@ -397,8 +374,17 @@ class Qwen35(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(params, "lm_head", dtype)
 
-    def embed_tokens(self, ids):
-        return jnp.take(self.embed[...], ids, axis=0)
+    def embed_tokens(self, ids, ctx: ShardContext):
+        """ids [B, T] -> [B, T, D]. Under `tp` each shard holds a block of vocabulary rows: it looks up the ids
+        in its block, zeros elsewhere, and the shards' rows are summed (exact: one of them is non-zero)."""
+        table = self.embed[...]
+        if ctx.tp == 1:
+            return jnp.take(table, ids, axis=0)
+        rows = table.shape[0]
+        local = ids - ctx.tp_rank * rows
+        here = (local >= 0) & (local < rows)
+        x = jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0)
+        return ctx.tp_sum(jnp.where(here[..., None], x, jnp.zeros((), x.dtype)))
 
     def _layers(self, x, caches, step, scan=True):
         """Run every layer: `step(layer, x, caches, index) -> (x, caches)`; the groups as one scan (one
@@ -426,23 +412,24 @@ class Qwen35(nnx.Module):
     def prefill(self, ids, ctx: ShardContext, caches: dict, history: "History"):
         """ids [B, T] this rank's tokens of one prefill piece; caches: the stacked caches (`Caches`).
         Returns (hidden [B, T, D] before the final norm, updated caches)."""
-        return self._layers(self.embed_tokens(ids), caches,
+        return self._layers(self.embed_tokens(ids, ctx), caches,
                             lambda layer, x, c, i: layer.prefill(x, ctx, c, i, history))
 
     def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, scan=True):
         """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""
-        x, caches = self._layers(self.embed_tokens(ids), caches,
+        x, caches = self._layers(self.embed_tokens(ids, ctx), caches,
                                  lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write), scan)
-        return self.head(x[:, 0]), caches
+        return self.head(x[:, 0], ctx), caches
 
-    def head(self, x):
+    def head(self, x, ctx: ShardContext):
+        """x [..., D] -> logits [..., V] fp32 (each `tp` shard computes its vocabulary block; gathered)."""
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return ctx.tp_gather(jnp.dot(x, w, preferred_element_type=jnp.float32), axis=-1)
 
 
 def empty_caches(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict:
-    """Per-shard stacked caches: "k", "v" [n_attention, B, slots, Hkv, hd] (this rank's KV slots of every
+    """Stacked caches for `cfg` (one shard's with a `local_config`, the mesh's with a `mesh_config`): "k", "v" [n_attention, B, slots, Hkv, hd] (this rank's KV slots of every
     attention layer, in layer order), "conv" [n_gdn, B, K-1, conv_dim] and "state" [n_gdn, B, Hv, dk, dv]
     fp32 (every GDN layer's carried state)."""
     na, ng = len(cfg.attention_layers), len(cfg.gdn_layers)
@@ -453,25 +440,50 @@ def empty_caches(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict:
                                 cfg.linear_value_head_dim), jnp.float32)}
 
 
+def _random_leaf(leaf: str, key, shape, fan_in: int, dtype):
+    """Random values for a parameter named `leaf` with sane scales: identity norms, A_log in log[1, 16], unit
+    dt_bias, conv taps N(0, 0.25), matrices N(0, 1/fan_in), the embedding N(0, 1)."""
+    if leaf in ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm"):
+        return jnp.zeros(shape, dtype)  # zero-centred: weight 0 is the identity scale
+    if leaf in ("norm", "dt_bias"):
+        return jnp.ones(shape, dtype)
+    if leaf == "A_log":
+        return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+    scale = 0.5 if leaf == "conv_weight" else 1.0 if leaf == "embed" else fan_in**-0.5
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def _fan_in(shape) -> int:
+    return shape[-2] if len(shape) >= 2 else shape[-1]
+
+
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
     """Random weights with sane scales (for the demo and benchmarks; never a substitute for real ones)."""
     key = jax.random.key(seed)
-    out = {}
-    for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items())):
-        k = jax.random.fold_in(key, i)
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm"):
-            out[name] = jnp.zeros(shape, dtype)  # zero-centred: weight 0 is the identity scale
-        elif leaf == "norm":
-            out[name] = jnp.ones(shape, dtype)
-        elif leaf == "A_log":
-            out[name] = jnp.log(jax.random.uniform(k, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
-        elif leaf == "dt_bias":
-            out[name] = jnp.ones(shape, dtype)
-        elif leaf == "conv_weight":
-            out[name] = (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(dtype)
-        else:
-            fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
-            scale = 1.0 if leaf == "embed" else fan_in**-0.5
-            out[name] = (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
-    return out
+    return {name: _random_leaf(name.rsplit(".", 1)[-1], jax.random.fold_in(key, i), shape, _fan_in(shape), dtype)
+            for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items()))}
+
+
+class RandomSource:
+    """Random weights (the scales of `random_params`) generated on the devices, each device parameter by one
+    program straight into its sharding: no host copy, so benchmarks can build models larger than host memory.
+    A TensorSource for `Model(cfg, RandomSource(cfg), ...)`. Repeated KV / GDN key heads (tp above their
+    count) get independent values: the timing is that of the real model, the function is not."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        self.shapes, self.seed = param_shapes(cfg), seed
+
+    def names(self):
+        return self.shapes.keys()
+
+    def shape(self, name: str):
+        return self.shapes[name]
+
+    def read(self, name, idx):
+        raise NotImplementedError("RandomSource makes device arrays only (place)")
+
+    def place(self, placement, sharding, dtype) -> jax.Array:
+        leaf = placement.name.rsplit(".", 1)[-1]
+        key = jax.random.fold_in(jax.random.key(self.seed), sorted(self.shapes).index(placement.sources[0]))
+        make = jax.jit(_random_leaf, static_argnums=(0, 2, 3, 4), out_shardings=sharding)
+        return make(leaf, key, placement.shape, _fan_in(placement.source_shape), np.dtype(dtype))

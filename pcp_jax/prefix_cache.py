@@ -5,8 +5,8 @@ holds piece p's KV slots of every attention layer (the per-rank shards, still sp
 slot positions, the GDN conv + recurrent states after piece p, and the next-token logits there. A prompt
 hashes its pieces in a chain (h_p = H(h_{p-1}, tokens of piece p)), so boundary p matches only if every
 earlier token matches; restoring boundary p copies the blocks of pieces 0..p back into the slots.
-The chain starts from a key of the model's weights fingerprint, dtype, cp, piece size and padded
-piece length, so a different model, dtype or cp layout never hits. Entries are evicted least recently
+The chain starts from a key of the model's weights fingerprint, dtype, cp, tp, piece size and padded
+piece length, so a different model, dtype or cp x tp layout never hits. Entries are evicted least recently
 used first to stay within `max_bytes`; using an entry refreshes its whole chain.
 """
 
@@ -49,7 +49,7 @@ class PrefixCache:
     def _root(model, piece: int, n_pad: int, batch: int) -> bytes:
         h = hashlib.sha256()
         h.update(model.fingerprint())
-        h.update(repr((model.dtype_name, model.cp, piece, n_pad, batch)).encode())
+        h.update(repr((model.dtype_name, model.cp, model.tp, piece, n_pad, batch)).encode())
         return h.digest()
 
     def chain(self, model, ids, lengths, piece, n_pad) -> list[tuple[int, bytes]]:

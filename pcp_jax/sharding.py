@@ -1,8 +1,9 @@
 """Sharding, declared once: logical axis names map to mesh axes.
 
 Model and engine code name logical axes (`batch`, `sequence`, `kv_slots`, ...); only this table and the
-per-shard context name the mesh axis `cp`. Prompt tokens (in zigzag order) and KV-cache slots are split
-over `cp`; everything else (weights, GDN states, logits of one position) is replicated.
+per-shard context name the mesh axes `cp` and `tp`. Prompt tokens (in zigzag order) and KV-cache slots are
+split over `cp`; heads (of the KV cache and the GDN states) and conv channels over `tp`; the weights' split
+is in pcp_jax/parallel/tensor.py; everything else (logits of one position, token ids) is replicated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 from jax.sharding import PartitionSpec
 
 CP_AXIS = "cp"
+TP_AXIS = "tp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,8 @@ class ShardingRules:
     sequence: str | None = CP_AXIS   # prompt tokens, zigzag order
     kv_slots: str | None = CP_AXIS   # slots of the KV cache of full-attention layers
     layers: str | None = None        # the leading axis of stacked caches (one entry per layer of a kind)
+    heads: str | None = TP_AXIS      # KV heads of the cache, value heads of GDN states
+    channels: str | None = TP_AXIS   # GDN conv channels (rank-major [q | k | v] blocks: parallel/tensor.py)
     vocab: str | None = None
 
     def spec(self, *logical: str | None) -> PartitionSpec:
@@ -40,5 +44,7 @@ RULES = ShardingRules()
 REPLICATED = PartitionSpec()
 TOKENS = RULES.spec("batch", "sequence")     # [B, N] prompt ids, [B, N, V] logits
 KV_SLOTS = RULES.spec("batch", "kv_slots")   # [B, S] slot positions
-STACKED_KV = RULES.spec("layers", "batch", "kv_slots")   # [n_attention, B, S, Hkv, hd] K/V of every attention layer
-CACHES = {"k": STACKED_KV, "v": STACKED_KV, "conv": REPLICATED, "state": REPLICATED}  # model.empty_caches
+STACKED_KV = RULES.spec("layers", "batch", "kv_slots", "heads")   # [n_attention, B, S, Hkv, hd] K/V of every attention layer
+CONV = RULES.spec("layers", "batch", None, "channels")   # [n_gdn, B, K-1, conv_dim]
+STATE = RULES.spec("layers", "batch", "heads")           # [n_gdn, B, Hv, dk, dv]
+CACHES = {"k": STACKED_KV, "v": STACKED_KV, "conv": CONV, "state": STATE}  # model.empty_caches

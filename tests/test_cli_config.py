@@ -165,11 +165,14 @@ def test_presets_have_the_real_shapes():
     assert 8.5e9 < n_params < 10.5e9, n_params
 
 
-def test_sharding_rules_name_the_cp_axis_once():
+def test_sharding_rules_name_each_mesh_axis_once():
     from jax.sharding import PartitionSpec
-    from pcp_jax.sharding import KV_SLOTS, RULES, TOKENS
+    from pcp_jax.sharding import CACHES, KV_SLOTS, RULES, TOKENS
     assert TOKENS == PartitionSpec(None, "cp") and KV_SLOTS == PartitionSpec(None, "cp")
+    assert CACHES["k"] == PartitionSpec(None, None, "cp", "tp") and CACHES["state"] == PartitionSpec(None, None, "tp")
     with pytest.raises(ValueError, match="two dimensions on one mesh axis"):
         RULES.spec("sequence", "kv_slots")
-    with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
-        RULES.spec("batch", "heads")
+    with pytest.raises(ValueError, match="two dimensions on one mesh axis"):
+        RULES.spec("heads", "channels")
+    with pytest.raises(ValueError, match="unknown logical axis 'experts'"):
+        RULES.spec("batch", "experts")
