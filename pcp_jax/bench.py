@@ -1,6 +1,6 @@
 """`pcp-jax bench`: end-to-end prefill benchmark of a named preset with random weights (one process, one mesh).
 
-  pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp 1] [--check]
+  pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp 1] [--tp 1] [--check]
   (or python scripts/bench_prefill.py with the same flags)
   pcp-jax bench --impl hf --preset qwen3.5-9b --tokens 8192,32768   (transformers + FLA)
 
@@ -83,19 +83,16 @@ def _prompt_and_room(args, cfg, n):
 
 
 def bench_ours(args, cfg, lengths):
-    import jax
     from pcp_jax.engine import Model
-    from pcp_jax.model import random_params
+    from pcp_jax.model import RandomSource
 
     t0 = time.perf_counter()
-    params = random_params(cfg, seed=0, dtype=jax.numpy.bfloat16)
-    try:
-        model = Model(cfg, params, cp=args.cp, dtype="bfloat16", kernels=args.kernels, gdn_strategy=args.gdn_strategy,
-                      consume_params=True)
-    except ValueError as e:  # --cp beyond the visible devices, a strategy the shape cannot take: flags
+    try:  # random weights made on the devices, already split over tp (no host copy of the model)
+        model = Model(cfg, RandomSource(cfg, seed=0), cp=args.cp, tp=args.tp, dtype="bfloat16", kernels=args.kernels,
+                      gdn_strategy=args.gdn_strategy)
+    except ValueError as e:  # --cp x --tp beyond the visible devices, a split or strategy the shape cannot take
         from pcp_jax.cli import UsageError
         raise UsageError(str(e)) from None
-    del params
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     devices = list(model.mesh.devices.flat)
     rows = []
@@ -245,6 +242,7 @@ def build_parser():
     parser.add_argument("--tokens", type=positive_int_list, default=[8192, 32768], help="comma-separated prompt lengths")
     parser.add_argument("--batch", type=int_at_least(1), default=1)
     parser.add_argument("--cp", type=int_at_least(1), default=1)
+    parser.add_argument("--tp", type=int_at_least(1), default=1, help="tensor/expert-parallel ranks per cp rank")
     parser.add_argument("--impl", choices=["ours", "hf"], default="ours")
     parser.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
     parser.add_argument("--gdn-strategy", default="auto", choices=["auto", "batch", "sequence"])
@@ -303,7 +301,7 @@ def bench_command(argv) -> int:
             return 0
     rows = (bench_hf if args.impl == "hf" else bench_ours)(args, cfg, lengths)
     layers = f" (first {args.layers} layers)" if args.layers else ""
-    print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, bf16")
+    print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, tp {args.tp}, bf16")
     print("| tokens | time (ms) | tokens/s | model TFLOP/s | MFU | first call (s) | decode step (ms) | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
