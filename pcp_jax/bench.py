@@ -8,7 +8,8 @@ Time to first token = one `Model.prefill` (all layers, KV cache written, next-to
 `--reps` after a warm-up call that compiles. Model FLOPs count every matmul of the layers (the lm_head
 only for the last token), causal attention as half the square, and the chunked GDN's matmuls
 (per 64-token chunk and value head: the WY system, w/u, state reads/updates and the intra-chunk
-output). MFU = achieved FLOP/s over the measured bf16 matmul peak of the machine (`--peak`, TFLOP/s).
+output). MFU = achieved FLOP/s over the measured bf16 matmul peak (`--peak`, TFLOP/s, one GPU) times the
+cp·tp GPUs used.
 `--check` first compares the GPU-kernel path with the plain-jnp path on the demo preset (bf16).
 `--decode N` times N decode steps after each prefill (the prefill then reserves room for them);
 `--profile DIR` traces one more prefill at the longest length and prints how much NCCL kernel time overlapped compute
@@ -311,9 +312,10 @@ def bench_command(argv) -> int:
             continue
         t = r["time"]
         tf = model_flops(cfg, n) * args.batch / t / 1e12
+        devices = args.cp * args.tp if args.impl == "ours" else 1
         dec = f"{r['decode'] * 1e3:.2f}" if "decode" in r else ""
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
-        print(f"| {n} | {t * 1e3:.1f} | {args.batch * n / t:,.0f} | {tf:.0f} | {tf / args.peak:.1%} | "
+        print(f"| {n} | {t * 1e3:.1f} | {args.batch * n / t:,.0f} | {tf:.0f} | {tf / (args.peak * devices):.1%} | "
               f"{r['compile']:.1f} | {dec} | {peak} |")
     failed = [r for r in rows if "error" in r]
     if failed:
