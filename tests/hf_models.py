@@ -44,6 +44,17 @@ def hf_generate(model, ids: np.ndarray, new_tokens: int) -> np.ndarray:
     return out.numpy()
 
 
+def hf_greedy(model, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Greedy continuation by the full forward pass (the argmax of `hf_logits` at the last position, token
+    after token). For some tiny random MoE configs transformers' `generate` (its cached decode path) picks a
+    different token than its own forward pass does, by a margin far above fp32 noise (seed 12 of
+    tests/test_tp.py: 0.018 between the top two logits at the fourth step); the forward pass is the oracle."""
+    out = np.asarray(ids, np.int64)
+    for _ in range(new_tokens):
+        out = np.concatenate([out, hf_logits(model, out)[:, -1].argmax(-1)[:, None]], axis=1)
+    return out
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

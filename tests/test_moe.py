@@ -1,5 +1,6 @@
-"""MoE: the layer matches a plain per-token reference (with and without renormalised top-k), the tiled
-grouped matmul is exact, and the work follows the routed tokens, not the number of experts."""
+"""MoE: the layer matches a plain per-token reference (with and without renormalised top-k), expert-parallel
+shards sum to the whole layer, the tiled grouped matmul is exact, and the work follows the routed tokens, not
+the number of experts."""
 
 import re
 
@@ -10,6 +11,8 @@ import pytest
 
 from pcp_jax.kernels.moe.reference import grouped_matmul, num_tiles_bound
 from pcp_jax.model import MoE
+from pcp_jax.parallel.context import ShardContext
+from pcp_jax.parallel.tensor import SPLIT_AXIS, local_config
 from tiny import tiny_config, tiny_params
 
 
@@ -29,13 +32,42 @@ def test_grouped_matmul_exact(sizes):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _ctx(tp_rank=0):
+    """The context a MoE layer reads (its kernels and its rank on `tp`), for a layer called outside a shard_map:
+    tp = 1, so nothing is reduced."""
+    zeros = jnp.zeros((1, 1), jnp.int32)
+    return ShardContext("cp", 1, "sequence", "jnp", 0, zeros, jnp.ones((1,), jnp.int32), tp_rank=tp_rank)
+
+
+def test_expert_parallel_shards_sum_to_the_whole_layer():
+    """Split 8 experts over 4 ranks (2 each) and the shared expert's columns 4 ways: every rank routes every
+    token and runs only its own experts; the 4 partial outputs sum to the unsplit layer."""
+    tp = 4
+    cfg = tiny_config(moe=True, shared_expert_intermediate_size=32, vocab_size=72)
+    params = tiny_params(cfg, seed=3)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 13, cfg.hidden_size)).astype(np.float32))
+    whole = np.asarray(MoE(cfg, params, "layers.0.moe", jnp.float32)(x, _ctx()))
+    local = local_config(cfg, tp)
+    total = np.zeros_like(whole)
+    for r in range(tp):
+        shard = {}
+        for name, v in params.items():
+            if not name.startswith("layers.0.moe."):
+                continue
+            leaf = name[len("layers.0.moe."):]
+            axis = SPLIT_AXIS["moe." + leaf]
+            shard[name] = v if axis is None else np.split(v, tp, axis=axis)[r]
+        total += np.asarray(MoE(local, shard, "layers.0.moe", jnp.float32)(x, _ctx(r)))
+    np.testing.assert_allclose(total, whole, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("norm_topk", [True, False])
 def test_moe_layer_matches_per_token_reference(norm_topk):
     cfg = tiny_config(moe=True, norm_topk_prob=norm_topk)
     params = tiny_params(cfg)
     layer = MoE(cfg, params, "layers.0.moe", jnp.float32)
     x = np.random.default_rng(0).normal(size=(3, 11, cfg.hidden_size)).astype(np.float32)
-    got = np.asarray(layer(jnp.asarray(x), "jnp"))
+    got = np.asarray(layer(jnp.asarray(x), _ctx()))
     p = {k.split("layers.0.moe.")[1]: v for k, v in params.items() if k.startswith("layers.0.moe.")}
     silu = lambda a: a / (1 + np.exp(-a))
     ref = np.zeros_like(x)
@@ -65,7 +97,7 @@ def test_moe_work_follows_routed_tokens_not_experts():
         cfg = tiny_config(moe=True, hidden_size=D, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=F,
                           shared_expert_intermediate_size=0)
         layer = MoE(cfg, tiny_params(cfg), "layers.0.moe", jnp.float32)
-        hlo = jax.jit(lambda x: layer(x, "jnp")).lower(jnp.zeros((T, D))).compile().as_text()
+        hlo = jax.jit(lambda x: layer(x, _ctx())).lower(jnp.zeros((T, D))).compile().as_text()
         token_dims, feature_dims = {T, T * k}, {D, F, 2 * F}
         for shape in _array_shapes(hlo):
             if E in shape and token_dims & set(shape):
