@@ -1,7 +1,8 @@
 """Tensor and expert parallelism (`tp`) beside context parallelism (`cp`), fp32 on CPU with 8 devices:
 logits and greedy tokens against transformers for every (cp, tp) of the issue on dense and MoE models whose KV
-heads and GDN key heads (2) are fewer than T; ragged batches; both GDN strategies, chunked prefill, decode and
-the prefix cache under cp x tp against cp = tp = 1; the weights each device holds; the split rules."""
+heads and GDN key heads (2) are fewer than T (ragged B = 3, and B = 1); both GDN strategies, chunked prefill,
+decode and the prefix cache at (cp, tp) = (2, 2) against cp = tp = 1; the weights each device holds; the split
+rules. Greedy tokens come from transformers' forward pass (hf_models.hf_greedy)."""
 
 import numpy as np
 import pytest
@@ -22,33 +23,35 @@ MESHES = [(2, 2), (4, 2), (1, 4), (2, 4), (1, 8)]
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
-def hf_dir(request, tmp_path_factory):
+def hf_case(request, tmp_path_factory):
+    """A tiny HF model saved to a folder, a ragged batch of 3 prompts and a single prompt, and transformers'
+    answers for them (computed once for every mesh)."""
     moe = request.param == "moe"
     extra = dict(shared_expert_intermediate_size=32) if moe else dict(intermediate_size=64)
-    model = build(moe=moe, seed=11 + moe, **SHAPE, **extra)
+    hf = build(moe=moe, seed=11 + moe, **SHAPE, **extra)
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return model, str(path)
+    hf.save_pretrained(path)
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(0, hf.config.vocab_size, n) for n in (53, 20, 37)]  # B = 3, ragged rows
+    one = prompts[0][None, :29]  # B = 1
+    return dict(path=str(path), prompts=prompts, one=one, ref_rows=[hf_logits(hf, p[None])[0] for p in prompts],
+                ref_one=hf_logits(hf, one)[:, -1], ref_tokens=hf_greedy(hf, one, NEW_TOKENS))
 
 
-def _ragged(rng, vocab, lengths):
-    return [rng.integers(0, vocab, n) for n in lengths]
+NEW_TOKENS = 6
 
 
 @pytest.mark.parametrize("cp,tp", MESHES)
-def test_logits_and_greedy_match_transformers(hf_dir, cp, tp):
-    hf, path = hf_dir
-    model = pcp_jax.load_model(path, cp=cp, tp=tp, dtype="float32")
+def test_logits_and_greedy_match_transformers(hf_case, cp, tp):
+    model = pcp_jax.load_model(hf_case["path"], cp=cp, tp=tp, dtype="float32")
     assert (model.cp, model.tp) == (cp, tp)
-    rng = np.random.default_rng(cp * 10 + tp)
-    prompts = _ragged(rng, hf.config.vocab_size, (53, 20, 37))  # B = 3, ragged rows
-    got = model.logits(prompts)
-    for row, ids in enumerate(prompts):
-        ref = hf_logits(hf, ids[None])[0]
+    got = model.logits(hf_case["prompts"])
+    for row, (ids, ref) in enumerate(zip(hf_case["prompts"], hf_case["ref_rows"])):
         assert rel_err(got[row, :len(ids)], ref) <= TOL, (row, len(ids))
-    one = prompts[0][None, :29]  # B = 1
-    assert rel_err(model.logits(one), hf_logits(hf, one)) <= TOL
-    np.testing.assert_array_equal(model.generate(one, 10), hf_greedy(hf, one, 10))
+    # B = 1: the next-token logits of prefill, then greedy decoding (the same prefill program)
+    state = model.prefill(hf_case["one"], max_new_tokens=NEW_TOKENS)
+    assert rel_err(to_host(state.logits), hf_case["ref_one"]) <= TOL
+    np.testing.assert_array_equal(model.generate(hf_case["one"], NEW_TOKENS), hf_case["ref_tokens"])
 
 
 def _decode_trace(model, ids, steps, chunk_size=None):
@@ -73,13 +76,11 @@ def moe_tiny():
 @pytest.mark.parametrize("strategy", ["batch", "sequence"])
 def test_strategies_chunked_decode_under_cp_tp(moe_tiny, strategy):
     cfg, params, reference = moe_tiny
-    model = Model(cfg, params, cp=2, tp=4, dtype="float32", gdn_strategy=strategy)
+    model = Model(cfg, params, cp=2, tp=2, dtype="float32", gdn_strategy=strategy)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 150))
-    ref_logits = reference.logits(ids)
-    assert rel_err(model.logits(ids), ref_logits) <= TOL
-    assert rel_err(model.logits(ids, chunk_size=64), ref_logits) <= TOL
+    assert rel_err(model.logits(ids), reference.logits(ids)) <= TOL
     ref_tok, ref_trace = _decode_trace(reference, ids, 6)
-    for chunk in (None, 64):
+    for chunk in (None, 64):  # one shot, then chunked prefill (three pieces) before the decode steps
         tok, trace = _decode_trace(model, ids, 6, chunk_size=chunk)
         np.testing.assert_array_equal(tok, ref_tok)
         assert rel_err(trace, ref_trace) <= TOL, chunk
