@@ -273,11 +273,14 @@ class Model:
         if free is None and self.mesh.devices.flat[0].platform == "cpu":
             # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right
             # now would refuse requests the page cache could make room for)
-            free, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.cp, "per CPU device (host memory)"
+            free, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.mesh.size, "per CPU device (host memory)"
         if free is not None and kv > free:
+            hint = "" if "host memory" in where else (
+                "; JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU (0.75 unless set): a model that fills most of "
+                "a GPU may need e.g. 0.95")
             raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
-                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are available (use a larger cp, fewer "
-                             f"tokens or a smaller batch)")
+                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are available (use a larger cp or tp, "
+                             f"fewer tokens or a smaller batch{hint})")
 
     def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
         ids, lengths = self._as_batch(input_ids)
