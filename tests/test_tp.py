@@ -1,8 +1,9 @@
 """Tensor and expert parallelism (`tp`) beside context parallelism (`cp`), fp32 on CPU with 8 devices:
 logits and greedy tokens against transformers for every (cp, tp) of the issue on dense and MoE models whose KV
-heads and GDN key heads (2) are fewer than T (ragged B = 3, and B = 1); both GDN strategies, chunked prefill,
-decode and the prefix cache at (cp, tp) = (2, 2) against cp = tp = 1; the weights each device holds; the split
-rules. Greedy tokens come from transformers' forward pass (hf_models.hf_greedy)."""
+heads and GDN key heads (2) are fewer than T (ragged B = 3, and B = 1; the MoE one with tied embeddings); both
+GDN strategies, chunked prefill, decode and the prefix cache at (cp, tp) = (2, 2) against cp = tp = 1; the
+weights each device holds; the split rules. Greedy tokens come from transformers' forward pass
+(hf_models.hf_greedy)."""
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ def hf_case(request, tmp_path_factory):
     """A tiny HF model saved to a folder, a ragged batch of 3 prompts and a single prompt, and transformers'
     answers for them (computed once for every mesh)."""
     moe = request.param == "moe"
-    extra = dict(shared_expert_intermediate_size=32) if moe else dict(intermediate_size=64)
+    # the MoE model also ties its LM head to the vocabulary-split embedding
+    extra = dict(shared_expert_intermediate_size=32, tie_word_embeddings=True) if moe else dict(intermediate_size=64)
     hf = build(moe=moe, seed=11 + moe, **SHAPE, **extra)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
