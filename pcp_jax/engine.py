@@ -70,8 +70,8 @@ class PrefillResult:
     """What prefill leaves behind: next-token logits and the (sharded) caches to decode from."""
     logits: jax.Array          # [B, V] fp32, logits after each row's last prompt token
     lengths: np.ndarray        # [B] prompt lengths
-    caches: dict               # stacked (model.empty_caches): "k"/"v" [NA, B, C*S, Hkv, hd] sharded on slots,
-                               # "conv"/"state" [NG, B, ...] replicated
+    caches: dict               # stacked (model.empty_caches): "k"/"v" [NA, B, C*S, Hkv, hd] sharded on slots
+                               # (cp) and heads (tp), "conv"/"state" [NG, B, ...] on channels/heads (tp)
     kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
     slots_per_rank: int        # S (the cache capacity, a ladder value)
     prefill_slots: int         # slots per rank written by prefill; decode appends after them

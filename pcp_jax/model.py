@@ -20,7 +20,7 @@ Two entry points per module, both per shard and both inside one `shard_map`:
 - `prefill(x, ctx, caches, index, history)`: x [B, T, D] are this rank's tokens (zigzag order under cp); returns the
   output and the layer's cache entry (its K/V shard, or its GDN conv + recurrent state);
 - `decode(x, ctx, caches, index, ...)`: x [B, 1, D], the same token on every rank; attention reads the local
-  KV shard and merges partials across `cp`; GDN state is replicated.
+  KV shard and merges partials across `cp`; GDN state is replicated over `cp`.
 Numerics (DESIGN.md §2): zero-centred RMSNorm in fp32, softmax/router/GDN gates and state in fp32.
 """
 
