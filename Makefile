@@ -24,7 +24,7 @@ demo: $(VENV)/.base
 	$(VENV)/bin/pcp-jax demo
 
 test: $(VENV)/.test
-	$(VENV)/bin/python -m pytest -q -x --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
 
 # GPU benchmarks run on a CUDA machine (see docs/BENCHMARKS.md for the exact commands and results):
 #   python scripts/bench_kernels.py        kernels vs FLA / cuDNN, correctness first
