@@ -7,7 +7,7 @@ import pytest
 import pcp_jax
 from pcp_jax.engine import Model, to_host
 from hf_models import build, hf_generate, rel_err
-from tiny import tiny_config, tiny_params
+from tiny import decode_trace, tiny_config, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -17,24 +17,12 @@ def moe_setup():
     return cfg, params
 
 
-def _decode_trace(model, ids, steps, chunk_size=None):
-    """Greedy tokens and the logits of every step (prefill's, then each decode step's)."""
-    state = model.prefill(ids, max_new_tokens=steps, chunk_size=chunk_size)
-    logits, toks = [to_host(state.logits)], []
-    for step in range(steps):
-        tok = logits[-1].argmax(-1).astype(np.int32)
-        toks.append(tok)
-        if step + 1 < steps:
-            logits.append(to_host(model.decode_step(state, tok, step)))
-    return np.stack(toks, 1), np.stack(logits, 1)
-
-
 @pytest.mark.parametrize("cp", [2, 4, 8])
 def test_decode_under_cp_equals_cp1(moe_setup, cp):
     cfg, params = moe_setup
     ids = np.random.default_rng(cp).integers(0, cfg.vocab_size, (2, 77))
-    ref_tok, ref_logits = _decode_trace(Model(cfg, params, cp=1, dtype="float32"), ids, 12)
-    tok, logits = _decode_trace(Model(cfg, params, cp=cp, dtype="float32"), ids, 12)
+    ref_tok, ref_logits = decode_trace(Model(cfg, params, cp=1, dtype="float32"), ids, 12)
+    tok, logits = decode_trace(Model(cfg, params, cp=cp, dtype="float32"), ids, 12)
     np.testing.assert_array_equal(tok, ref_tok)
     assert rel_err(logits, ref_logits) <= 1e-5
 
@@ -54,14 +42,14 @@ def test_chunked_prefill_equals_one_shot(moe_setup, cp, chunks):
     model = Model(cfg, params, cp=cp, dtype="float32")
     ids = np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 333))
     ref_logits = model.logits(ids)
-    ref_tok, ref_trace = _decode_trace(model, ids, 5)
+    ref_tok, ref_trace = decode_trace(model, ids, 5)
     one_shot = model.prefill(ids)
     for chunk in chunks:  # neither divides the 333-token prompt
         assert rel_err(model.logits(ids, chunk_size=chunk), ref_logits) <= 1e-5, chunk
         state = model.prefill(ids, chunk_size=chunk)
         for name in ("state", "conv"):  # GDN conv and recurrent states carried across pieces
             assert rel_err(to_host(state.caches[name]), to_host(one_shot.caches[name])) <= 1e-5, (chunk, name)
-        tok, trace = _decode_trace(model, ids, 5, chunk_size=chunk)
+        tok, trace = decode_trace(model, ids, 5, chunk_size=chunk)
         np.testing.assert_array_equal(tok, ref_tok)
         assert rel_err(trace, ref_trace) <= 1e-5, chunk
 

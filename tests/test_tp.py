@@ -13,7 +13,7 @@ from pcp_jax.engine import Model, to_host
 from pcp_jax.memory import state_bytes_per_device
 from pcp_jax.parallel.tensor import check_tp, local_config, qkv_column_index
 from hf_models import build, hf_greedy, hf_logits, rel_err
-from tiny import tiny_config, tiny_params
+from tiny import decode_trace, tiny_config, tiny_params
 
 TOL = 1e-5
 # 8 query heads, 2 KV heads, 2 GDN key heads, 8 GDN value heads, vocab 104: splittable up to tp = 8,
@@ -56,17 +56,6 @@ def test_logits_and_greedy_match_transformers(hf_case, cp, tp):
     np.testing.assert_array_equal(model.generate(hf_case["one"], NEW_TOKENS), hf_case["ref_tokens"])
 
 
-def _decode_trace(model, ids, steps, chunk_size=None):
-    state = model.prefill(ids, max_new_tokens=steps, chunk_size=chunk_size)
-    logits, toks = [to_host(state.logits)], []
-    for step in range(steps):
-        tok = logits[-1].argmax(-1).astype(np.int32)
-        toks.append(tok)
-        if step + 1 < steps:
-            logits.append(to_host(model.decode_step(state, tok, step)))
-    return np.stack(toks, 1), np.stack(logits, 1)
-
-
 @pytest.fixture(scope="module")
 def moe_tiny():
     cfg = tiny_config(moe=True, num_heads=8, num_kv_heads=2, linear_num_key_heads=2, linear_num_value_heads=8,
@@ -81,9 +70,9 @@ def test_strategies_chunked_decode_under_cp_tp(moe_tiny, strategy):
     model = Model(cfg, params, cp=2, tp=2, dtype="float32", gdn_strategy=strategy)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 150))
     assert rel_err(model.logits(ids), reference.logits(ids)) <= TOL
-    ref_tok, ref_trace = _decode_trace(reference, ids, 6)
+    ref_tok, ref_trace = decode_trace(reference, ids, 6)
     for chunk in (None, 64):  # one shot, then chunked prefill (three pieces) before the decode steps
-        tok, trace = _decode_trace(model, ids, 6, chunk_size=chunk)
+        tok, trace = decode_trace(model, ids, 6, chunk_size=chunk)
         np.testing.assert_array_equal(tok, ref_tok)
         assert rel_err(trace, ref_trace) <= TOL, chunk
 

@@ -1,8 +1,10 @@
-"""Tiny random configurations for tests that need no transformers oracle (cp=1 is their reference)."""
+"""Tiny random configurations for tests that need no transformers oracle (cp=1 is their reference), and the
+greedy decode trace those tests compare."""
 
 import numpy as np
 
 from pcp_jax.config import ModelConfig
+from pcp_jax.engine import to_host
 from pcp_jax.model import random_params
 
 LAYERS = ("linear_attention", "full_attention", "linear_attention", "full_attention")
@@ -27,3 +29,15 @@ def tiny_params(cfg: ModelConfig, seed: int = 0) -> dict:
         if v.ndim == 1:
             params[k] = (v + rng.normal(0, 0.2, v.shape)).astype(np.float32)
     return params
+
+
+def decode_trace(model, ids, steps, chunk_size=None):
+    """Greedy tokens [B, steps] and the logits of every step [B, steps, V] (prefill's, then each decode step's)."""
+    state = model.prefill(ids, max_new_tokens=steps, chunk_size=chunk_size)
+    logits, toks = [to_host(state.logits)], []
+    for step in range(steps):
+        tok = logits[-1].argmax(-1).astype(np.int32)
+        toks.append(tok)
+        if step + 1 < steps:
+            logits.append(to_host(model.decode_step(state, tok, step)))
+    return np.stack(toks, 1), np.stack(logits, 1)
