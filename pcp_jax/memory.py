@@ -31,7 +31,7 @@ import numpy as np
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig, param_shapes
-from pcp_jax.parallel.tensor import SPLIT_AXIS, TOP_SPLIT_AXIS
+from pcp_jax.parallel.tensor import SPLIT_AXIS, TOP_SPLIT_AXIS, heads_per_device
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
 CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
@@ -41,11 +41,6 @@ _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_posit
 # How tensor parallelism lays out each tensor of the checkpoint contract: the axis split over tp, or None where
 # every tp rank holds it whole (the table the loader uses: pcp_jax.parallel.tensor).
 TP_SPLIT_AXIS: dict[str, int | None] = {**TOP_SPLIT_AXIS, **SPLIT_AXIS}
-
-
-def heads_per_device(heads: int, tp: int) -> int:
-    """KV heads (or GDN key heads) one tp rank holds: heads/tp, or one replicated head where heads < tp."""
-    return max(heads, tp) // tp
 
 
 def conv_channels_per_device(cfg: ModelConfig, tp: int) -> int:
@@ -120,12 +115,6 @@ def gdn_state_bytes(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
     return len(cfg.gdn_layers) * (conv + recurrent)
 
 
-def config_weights_bytes(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
-    """Bytes of the parameters of `cfg` one device holds under tensor parallelism `tp`, in one dtype (all
-    weights are cast to the model dtype at load); tp = 1: every parameter."""
-    return weights_bytes_per_device(cfg, tp, dtype_bytes)
-
-
 def state_bytes_per_device(state) -> int:
     """Bytes of a model state's leaves on one device (each leaf's first addressable shard)."""
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
@@ -185,7 +174,7 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
         "devices": cp * tp,
         "dtype": dtype,
         "weights_bytes": weights_bytes,
-        "model_weights_bytes": config_weights_bytes(cfg, b),
+        "model_weights_bytes": weights_bytes_per_device(cfg, 1, b),
         "kv_heads_per_device": heads_per_device(cfg.num_kv_heads, tp),
         "gdn_value_heads_per_device": cfg.linear_num_value_heads // tp,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b, tp),

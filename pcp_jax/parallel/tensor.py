@@ -72,6 +72,11 @@ def _heads_on_mesh(heads: int, tp: int) -> int:
     return max(heads, tp)
 
 
+def heads_per_device(heads: int, tp: int) -> int:
+    """KV heads (or GDN key heads) one tp rank holds: heads/tp, or one repeated head where heads < tp."""
+    return _heads_on_mesh(heads, tp) // tp
+
+
 def mesh_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     """The config of the arrays as they lie on the mesh (global shapes): KV heads and GDN key heads
     repeated up to `tp` where fewer. Equal to `cfg` when nothing is repeated."""
@@ -86,10 +91,9 @@ def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     if tp == 1:
         return cfg
     check_tp(cfg, tp)
-    m = mesh_config(cfg, tp)
     return dataclasses.replace(
-        m, num_heads=cfg.num_heads // tp, num_kv_heads=m.num_kv_heads // tp,
-        linear_num_key_heads=m.linear_num_key_heads // tp,
+        cfg, num_heads=cfg.num_heads // tp, num_kv_heads=heads_per_device(cfg.num_kv_heads, tp),
+        linear_num_key_heads=heads_per_device(cfg.linear_num_key_heads, tp),
         linear_num_value_heads=cfg.linear_num_value_heads // tp,
         intermediate_size=cfg.intermediate_size // tp if not cfg.is_moe else cfg.intermediate_size,
         shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // tp,
