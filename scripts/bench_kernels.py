@@ -9,6 +9,9 @@ Sections (run in the order given; each catches its own failure, logs it and goes
   gdn   : chunked gated delta rule forward, B=1, T in {8k, 32k, 128k}, 16 qk heads, 32/64 v heads,
           dk = dv = 128, bf16, vs FLA `chunk_gated_delta_rule` (torch, same GPU, GVA, final state out).
   tune  : GDN tiling sweep at 32k / 32 heads, plus the time of each of the three stages.
+  gdnvar: GDN variants (`Tiling.inverse`, `Tiling.fuse`): each checked against the fp32 reference first
+          (fp32 B2 T1000 Hv4 tol 1e-4; bf16 T4096 Hv64 tol 1e-2), then timed beside FLA at --gdn-T x
+          32/64 value heads; one table (ms, and FLA / ours) at the end.
   attn  : one ring step at hd 256, 32 q / 2 kv heads, unmasked and diagonal, 4k and 16k, through the
           wrapper's paths, vs cuDNN `jax.nn.dot_product_attention(implementation="cudnn")`.
   moe   : the 397B-shape MoE layer (hidden 4096, 512 experts, top-10, expert width 1024) at 8k and 32k
@@ -294,6 +297,71 @@ def section_tune(args):
     row("tune", "stage 1 wy (kkT, inverse, w, u)", bench(wy, k, v, gc, bt, reps=7)[0])
     row("tune", "stage 2 state pass", bench(st, w, u, k, gc, s0, reps=7)[0])
     row("tune", "stage 3 outputs", bench(out, q, k, gc, h, vn, reps=7)[0])
+
+
+GDNVAR = [  # (column name, Tiling)
+    ("base", pallas_gpu.Tiling()),
+    ("blocked", pallas_gpu.Tiling(inverse="blocked")),
+    ("fuse-out", pallas_gpu.Tiling(fuse="output")),
+    ("fuse-all", pallas_gpu.Tiling(fuse="all")),
+    ("all+blk", pallas_gpu.Tiling(fuse="all", inverse="blocked")),
+    ("all+blk w8", pallas_gpu.Tiling(fuse="all", inverse="blocked", warps_state=8)),
+    ("all+blk bv64", pallas_gpu.Tiling(fuse="all", inverse="blocked", bv_state=64)),
+]
+GDNVAR_CHECKS = [(2, 1000, 2, 2, 128, 128, jnp.float32, True), (1, 4096, 16, 4, 128, 128, jnp.bfloat16, True)]
+
+
+def section_gdnvar(args):
+    log("== gdnvar: GDN variants, checked against fp32, then vs FLA (bf16, B=1, Hk=16, dk=dv=128)")
+    refs = []
+    for i, (B, T, Hk, G, dk, dv, dt, st) in enumerate(GDNVAR_CHECKS):
+        a = gdn_inputs(200 + i, B, T, Hk, G, dk, dv, dt, st)
+        refs.append((a, gdn_ref_fp32(*a), f"B{B} T{T} Hv{Hk * G} {jnp.dtype(dt).name}", 1e-4 if dt == jnp.float32 else 1e-2))
+    fns = {}
+    for name, t in GDNVAR:
+        f = jax.jit(lambda *a, t=t: pallas_gpu.chunk_gated_delta_rule(*a, tiling=t))
+        try:
+            ok = True
+            for a, (o_r, s_r), tag, tol in refs:
+                o, s = f(*a)
+                ok &= check(f"gdnvar {name} {tag} o", rel(o, o_r), tol)
+                ok &= check(f"gdnvar {name} {tag} final state", rel(s, s_r), tol)
+        except Exception as e:
+            RESULTS["errors"].append(f"gdnvar {name} check: {e!r}")
+            log(f"  {name} failed: {e!r}")
+            ok = False
+        if ok:
+            fns[name] = f
+        else:
+            log(f"  {name}: not timed (check failed)")
+    del refs
+    table = []
+    for T in args.gdn_T:
+        for Hv in (32, 64):
+            q, k, v, g, beta, _ = gdn_inputs(T + Hv, 1, T, 16, Hv // 16, 128, 128, jnp.bfloat16, False)
+            try:
+                fla_ms = _torch_time(_fla_fn(q, k, v, g, beta))
+            except Exception as e:
+                RESULTS["errors"].append(f"gdnvar FLA T{T} Hv{Hv}: {e!r}")
+                log(f"  FLA failed: {e!r}")
+                fla_ms = float("nan")
+            row("gdnvr", f"T={T} Hv={Hv} FLA", fla_ms)
+            times = {}
+            for name, f in fns.items():
+                try:
+                    times[name] = bench(f, q, k, v, g, beta, reps=5)[0]
+                except Exception as e:
+                    RESULTS["errors"].append(f"gdnvar {name} T{T} Hv{Hv}: {e!r}")
+                    log(f"  {name} failed: {e!r}")
+                    continue
+                row("gdnvr", f"T={T} Hv={Hv} {name}", times[name], speedup_vs_fla=fla_ms / times[name])
+            table.append((T, Hv, fla_ms, times))
+            del q, k, v, g, beta
+    log("\n  gdnvar: ms (FLA ms / ours ms)")
+    log("  " + f"{'T':>7s} {'Hv':>3s} {'FLA':>7s} | " + " | ".join(f"{n:>15s}" for n in fns))
+    for T, Hv, fla_ms, times in table:
+        cells = [f"{times[n]:7.3f} ({fla_ms / times[n]:4.2f}x)" if n in times else f"{'-':>15s}" for n in fns]
+        log("  " + f"{T:7d} {Hv:3d} {fla_ms:7.3f} | " + " | ".join(cells))
 
 
 def section_tune64(args):

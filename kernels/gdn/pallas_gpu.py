@@ -7,18 +7,31 @@ Contract: `reference.chunk_gated_delta_rule` (same arguments, same outputs):
   the repeat is never materialised. Any T: padded internally to a multiple of the chunk with g = beta = 0
   tokens, which leave the state unchanged.
 
-Stages (each its own pallas_call; the split follows the usual chunked WY form):
+Stages (each its own pallas_call; the split follows the usual chunked WY form; `Tiling.fuse` picks one of
+three pipelines, all with this math):
   1. `_wy_kernel`, parallel over (batch, value head, chunk):
        A = strictly-lower(beta_i k_i.k_j exp(gc_i - gc_j)),  T = (I + A)^-1,
        w = T (beta exp(gc) k)  [L, dk],   u = T (beta v)  [L, dv].
      T comes from the doubling product (I - A)(I + A^2)(I + A^4)... : A is strictly lower, so A^L = 0 and
-     log2(L) squarings give the exact inverse with matrix-unit dots instead of a row-by-row solve.
+     log2(L) squarings give the exact inverse with matrix-unit dots instead of a row-by-row solve
+     (`Tiling.inverse="doubling"`, 10 dots of L^3). `inverse="blocked"` builds A in 16 x 16 blocks, inverts
+     the four diagonal blocks by doubling and merges them by block forward substitution
+     (T_ij = -D_i^-1 sum_m A_im T_mj): 40 dots of 16^3, 16x fewer multiply-adds than the doubling.
   2. `_state_kernel`, sequential over chunks for each (batch, value head, dv block), the dk x BV state in
      registers: emits the chunk-start state h_n and v_new = u - w S, then
      S <- exp(gc_last) S + (k exp(gc_last - gc))^T v_new.
   3. `_output_kernel`, parallel over (batch, value head, chunk, dv block):
        o = (scale q exp(gc)) h_n + tril(scale q k^T exp(gc_i - gc_j)) v_new.
 gc is the in-chunk cumulative sum of g (computed in jnp: [B, Hv, T], a few MB).
+
+Fused pipelines (fewer passes over memory; the chunk states h and v_new never leave the chip):
+  fuse="output": stage 1, then `_fused_kernel` = stages 2 and 3 in one sequential pass per (batch, value
+     head, dv block): each chunk step also loads q and emits o = (scale q exp(gc)) S + tril(...) v_new.
+  fuse="all": stage 1 emits only T [L, L] per chunk (`_wy_t`, half the bytes of w at dk = 128, a quarter
+     of w + u); the sequential pass computes v_new = T (beta v - (beta exp(gc) k) S) from T, v and beta,
+     then o and the state update as above. Bytes moved at 128k tokens / 64 heads (bf16): about 27 GB with
+     three stages, about 11 GB fused (inputs, T and o; q/k/v re-read per dv block mostly from L2).
+The sequential pass launches B * Hv * dv / bv programs; the fused forms pay off when that fills the GPU.
 
 Numerics: the state, every accumulation and the gates are fp32. With bf16 inputs the intermediates
 (w, u, v_new, h) are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
@@ -49,10 +62,16 @@ f32 = jnp.float32
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
 
 
+_INVERSES = ("doubling", "blocked")
+_FUSES = ("none", "output", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """Launch parameters. bv_state / bv_out: dv block of the state and output kernels (powers of two);
-    bv_state None picks it from the launch size (`_auto_bv_state`)."""
+    """Launch parameters and kernel variants. bv_state / bv_out: dv block of the state (or fused
+    state + output) and output kernels (powers of two); bv_state None picks it from the launch size
+    (`_auto_bv_state`). inverse and fuse select the variants of the module docstring; every combination
+    computes the same function (tests/test_gdn_variants.py)."""
 
     bv_state: int | None = None
     bv_out: int = 64
@@ -60,6 +79,14 @@ class Tiling:
     warps_state: int = 4
     warps_out: int = 4
     stages_state: int = 3  # H100, T=32k, Hv=32: 2.17 ms vs 2.50 (2 stages), 2.80 (1)
+    inverse: str = "doubling"  # (I + A)^-1 in stage 1: "doubling" (64 x 64 products) or "blocked" (16 x 16)
+    fuse: str = "none"  # "none" (3 stages), "output" (state + output fused), "all" (also w, u from T)
+
+    def __post_init__(self):
+        if self.inverse not in _INVERSES:
+            raise ValueError(f"Tiling.inverse={self.inverse!r}; expected one of {_INVERSES}")
+        if self.fuse not in _FUSES:
+            raise ValueError(f"Tiling.fuse={self.fuse!r}; expected one of {_FUSES}")
 
 
 def _is_pow2(n: int) -> bool:
@@ -119,37 +146,94 @@ def _last(x):
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: WY transform per chunk.
 # ----------------------------------------------------------------------------------------------------
-def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec):
-    k = k_ref[...]  # [L, dk] cdt
-    gc = gc_ref[...]  # [L] f32
-    beta = beta_ref[...]
-    L = k.shape[0]
-    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
-    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    strict = row > col
-    diff = jnp.where(strict, gc[:, None] - gc[None, :], 0.0)  # masked before exp: never overflows
-    kk = _dot_nt(k, k, prec)
-    neg_a = jnp.where(strict, -kk * beta[:, None] * jnp.exp(diff), 0.0)  # -A, strictly lower
-    eye = (row == col).astype(f32)
-    # (I + A)^-1 = sum_{j < L} (-A)^j = (I - A)(I + A^2)(I + A^4)...(I + A^(L/2)).
+def _unit_lower_inverse(neg_a, prec):
+    """(I + A)^-1 for strictly lower A [n, n] (n a power of two), given -A, in fp32:
+    sum_{j < n} (-A)^j = (I - A)(I + A^2)(I + A^4)...(I + A^(n/2))."""
+    n = neg_a.shape[0]
+    eye = (lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(f32)
     inv = eye + neg_a
     power = neg_a
-    steps = L.bit_length() - 2  # L = 64: squarings to A^2 .. A^32
-    for _ in range(steps):
+    for _ in range(n.bit_length() - 2):  # n = 64: squarings to A^2 .. A^32
         power = _dot(power, power, prec)
         inv = inv + _dot(inv, power, prec)
-    inv_c = inv.astype(cdt)
-    kb = (k.astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
-    w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
+    return inv
+
+
+def _strict_a(ki, kj, gci, gcj, bi, prec, *, diagonal):
+    """Block A_ij = beta_i k_i.k_j exp(gc_i - gc_j) of rows i, columns j; strictly lower when diagonal."""
+    a = _dot_nt(ki, kj, prec) * bi[:, None]
+    if not diagonal:  # every entry lies below the diagonal: gc_i - gc_j <= 0
+        return a * jnp.exp(gci[:, None] - gcj[None, :])
+    n = ki.shape[0]
+    strict = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    diff = jnp.where(strict, gci[:, None] - gcj[None, :], 0.0)  # masked before exp: never overflows
+    return jnp.where(strict, a * jnp.exp(diff), 0.0)
+
+
+_SUB = 16  # block of the blocked inverse (the smallest matrix-unit tile)
+
+
+def _blocked_inverse(k_ref, gc_ref, beta_ref, prec):
+    """T = (I + A)^-1 of one chunk as {(i, j): [16, 16] fp32 block} for i >= j (blocks above are 0).
+    Diagonal blocks by doubling; below them block forward substitution T_ij = -T_ii sum_{j<=m<i} A_im T_mj.
+    Rows are read as ref windows (Triton cannot slice values)."""
+    nb = CHUNK // _SUB
+    rows = [pl.ds(i * _SUB, _SUB) for i in range(nb)]
+    ks = [k_ref[r, :] for r in rows]
+    gcs = [gc_ref[r] for r in rows]
+    bs = [beta_ref[r] for r in rows]
+    a = {(i, j): _strict_a(ks[i], ks[j], gcs[i], gcs[j], bs[i], prec, diagonal=i == j)
+         for i in range(nb) for j in range(i + 1)}
+    t = {}
+    for i in range(nb):
+        t[i, i] = _unit_lower_inverse(-a[i, i], prec)
+        for j in range(i):
+            acc = _dot(a[i, j], t[j, j], prec)
+            for m in range(j + 1, i):
+                acc = acc + _dot(a[i, m], t[m, j], prec)
+            t[i, j] = -_dot(t[i, i], acc, prec)
+    return t
+
+
+def _full_inverse(k_ref, gc_ref, beta_ref, prec):
+    k = k_ref[...]
+    gc = gc_ref[...]
+    return _unit_lower_inverse(-_strict_a(k, k, gc, gc, beta_ref[...], prec, diagonal=True), prec)
+
+
+def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inverse):
     # u in column slices of at most 64: a [64, 256] fp32 accumulator (dv = 256, the `sequence` strategy)
     # spills, and with exact-fp32 dots ptxas then took minutes to compile the kernel.
     # Slices are taken from the refs: Triton lowers ref windows, not value slices.
     dv = v_ref.shape[1]
     cols = min(dv, 64)
-    for j in range(dv // cols):
-        sl = pl.ds(j * cols, cols)
-        vb = (v_ref[:, sl].astype(f32) * beta[:, None]).astype(cdt)
-        u_ref[:, sl] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
+    col_slices = [pl.ds(j * cols, cols) for j in range(dv // cols)]
+    if inverse == "doubling":
+        inv_c = _full_inverse(k_ref, gc_ref, beta_ref, prec).astype(cdt)
+        gc, beta = gc_ref[...], beta_ref[...]
+        kb = (k_ref[...].astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
+        w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
+        for sl in col_slices:
+            vb = (v_ref[:, sl].astype(f32) * beta[:, None]).astype(cdt)
+            u_ref[:, sl] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
+        return
+    t = {ij: x.astype(cdt) for ij, x in _blocked_inverse(k_ref, gc_ref, beta_ref, prec).items()}
+    nb = CHUNK // _SUB
+    rows = [pl.ds(i * _SUB, _SUB) for i in range(nb)]
+
+    def emit(out_ref, sl, rhs):  # out rows i = sum_{j <= i} T_ij rhs_j
+        for i in range(nb):
+            acc = _dot(t[i, 0], rhs[0], prec)
+            for j in range(1, i + 1):
+                acc = acc + _dot(t[i, j], rhs[j], prec)
+            out_ref[rows[i], sl] = acc.astype(out_ref.dtype)
+
+    gcs = [gc_ref[r] for r in rows]
+    bs = [beta_ref[r] for r in rows]
+    emit(w_ref, slice(None), [(k_ref[r, :].astype(f32) * (b * jnp.exp(g))[:, None]).astype(cdt)
+                              for r, g, b in zip(rows, gcs, bs)])
+    for sl in col_slices:
+        emit(u_ref, sl, [(v_ref[r, sl].astype(f32) * b[:, None]).astype(cdt) for r, b in zip(rows, bs)])
 
 
 def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
@@ -157,7 +241,7 @@ def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
     Hv, dv = v.shape[2:]
     N = Tp // CHUNK
     L = CHUNK
-    kern = functools.partial(_wy_kernel, cdt=cdt, prec=prec)
+    kern = functools.partial(_wy_kernel, cdt=cdt, prec=prec, inverse=tiling.inverse)
     return pl.pallas_call(
         kern,
         grid=(B, Hv, N),
@@ -176,6 +260,41 @@ def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
         interpret=interpret,
         name="gdn_wy",
     )(k, v, gc, beta)
+
+
+def _wy_t_kernel(k_ref, gc_ref, beta_ref, t_ref, *, prec, inverse):
+    if inverse == "doubling":
+        t_ref[...] = _full_inverse(k_ref, gc_ref, beta_ref, prec).astype(t_ref.dtype)
+        return
+    t = _blocked_inverse(k_ref, gc_ref, beta_ref, prec)
+    nb = CHUNK // _SUB
+    zero = jnp.zeros((_SUB, _SUB), t_ref.dtype)
+    for i in range(nb):
+        for j in range(nb):
+            t_ref[pl.ds(i * _SUB, _SUB), pl.ds(j * _SUB, _SUB)] = t[i, j].astype(t_ref.dtype) if j <= i else zero
+
+
+def _wy_t(k, gc, beta, G, *, cdt, prec, tiling, interpret):
+    """Stage 1 of fuse="all": T = (I + A)^-1 per chunk, [B, Hv, Tp, L] in cdt (row block n = chunk n)."""
+    B, Tp, Hk, dk = k.shape
+    Hv = gc.shape[1]
+    N = Tp // CHUNK
+    L = CHUNK
+    kern = functools.partial(_wy_t_kernel, prec=prec, inverse=tiling.inverse)
+    return pl.pallas_call(
+        kern,
+        grid=(B, Hv, N),
+        in_specs=[
+            pl.BlockSpec((None, L, None, dk), lambda b, h, n: (b, n, h // G, 0)),
+            pl.BlockSpec((None, None, L), lambda b, h, n: (b, h, n)),
+            pl.BlockSpec((None, None, L), lambda b, h, n: (b, h, n)),
+        ],
+        out_specs=pl.BlockSpec((None, None, L, L), lambda b, h, n: (b, h, n, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Hv, Tp, L), cdt),
+        compiler_params=_CompilerParams(num_warps=tiling.warps_wy, num_stages=1),
+        interpret=interpret,
+        name="gdn_wy_t",
+    )(k, gc, beta)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +401,90 @@ def _outputs(q, k, gc, h, vn, G, out_dtype, *, scale, prec, tiling, interpret):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stages 2 + 3 fused: one sequential pass that emits the outputs (fuse="output" and fuse="all").
+# ----------------------------------------------------------------------------------------------------
+def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
+    # Refs (batch, head and dv block selected by the BlockSpecs), Tp tokens, BV = dv block:
+    #   from_t:  T [Tp, L], v [Tp, BV], beta [Tp]     else:  w [Tp, dk], u [Tp, BV]
+    #   then q [Tp, dk], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32 -> o [Tp, BV], sT [dk, BV] f32.
+    if from_t:
+        t_ref, v_ref, beta_ref, q_ref, k_ref, gc_ref, s0_ref, o_ref, sT_ref = refs
+    else:
+        w_ref, u_ref, q_ref, k_ref, gc_ref, s0_ref, o_ref, sT_ref = refs
+    L = CHUNK
+    cdt = q_ref.dtype
+    causal = lax.broadcasted_iota(jnp.int32, (L, L), 0) >= lax.broadcasted_iota(jnp.int32, (L, L), 1)
+
+    def body(n, S):
+        t = pl.ds(pl.multiple_of(n * L, L), L)
+        kc = k_ref[t, :]
+        gc = gc_ref[t]
+        Sc = S.astype(cdt)
+        if from_t:
+            beta = beta_ref[t]
+            kb = (kc.astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
+            r = v_ref[t, :].astype(f32) * beta[:, None] - _dot(kb, Sc, prec)
+            v_new = _dot(t_ref[t, :], r.astype(cdt), prec)
+        else:
+            v_new = u_ref[t, :].astype(f32) - _dot(w_ref[t, :], Sc, prec)
+        vn = v_new.astype(cdt)
+        # Outputs: off the state's dependency chain, so they fill the chain's latency.
+        q = q_ref[t, :]
+        diff = jnp.where(causal, gc[:, None] - gc[None, :], 0.0)
+        qk = jnp.where(causal, _dot_nt(q, kc, prec) * (scale * jnp.exp(diff)), 0.0)
+        qd = (q.astype(f32) * (scale * jnp.exp(gc))[:, None]).astype(cdt)
+        o_ref[t, :] = (_dot(qd, Sc, prec) + _dot(qk.astype(cdt), vn, prec)).astype(o_ref.dtype)
+        g_last = _last(gc)
+        kd = (kc.astype(f32) * jnp.exp(g_last - gc)[:, None]).astype(cdt)
+        return S * jnp.exp(g_last) + _dot_tn(kd, vn, prec)
+
+    sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
+
+
+def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec, tiling, interpret):
+    """Sequential state pass that also emits o. `first` is (w, u) from `_wy`, or T from `_wy_t` (then v
+    [B, Tp, Hv, dv] and beta [B, Hv, Tp] are needed). Returns (o [B, Tp, Hv, dv], final state f32)."""
+    B, Tp, Hk, dk = q.shape
+    Hv, dv = s0.shape[1], s0.shape[3]
+    N = Tp // CHUNK
+    L = CHUNK
+    bv = _dv_block(dv, tiling.bv_state or _auto_bv_state(B, Hv, dv))
+    from_t = v is not None
+    if from_t:
+        head_in = [first, v, beta]
+        head_specs = [
+            pl.BlockSpec((None, None, Tp, L), lambda b, h, j: (b, h, 0, 0)),
+            pl.BlockSpec((None, Tp, None, bv), lambda b, h, j: (b, 0, h, j)),
+            pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0)),
+        ]
+    else:
+        head_in = list(first)
+        head_specs = [
+            pl.BlockSpec((None, None, Tp, dk), lambda b, h, j: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
+        ]
+    kern = functools.partial(_fused_kernel, num_chunks=N, scale=scale, prec=prec, from_t=from_t)
+    return pl.pallas_call(
+        kern,
+        grid=(B, Hv, dv // bv),
+        in_specs=head_specs + [
+            pl.BlockSpec((None, Tp, None, dk), lambda b, h, j: (b, 0, h // G, 0)),
+            pl.BlockSpec((None, Tp, None, dk), lambda b, h, j: (b, 0, h // G, 0)),
+            pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, Tp, None, bv), lambda b, h, j: (b, 0, h, j)),
+            pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype), jax.ShapeDtypeStruct((B, Hv, dk, dv), f32)],
+        compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=tiling.stages_state),
+        interpret=interpret,
+        name="gdn_state_output",
+    )(*head_in, q, k, gc, s0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Public entry.
 # ----------------------------------------------------------------------------------------------------
 def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, tiling: Tiling = Tiling(),
@@ -319,7 +522,15 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, 
     gc = jnp.transpose(gc, (0, 2, 1))  # [B, Hv, Tp]: one contiguous row per head for the kernels
     bt = jnp.transpose(beta.astype(f32), (0, 2, 1))
 
-    w, u = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, tiling=tiling, interpret=interpret)
-    h, vn, sT = _state_pass(w, u, k, gc, s0, G, prec=prec, tiling=tiling, interpret=interpret)
-    o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, prec=prec, tiling=tiling, interpret=interpret)
+    kw = dict(prec=prec, tiling=tiling, interpret=interpret)
+    if tiling.fuse == "all":
+        tmat = _wy_t(k, gc, bt, G, cdt=cdt, **kw)
+        o, sT = _fused(tmat, q, k, gc, s0, G, out_dtype, v=v, beta=bt, scale=scale, **kw)
+    elif tiling.fuse == "output":
+        wu = _wy(k, v, gc, bt, G, cdt=cdt, **kw)
+        o, sT = _fused(wu, q, k, gc, s0, G, out_dtype, scale=scale, **kw)
+    else:
+        w, u = _wy(k, v, gc, bt, G, cdt=cdt, **kw)
+        h, vn, sT = _state_pass(w, u, k, gc, s0, G, **kw)
+        o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, **kw)
     return o[:, :T, :, :dv], sT[:, :, :dk, :dv]
