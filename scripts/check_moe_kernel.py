@@ -1,0 +1,139 @@
+"""Our Mosaic GPU grouped matmul (kernels/moe/mosaic_gpu.py) on one GPU: correctness against the fp32 jnp
+reference first (ragged groups, empty experts, unrouted padding rows), then a quick timing against tokamax's
+ragged_dot at the expert shapes of the MoE presets. The full comparison is scripts/bench_moe.py.
+
+    python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pcp_jax.config import PRESETS
+from pcp_jax.kernels.moe import mosaic_gpu as mg
+from pcp_jax.kernels.moe import reference as ref
+from pcp_jax.kernels.moe import tokamax_gpu
+
+PEAK = 799.0
+
+
+def timeit(fn, *args, reps=10):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def routing(key, T, E, k):
+    """Sorted expert sizes of a softmax/top-k routing of T random tokens."""
+    logits = jax.random.normal(key, (T, E), jnp.float32)
+    _, e = jax.lax.top_k(logits, k)
+    return jnp.bincount(e.reshape(-1), length=E).astype(jnp.int32)
+
+
+def check() -> bool:
+    ok = True
+    rng = np.random.default_rng(0)
+    for M, K, N, E, sizes in [(1000, 512, 512, 8, [300, 0, 123, 77, 200, 0, 1, 250]),
+                              (4096, 1024, 1024, 64, None), (10, 256, 256, 4, [3, 0, 7, 0])]:
+        gs = jnp.asarray(sizes, jnp.int32) if sizes else routing(jax.random.PRNGKey(M), M // 4, E, 4)
+        lhs = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+        wg = jnp.asarray(rng.standard_normal((E, K, N)) * K**-0.5, jnp.bfloat16)
+        wu = jnp.asarray(rng.standard_normal((E, K, N)) * K**-0.5, jnp.bfloat16)
+        lhs = lhs.at[int(jnp.sum(gs)):].set(jnp.nan)  # unrouted rows must not leak into the output
+        want = ref.grouped_matmul(lhs.astype(jnp.float32), wg.astype(jnp.float32), gs)
+        want_s = mg.swiglu_reference(lhs.astype(jnp.float32), wg, wu, gs)
+        for cfg in mg.SWEEP[:3]:
+            try:
+                got = jax.jit(lambda a, b, g: mg.grouped_matmul(a, b, g, config=cfg))(lhs, wg, gs)
+                e = rel(jnp.nan_to_num(got, nan=1e6), want)
+            except Exception as ex:  # noqa: BLE001
+                print(f"check matmul {cfg} raised {str(ex)[:300]}")
+                e = float("inf")
+            ok &= e < 1e-2
+            print(f"check matmul M={M} K={K} N={N} E={E} {cfg}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
+        for cfg in mg.SWIGLU_SWEEP[:2]:
+            try:
+                got = jax.jit(lambda a, b, c, g: mg.grouped_swiglu(a, b, c, g, config=cfg))(lhs, wg, wu, gs)
+                e = rel(jnp.nan_to_num(got, nan=1e6), want_s)
+            except Exception as ex:  # noqa: BLE001
+                print(f"check swiglu {cfg} raised {str(ex)[:300]}")
+                e = float("inf")
+            ok &= e < 1e-2
+            print(f"check swiglu M={M} K={K} N={N} E={E} {cfg}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
+    return ok
+
+
+def timings(presets, tokens):
+    print("\n| preset | tokens | op | impl | config | ms | TFLOP/s | % of 799 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in presets:
+        cfg = PRESETS[name]
+        H, E, k, I = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        kw = jax.random.split(jax.random.PRNGKey(1), 4)
+        wg = jax.random.normal(kw[0], (E, H, I), jnp.bfloat16)
+        wu = jax.random.normal(kw[1], (E, H, I), jnp.bfloat16)
+        wd = jax.random.normal(kw[2], (E, I, H), jnp.bfloat16)
+        for T in tokens:
+            M = T * k
+            gs = routing(jax.random.PRNGKey(T), T, E, k)
+            x = jax.random.normal(kw[3], (M, H), jnp.bfloat16)
+            h = jax.random.normal(kw[3], (M, I), jnp.bfloat16)
+            f_gu, f_d = 4.0 * M * H * I, 2.0 * M * I * H
+
+            def row(op, impl, c, ms, flops):
+                tf = flops / ms / 1e9
+                print(f"| {name} | {T} | {op} | {impl} | {c} | {ms:.3f} | {tf:.0f} | {100 * tf / PEAK:.0f} |", flush=True)
+
+            tk_gu = jax.jit(lambda a, b, c, g: jax.nn.silu(tokamax_gpu.grouped_matmul(a, b, g))
+                            * tokamax_gpu.grouped_matmul(a, c, g))
+            row("gate/up", "tokamax", "heuristic", timeit(tk_gu, x, wg, wu, gs), f_gu)
+            for c in mg.SWIGLU_SWEEP:
+                try:
+                    f = jax.jit(lambda a, b, d, g, c=c: mg.grouped_swiglu(a, b, d, g, config=c))
+                    row("gate/up", "ours swiglu", c, timeit(f, x, wg, wu, gs), f_gu)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  swiglu {c} failed: {str(e)[:200]}")
+            tk_d = jax.jit(tokamax_gpu.grouped_matmul)
+            row("down", "tokamax", "heuristic", timeit(tk_d, h, wd, gs), f_d)
+            for c in mg.SWEEP:
+                try:
+                    f = jax.jit(lambda a, b, g, c=c: mg.grouped_matmul(a, b, g, config=c))
+                    row("down", "ours", c, timeit(f, h, wd, gs), f_d)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  matmul {c} failed: {str(e)[:200]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="8192,32768")
+    ap.add_argument("--presets", default="qwen3.5-397b-a17b,qwen3.5-122b-a10b,qwen3.5-35b-a3b")
+    ap.add_argument("--check-only", action="store_true")
+    a = ap.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__)
+    ok = check()
+    print("checks", "passed" if ok else "FAILED")
+    if not ok or a.check_only:
+        return 0 if ok else 1
+    timings(a.presets.split(","), [int(t) for t in a.tokens.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
