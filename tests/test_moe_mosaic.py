@@ -37,7 +37,8 @@ def test_row_tiles_cover_each_routed_row_once(seed):
     sizes = rng.integers(0, 200, E) * (rng.random(E) < 0.7)
     routed = int(sizes.sum())
     rows = max(-(-(routed + int(rng.integers(0, 50))) // mg.ALIGN) * mg.ALIGN, block_m)
-    group, start, lo, size = map(np.asarray, mg.row_tiles(jnp.asarray(sizes, jnp.int32), rows, block_m))
+    group, start, lo, size, real = map(np.asarray, mg.row_tiles(jnp.asarray(sizes, jnp.int32), rows, block_m))
+    assert np.all(group[: real[0]] < E) and np.all((group[real[0]:] == E) | (size[real[0]:] == 0))
     owner = np.full(rows, -1)
     expected = np.concatenate([np.repeat(np.arange(E), sizes), np.full(rows - routed, E)])
     for g, s, o, n in zip(group, start, lo, size):
@@ -53,6 +54,8 @@ def test_row_tiles_cover_each_routed_row_once(seed):
 CASES = [  # rows, K, N, sizes (sum < rows: padding rows), config
     (100, 128, 256, [30, 0, 17, 41, 2], mg.Config(64, 128, 64, 2)),
     (300, 192, 256, [130, 0, 7, 90, 1, 60], mg.Config(128, 64, 64, 3)),
+    (300, 256, 512, [130, 0, 7, 90, 1, 60], mg.Config(64, 64, 64, 2, chain=True)),  # 20 items on 2 CTAs
+    (64, 128, 256, [10, 20], mg.Config(64, 128, 64, 2, chain=True)),  # one CTA with a single real item
 ]
 
 

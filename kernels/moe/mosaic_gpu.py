@@ -46,13 +46,17 @@ NUM_COMPUTE_WGS = 2
 class Config:
     """block_m rows per tile; block_n output columns per compute warpgroup (a CTA covers 2·block_n);
     block_k the contraction step; stages the depth of the shared-memory ring. Registers bound the
-    accumulators: block_m·block_n fp32 per warpgroup (two of them for grouped_swiglu) must fit in about
-    200 registers per thread, i.e. block_m·block_n·accumulators ≤ 128·128·... see `check_config`."""
+    accumulators: block_m·block_n fp32 per warpgroup (two for grouped_swiglu) must stay within 128·128
+    (128 registers per thread), and the ring plus the output tiles within shared memory (`smem_bytes`).
+    chain: the CTA's consecutive items run as one pipeline (Pallas' pipeline of pipelines), so the memory
+    warpgroup loads the next item's first blocks while the compute warpgroups finish and store this one;
+    it needs K/block_k to be a multiple of stages and waits for each wgmma before releasing its buffers."""
 
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     stages: int = 4
+    chain: bool = False  # one pipeline across a CTA's work items: the next item's loads overlap this epilogue
 
 
 MATMUL_CONFIG = Config(block_m=128, block_n=128, block_k=64, stages=3)
@@ -61,16 +65,18 @@ SWIGLU_CONFIG = Config(block_m=128, block_n=64, block_k=64, stages=4)
 # What the GPU benchmark sweeps (scripts/bench_moe.py): smaller row tiles waste less on experts with few rows.
 SWEEP = (
     Config(128, 128, 64, 3),
-    Config(64, 128, 64, 4),
     Config(128, 64, 64, 4),
     Config(128, 64, 64, 6),
-    Config(64, 64, 64, 6),
+    Config(128, 128, 64, 2, chain=True),
+    Config(128, 64, 64, 4, chain=True),
+    Config(64, 128, 64, 4),
 )
 SWIGLU_SWEEP = (
     Config(128, 64, 64, 4),
     Config(128, 64, 64, 3),
+    Config(128, 64, 64, 4, chain=True),
+    Config(128, 64, 64, 2, chain=True),
     Config(64, 64, 64, 5),
-    Config(64, 128, 64, 2),
 )
 
 _MAX_ACC_ELEMS = 128 * 128  # fp32 accumulator elements per warpgroup: 128 registers per thread
@@ -101,6 +107,9 @@ def check_supported(lhs, rhs_list, cfg: Config) -> None:
     if cfg.block_m * cfg.block_n * len(rhs_list) > _MAX_ACC_ELEMS:
         raise NotImplementedError(f"mosaic grouped matmul: {len(rhs_list)} accumulator(s) of "
                                   f"{cfg.block_m}x{cfg.block_n} fp32 exceed the register budget")
+    if cfg.chain and ((K // cfg.block_k) % cfg.stages or not hasattr(plgpu, "PipelinePipeline")):
+        raise NotImplementedError(f"mosaic grouped matmul: chain needs K/block_k={K // cfg.block_k} to be a multiple "
+                                  f"of stages={cfg.stages} (and a jax with pipelines of pipelines)")
     if (need := smem_bytes(cfg, len(rhs_list), jnp.dtype(dt).itemsize)) > SMEM_BYTES:
         raise NotImplementedError(f"mosaic grouped matmul: {cfg} needs {need} bytes of shared memory > {SMEM_BYTES}")
 
@@ -109,7 +118,8 @@ def row_tiles(group_sizes, num_rows: int, block_m: int):
     """The row tiles of `num_rows` sorted rows (num_rows a multiple of ALIGN, at least block_m).
 
     group_sizes [E] int; rows past their sum form pseudo-group E (zero-filled). Returns four int32 arrays
-    of a static length (an upper bound on the number of tiles; tiles past the used ones have size 0):
+    of a static length (an upper bound on the number of tiles; tiles past the used ones have size 0), and
+    the number of tiles of real experts [1] (they come first, then the padding tiles):
       group [n]  expert of the tile (E: padding rows, store zeros),
       start [n]  first row of the tile's block_m-row window (a multiple of ALIGN, window inside num_rows),
       lo [n]     offset in the window of the tile's first row,
@@ -133,7 +143,8 @@ def row_tiles(group_sizes, num_rows: int, block_m: int):
     hi = jnp.minimum(window + block_m, ends[group])
     size = jnp.maximum(hi - lo, 0)
     start = jnp.minimum(window, num_rows - block_m)  # keep the window inside the rows; lo/size unchanged
-    return group, start.astype(jnp.int32), (lo - start).astype(jnp.int32), size.astype(jnp.int32)
+    real = tile_end[E - 1:E].astype(jnp.int32)  # [1]: the tiles of real experts come first
+    return group, start.astype(jnp.int32), (lo - start).astype(jnp.int32), size.astype(jnp.int32), real
 
 
 def _swizzled(shape_minor: int, dtype):
@@ -142,23 +153,26 @@ def _swizzled(shape_minor: int, dtype):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(group_ref, start_ref, lo_ref, size_ref, lhs_ref, *refs, cfg: Config, num_rhs: int, num_tiles: int,
-            num_groups: int):
-    """Refs: row-tile tables [num_tiles] int32 (GMEM), lhs [Mp, K], num_rhs weights [E, K, N], out [Mp, N]."""
+def _kernel(group_ref, start_ref, lo_ref, size_ref, real_ref, lhs_ref, *refs, cfg: Config, num_rhs: int,
+            num_tiles: int, num_groups: int):
+    """Refs: row-tile tables [num_tiles] and real-tile count [1] int32 (GMEM), lhs [Mp, K], num_rhs weights
+    [E, K, N], out [Mp, N]."""
     rhs_refs, out_ref = refs[:num_rhs], refs[num_rhs]
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     cta_n = NUM_COMPUTE_WGS * bn
     K = lhs_ref.shape[1]
     n_blocks = out_ref.shape[1] // cta_n
     dtype = lhs_ref.dtype
-    in_specs = [plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled(bk, dtype), delay_release=1)]
-    in_specs += [plgpu.BlockSpec((bk, cta_n), lambda k: (k, 0), transforms=_swizzled(bk, dtype), delay_release=1)
-                 ] * num_rhs
+    delay = 0 if cfg.chain else 1  # wgmmas left in flight when a step ends (a pipeline of pipelines needs 0)
+    in_specs = [plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled(bk, dtype), delay_release=delay)]
+    in_specs += [plgpu.BlockSpec((bk, cta_n), lambda k: (k, 0), transforms=_swizzled(bk, dtype),
+                                 delay_release=delay)] * num_rhs
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(K // bk,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-            num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=cfg.stages, compute_context=context)
+            num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=cfg.stages, compute_context=context,
+            pipeline_state=state)
 
     unused = lambda *_, **__: None
     allocations = pipeline(unused, unused).get_allocations(lhs_ref, *(r.at[0] for r in rhs_refs))
@@ -209,15 +223,22 @@ def _kernel(group_ref, start_ref, lo_ref, size_ref, lhs_ref, *refs, cfg: Config,
                 rhs_smem, accs = rest[:num_rhs], rest[num_rhs]
                 for acc, w in zip(accs, rhs_smem):
                     plgpu.wgmma(acc, lhs_smem, w.at[:, pl.ds(wg * bn, bn)])
-                plgpu.wgmma_wait(1)
+                plgpu.wgmma_wait(delay)
                 return accs
 
-            @pl.when((size > 0) & (group < num_groups))
-            def _matmul():
-                rows = pl.ds(start, bm)
-                cols = pl.ds(col0, cta_n)
-                pipeline(mma, context)(lhs_ref.at[rows, :], *(r.at[group, :, cols] for r in rhs_refs),
-                                       allocations=allocations)
+            blocks = (lhs_ref.at[pl.ds(start, bm), :], *(r.at[group, :, pl.ds(col0, cta_n)] for r in rhs_refs))
+            real = (size > 0) & (group < num_groups)
+            if not cfg.chain:
+                pl.when(real)(lambda: pipeline(mma, context)(*blocks, allocations=allocations))
+            else:
+                # Real items come first: this CTA's first item starts the chain, its last real one ends it.
+                first = info.local_index == 0
+                last = item + lax.axis_size("sm") >= real_ref[0] * n_blocks
+                pl.when(real & first & last)(lambda: pipeline(mma, context)(*blocks, allocations=allocations))
+                P = plgpu.PipelinePipeline
+                state = jnp.where(first, int(P.START), jnp.where(last, int(P.STOP), int(P.STEADY)))
+                pl.when(real & ~(first & last))(
+                    lambda: pipeline(mma, context, state)(*blocks, allocations=allocations))
 
             @pl.when((size > 0) & (group == num_groups) & (wg < NUM_COMPUTE_WGS))
             def _zeros():
@@ -241,8 +262,8 @@ def _run(lhs, rhs_list, group_sizes, cfg: Config, interpret):
     rows = max(-(-M // ALIGN) * ALIGN, cfg.block_m)
     if rows != M:
         lhs = jnp.pad(lhs, ((0, rows - M), (0, 0)))
-    group, start, lo, size = row_tiles(group_sizes, rows, cfg.block_m)
-    num_tiles = group.shape[0]
+    tables = row_tiles(group_sizes, rows, cfg.block_m)
+    num_tiles = tables[0].shape[0]
     num_sms = 2 if interpret is not False else jax.extend.backend.get_default_device().core_count
     kern = functools.partial(_kernel, cfg=cfg, num_rhs=len(rhs_list), num_tiles=num_tiles, num_groups=E)
     call = plgpu.kernel(
@@ -250,7 +271,7 @@ def _run(lhs, rhs_list, group_sizes, cfg: Config, interpret):
         num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret))
-    out = call(group, start, lo, size, lhs, *rhs_list)
+    out = call(*tables, lhs, *rhs_list)
     return out[:M] if rows != M else out
 
 
