@@ -241,6 +241,51 @@ class MLP(nnx.Module):
         return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[...]
 
 
+try:  # the fused gate/up grouped op of issue 17, once kernels/moe/api.py provides it
+    from pcp_jax.kernels.moe.api import grouped_swiglu as _grouped_swiglu
+except ImportError:
+    _grouped_swiglu = None
+
+
+def sort_by_expert(top_e, first, count: int):
+    """Dispatch order of the routed choices for the experts [first, first + count) held here.
+
+    top_e [T, k] int expert ids (global); first: int or traced scalar; count: static. The choices (t, j) are
+    flattened token-major (choice n = t·k + j) and sorted stably by expert, so each expert's rows are
+    consecutive and in token order; choices of experts held elsewhere (other `tp` shards) sort last.
+    Returns
+      order [T·k] int32        the choice at each sorted position (its token is order // k),
+      slot [T, k] int32        the sorted position of each choice (the inverse of order),
+      group_sizes [count] int32 rows of each local expert; sorted positions >= their sum are not routed here.
+    One key/value sort: the group sizes are read off the sorted keys (no bincount scatter) and the inverse is
+    a scatter of distinct indices.
+    """
+    T, k = top_e.shape
+    n = T * k
+    local = top_e.reshape(n).astype(jnp.int32) - first
+    local = jnp.where((local >= 0) & (local < count), local, count)
+    keys, order = jax.lax.sort((local, jax.lax.iota(jnp.int32, n)), num_keys=1, is_stable=True)
+    # Binary search of the count + 1 expert boundaries, unrolled: one small fused kernel, no loop.
+    bounds = jnp.searchsorted(keys, jnp.arange(count + 1, dtype=jnp.int32), side="left",
+                              method="scan_unrolled").astype(jnp.int32)
+    slot = jnp.zeros((n,), jnp.int32).at[order].set(jax.lax.iota(jnp.int32, n), unique_indices=True)
+    return order, slot.reshape(T, k), bounds[1:] - bounds[:-1]
+
+
+def combine_experts(y, slot, weights, routed):
+    """Weighted sum of each token's expert outputs, as a gather (no scatter-add).
+
+    y [T·k, D] expert outputs in sorted order (sort_by_expert); slot [T, k] int, the row of y of each choice;
+    weights [T, k] routing weights (any float dtype); routed: scalar int, rows of y computed here (rows at or
+    past it belong to other shards and may hold anything: they contribute 0).
+    Returns [T, D] in y's dtype: out[t] = Σ_j weights[t, j] · y[slot[t, j]], products and sum in fp32, one
+    rounding. Each token reads its own k rows, so there are no atomics and the order of the sum is fixed.
+    """
+    rows = jnp.take(y, slot, axis=0).astype(jnp.float32)  # [T, k, D]
+    terms = jnp.where((slot < routed)[..., None], rows * weights.astype(jnp.float32)[..., None], 0.0)
+    return jnp.sum(terms, axis=1).astype(y.dtype)
+
+
 class MoE(nnx.Module):
     """Softmax router (fp32) → top-k → experts run as a grouped matmul over tokens sorted by expert
     (work ∝ tokens·k, never tokens·E) → weighted combine; plus a sigmoid-gated shared expert."""
@@ -253,34 +298,43 @@ class MoE(nnx.Module):
             self.shared = MLP(params, f"{prefix}.shared", dtype)
             self.shared_gate = _param(params, f"{prefix}.shared_gate", dtype)
 
+    def route(self, x):
+        """x [T, D] -> (weights [T, k] fp32, experts [T, k] int32): softmax in fp32, top-k, renormalised
+        if `norm_topk_prob`."""
+        probs = jax.nn.softmax((x @ self.router[...]).astype(jnp.float32), axis=-1)
+        top_w, top_e = jax.lax.top_k(probs, self.cfg.num_experts_per_tok)
+        if self.cfg.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        return top_w, top_e
+
+    def experts(self, xs, group_sizes, kernels):
+        """xs [n, D] rows sorted by local expert -> [n, D]: each row through its expert's SwiGLU
+        (rows past sum(group_sizes) give 0)."""
+        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=kernels)
+        if _grouped_swiglu is not None:
+            h = _grouped_swiglu(xs, self.gate_proj[...], self.up_proj[...], group_sizes, kernels=kernels)
+        else:
+            h = jax.nn.silu(gmm(xs, self.gate_proj[...])) * gmm(xs, self.up_proj[...])
+        return gmm(h, self.down_proj[...])
+
+    def shared_expert(self, x):
+        """x [T, D] -> the sigmoid-gated shared expert [T, D] (this shard's columns of it), or 0 without one."""
+        if not self.cfg.shared_expert_intermediate_size:
+            return jnp.zeros((), x.dtype)
+        return jax.nn.sigmoid(x @ self.shared_gate[...]) * self.shared(x)
+
     def __call__(self, x, ctx: ShardContext):
         """x [..., D] -> this shard's partial output [..., D]: its own experts' share of the routed tokens
         (expert parallel over `tp`: the shard holds experts [r·E/T, (r+1)·E/T)) plus its columns of the
         shared expert. Every shard routes every token (the router is replicated), so routing is exact."""
-        cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        k = cfg.num_experts_per_tok
-        logits = (x @ self.router[...]).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        top_w, top_e = jax.lax.top_k(probs, k)  # [M, k]
-        if cfg.norm_topk_prob:
-            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        top_w = top_w.astype(x.dtype)
+        top_w, top_e = self.route(x)
         mine = self.gate_proj.shape[0]  # experts held here
-        local_e = top_e.reshape(-1) - ctx.tp_rank * mine
-        local_e = jnp.where((local_e >= 0) & (local_e < mine), local_e, mine)  # other shards' experts sort last
-        order = jnp.argsort(local_e, stable=True)
-        token = order // k
-        group_sizes = jnp.bincount(local_e, length=mine + 1)[:mine].astype(jnp.int32)
-        routed_here = jnp.arange(order.shape[0]) < jnp.sum(group_sizes)  # rows past these are not computed
-        xs = jnp.take(x, token, axis=0)
-        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=ctx.kernels)
-        h = jax.nn.silu(gmm(xs, self.gate_proj[...])) * gmm(xs, self.up_proj[...])
-        y = gmm(h, self.down_proj[...]) * jnp.take(top_w.reshape(-1), order)[:, None]
-        out = jnp.zeros_like(x).at[token].add(jnp.where(routed_here[:, None], y, jnp.zeros((), y.dtype)))
-        if cfg.shared_expert_intermediate_size:
-            out = out + jax.nn.sigmoid(x @ self.shared_gate[...]) * self.shared(x)
+        order, slot, group_sizes = sort_by_expert(top_e, ctx.tp_rank * mine, mine)
+        xs = jnp.take(x, order // self.cfg.num_experts_per_tok, axis=0)
+        y = self.experts(xs, group_sizes, ctx.kernels)
+        out = combine_experts(y, slot, top_w, jnp.sum(group_sizes)) + self.shared_expert(x)
         return out.reshape(shape)
 
 

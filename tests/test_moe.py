@@ -1,6 +1,7 @@
 """MoE: the layer matches a plain per-token reference (with and without renormalised top-k), expert-parallel
-shards sum to the whole layer, the tiled grouped matmul is exact, and the work follows the routed tokens, not
-the number of experts."""
+shards sum to the whole layer, the tiled grouped matmul is exact, dispatch (sort_by_expert) and combine
+(combine_experts) match their plain definitions, and the work follows the routed tokens, not the number of
+experts."""
 
 import re
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pcp_jax.kernels.moe.reference import grouped_matmul, num_tiles_bound
-from pcp_jax.model import MoE
+from pcp_jax.model import MoE, combine_experts, sort_by_expert
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.tensor import SPLIT_AXIS, local_config
 from tiny import tiny_config, tiny_params
@@ -30,6 +31,50 @@ def test_grouped_matmul_exact(sizes):
         ref[start:start + n] = lhs[start:start + n] @ rhs[e]
         start += n
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first,count", [(0, 9), (3, 4), (8, 1)])
+def test_sort_by_expert(first, count):
+    """Stable sort by local expert with other shards' experts last; slot inverts order; group sizes count."""
+    T, k, E = 23, 3, 9
+    rng = np.random.default_rng(first + count)
+    top_e = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
+    order, slot, sizes = (np.asarray(a) for a in sort_by_expert(jnp.asarray(top_e), first, count))
+    flat = top_e.reshape(-1)
+    local = np.where((flat >= first) & (flat < first + count), flat - first, count)
+    np.testing.assert_array_equal(order, np.argsort(local, kind="stable"))
+    np.testing.assert_array_equal(slot.reshape(-1)[order], np.arange(T * k))
+    np.testing.assert_array_equal(sizes, np.bincount(local, minlength=count + 1)[:count])
+    assert sizes.dtype == np.int32 and slot.shape == (T, k)
+
+
+def test_combine_experts_ignores_rows_of_other_shards():
+    """out[t] = Σ_j w[t, j] y[slot[t, j]] over the rows computed here; rows past `routed` (other shards'
+    experts) hold NaN and must not leak; bf16 rows are summed in fp32 and rounded once."""
+    T, k, D = 7, 3, 5
+    rng = np.random.default_rng(0)
+    slot = rng.permutation(T * k).reshape(T, k).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    routed = 15
+    y = rng.normal(size=(T * k, D)).astype(np.float32)
+    y[routed:] = np.nan
+    ref = np.zeros((T, D), np.float64)
+    for t in range(T):
+        for j in range(k):
+            if slot[t, j] < routed:
+                ref[t] += w[t, j] * y[slot[t, j]]
+    got = np.asarray(combine_experts(jnp.asarray(y), jnp.asarray(slot), jnp.asarray(w), routed))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    yb = jnp.asarray(y, jnp.bfloat16)
+    got_b = combine_experts(yb, jnp.asarray(slot), jnp.asarray(w), routed)
+    ref_b = np.zeros((T, D), np.float64)
+    for t in range(T):
+        for j in range(k):
+            if slot[t, j] < routed:
+                ref_b[t] += w[t, j] * np.asarray(yb[slot[t, j]], np.float64)
+    assert got_b.dtype == jnp.bfloat16
+    once = jnp.asarray(ref_b, jnp.float32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got_b, np.float32), np.asarray(once, np.float32))
 
 
 def _ctx(tp_rank=0):
