@@ -31,6 +31,7 @@ from pcp_jax import compile_cache
 from pcp_jax.buckets import STEPS, Pieces, capacity, decode_room, plan_pieces
 from pcp_jax.config import ModelConfig, _is_int
 from pcp_jax.kernels import KERNEL_CHOICES
+from pcp_jax.kernels.attention.api import DECODE_METHODS
 from pcp_jax.kernels.backend import preload_gpu_backends
 from pcp_jax.memory import DTYPES, auto_piece_tokens, default_prefill_budget, device_memory_stats, kv_bytes_per_token
 from pcp_jax.model import History, LayerPlan, Qwen35, _write_slot, empty_caches
@@ -95,12 +96,15 @@ class Model:
     weights already known (stored at conversion), so `fingerprint` need not hash them.
     `consume_params`: empty `params` while building (each tensor leaves the dict once its device copies are
     made), so that no weight is held twice at load; without it the caller's arrays stay alive until the
-    caller drops them."""
+    caller drops them. `decode_attention`: how decode attends to the KV cache (a method of
+    pcp_jax.kernels.attention.api.decode_attention: "dense", "split", "split-sum"); the attribute of that
+    name may be changed between calls (each method is its own decode program)."""
 
     def __init__(self, cfg: ModelConfig, params, *, cp: int = 1, tp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
                  prefill_budget_bytes: int | None = None, scan_decode: bool = False, bucket_steps: int | None = STEPS,
-                 compile_cache_dir=None, weights_digest: bytes | None = None, consume_params: bool = False):
+                 compile_cache_dir=None, weights_digest: bytes | None = None, consume_params: bool = False,
+                 decode_attention: str = "dense"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
         if kernels not in KERNEL_CHOICES:
@@ -124,6 +128,9 @@ class Model:
         self.kernels, self.gdn_strategy = kernels, gdn_strategy
         self.dtype = DTYPES[dtype]
         self.scan_decode = bool(scan_decode)
+        if decode_attention not in DECODE_METHODS:
+            raise ValueError(f"decode_attention={decode_attention!r}; expected one of {list(DECODE_METHODS)}")
+        self.decode_attention = decode_attention
         if bucket_steps is not None and not (_is_int(bucket_steps) and bucket_steps >= 1
                                              and not bucket_steps & (bucket_steps - 1)):
             raise ValueError(f"bucket_steps={bucket_steps!r} must be a power of two (lengths per doubling) or None")
@@ -408,25 +415,29 @@ class Model:
         return self._prefix_cache.stats()
 
     # Decode ---------------------------------------------------------------------------------------
-    def _decode_fn(self, batch: int, slots: int):
-        key = ("decode", batch, slots)
+    def _decode_fn(self, batch: int, slots: int, attention: str):
+        """One decode step: (state, packed, caches, kpos) -> (logits [B, V] fp32, caches, kpos), caches and
+        kpos donated. packed [2B + 2] int32 = tokens [B], positions [B], owner rank, slot: one host-to-device
+        transfer per step instead of four."""
+        key = ("decode", batch, slots, attention)
         if key in self._fns:
             return self._fns[key]
         C, graphdef, kernels = self.cp, self._graphdef, self.kernels
         scan = self.scan_decode
 
-        def per_shard(state, tokens, positions, caches, kpos, owner, slot):
+        def per_shard(state, packed, caches, kpos):
+            tokens, positions, owner, slot = packed[:batch], packed[batch:2 * batch], packed[2 * batch], packed[-1]
             model = nnx.merge(graphdef, state)
             rank = rank_index(AXIS, C)
             ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1, *self._tp_fields())
             kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
-            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan)
+            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan,
+                                          attention=attention)
             return logits, caches, kpos
 
-        fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(self._state_specs, REPLICATED, REPLICATED, CACHES, KV_SLOTS, REPLICATED, REPLICATED),
+        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=(self._state_specs, REPLICATED, CACHES, KV_SLOTS),
                            out_specs=(REPLICATED, CACHES, KV_SLOTS), check_vma=False)
-        self._fns[key] = jax.jit(fn, donate_argnums=(3, 4))
+        self._fns[key] = jax.jit(fn, donate_argnums=(2, 3))
         return self._fns[key]
 
     def decode_step(self, state: PrefillResult, tokens, step: int) -> jax.Array:
@@ -447,11 +458,10 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
             bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
             raise ValueError(f"token id {bad} is out of range [0, {self.cfg.vocab_size})")
-        positions = (state.lengths + step).astype(np.int32)
-        fn = self._decode_fn(B, state.slots_per_rank)
-        logits, state.caches, state.kpos = fn(
-            self._state, self._place(tokens.astype(np.int32), REPLICATED), self._place(positions, REPLICATED),
-            state.caches, state.kpos, self._place(np.int32(step % C), REPLICATED), self._place(np.int32(slot), REPLICATED))
+        packed = np.concatenate([tokens.astype(np.int32), (state.lengths + step).astype(np.int32),
+                                 np.array([step % C, slot], np.int32)])
+        fn = self._decode_fn(B, state.slots_per_rank, self.decode_attention)
+        logits, state.caches, state.kpos = fn(self._state, self._place(packed, REPLICATED), state.caches, state.kpos)
         state.logits = logits
         return logits
 
@@ -567,8 +577,8 @@ class Model:
                         scalar, scalar, scalar, spec((batch, cfg.vocab_size), jnp.float32, REPLICATED), caches, kpos)
                 out.append((("prefill", batch, pieces.n_pad, slots, all_logits, with_history), args))
         if max_new_tokens:
-            vec = spec((batch,), jnp.int32, REPLICATED)
-            out.append((("decode", batch, slots), (self._state, vec, vec, caches, kpos, scalar, scalar)))
+            packed = spec((2 * batch + 2,), jnp.int32, REPLICATED)
+            out.append((("decode", batch, slots, self.decode_attention), (self._state, packed, caches, kpos)))
         if self._prefix_cache is not None:
             block = pieces.n_pad // C
             kv_block = spec(caches["k"].shape[:2] + (C * block,) + caches["k"].shape[3:], self.dtype, STACKED_KV)

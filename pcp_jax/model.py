@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig, param_shapes
-from pcp_jax.kernels import attention_block, gated_delta_rule_step, grouped_matmul, merge_partials, merge_stacked
+from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, merge_partials, merge_stacked
+from pcp_jax.kernels.attention.api import decode_attention
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
 from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
@@ -126,17 +127,15 @@ class GatedAttention(nnx.Module):
                                                                  ctx, history.blocks))
         return self._out(out, gate, x), caches
 
-    def decode(self, x, ctx: ShardContext, caches, index, kpos, write):
+    def decode(self, x, ctx: ShardContext, caches, index, kpos, write, attention="dense"):
         """One token. caches["k"/"v"] [NA, B, S, Hkv, hd] this rank's slots (this layer's: `index`); kpos
         [B, S] their positions (-1 empty, already including the new token); write = (owner rank, slot)
-        of the new token."""
+        of the new token; `attention`: the method of kernels.attention.api.decode_attention."""
         q, k, v, gate = self._qkv(x, ctx.positions)
         caches = dict(caches, k=_write_slot(caches["k"], k, ctx, write, index),
                       v=_write_slot(caches["v"], v, ctx, write, index))
         k_all, v_all = (jax.lax.dynamic_index_in_dim(caches[n], index, 0, keepdims=False) for n in ("k", "v"))
-        # One query row per sequence: memory-bound, and a flash kernel's 64-row query tiles would be almost
-        # empty, so decode attends with the jnp path (a fused einsum/softmax) on every backend.
-        out, lse = attention_block(q, k_all, v_all, ctx.positions, kpos, causal=True, kernels="jnp")
+        out, lse = decode_attention(q, k_all, v_all, ctx.positions, kpos, method=attention)
         if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
             out, _ = merge_stacked(ctx.all_gather(out), ctx.all_gather(lse))
         return self._out(out, gate, x), caches
@@ -367,10 +366,10 @@ class DecoderLayer(nnx.Module):
         y, caches = mixer.prefill(h, ctx, caches, index, history)
         return self._channel(x + ctx.tp_sum(y), ctx), caches
 
-    def decode(self, x, ctx: ShardContext, caches, index, kpos, write):
+    def decode(self, x, ctx: ShardContext, caches, index, kpos, write, attention="dense"):
         h = rms_norm(x, self.input_norm[...], self.cfg.rms_norm_eps)
         if self.is_attention:
-            y, caches = self.attn.decode(h, ctx, caches, index, kpos, write)
+            y, caches = self.attn.decode(h, ctx, caches, index, kpos, write, attention)
         else:
             y, caches = self.gdn.decode(h, ctx, caches, index)
         return self._channel(x + ctx.tp_sum(y), ctx), caches
@@ -469,10 +468,11 @@ class Qwen35(nnx.Module):
         return self._layers(self.embed_tokens(ids, ctx), caches,
                             lambda layer, x, c, i: layer.prefill(x, ctx, c, i, history))
 
-    def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, scan=True):
-        """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches)."""
+    def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, scan=True, attention="dense"):
+        """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches). `attention`:
+        how attention layers read their cache (kernels.attention.api.decode_attention)."""
         x, caches = self._layers(self.embed_tokens(ids, ctx), caches,
-                                 lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write), scan)
+                                 lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write, attention), scan)
         return self.head(x[:, 0], ctx), caches
 
     def head(self, x, ctx: ShardContext):

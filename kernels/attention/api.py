@@ -11,7 +11,7 @@ import functools
 import logging
 
 from ..backend import use_gpu_kernels
-from . import reference
+from . import decode, reference
 from .reference import merge_partials, merge_stacked  # noqa: F401  (part of the public surface)
 
 
@@ -46,3 +46,23 @@ def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, kernels="
                 raise
             _log_fallback(str(e))
     return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=causal)
+
+
+DECODE_METHODS = ("dense", "split", "split-sum")
+
+
+def decode_attention(q, k, v, q_pos, k_pos, *, method="dense", block=None, scale=None):
+    """Attention of one decode step's queries to a KV cache shard, jnp on every backend (one query row
+    per sequence is memory-bound; a flash kernel's 64-row query tiles would be almost empty).
+    Contract and returns: those of `attention_block` (causal).
+      "dense":     one softmax over all S slots (reference.attention_block);
+      "split":     split along the cache in blocks of `block` slots (default decode.split_block(S)),
+                   partials merged by log-sum-exp, products as einsums (decode.py);
+      "split-sum": the same split, products as multiply + sum reductions (decode.py)."""
+    if method not in DECODE_METHODS:
+        raise ValueError(f"method={method!r}; expected one of {DECODE_METHODS}")
+    if method == "dense":
+        return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=True)
+    block = decode.split_block(k.shape[1]) if block is None else block
+    return decode.split_attention(q, k, v, q_pos, k_pos, block=block, scale=scale, causal=True,
+                                  form="dot" if method == "split" else "sum")
