@@ -357,6 +357,24 @@ def section_gdnvar(args):
                 row("gdnvr", f"T={T} Hv={Hv} {name}", times[name], speedup_vs_fla=fla_ms / times[name])
             table.append((T, Hv, fla_ms, times))
             del q, k, v, g, beta
+    # Stage 1 alone at 32k / 32 heads: w and u (fuse none/output) or T only (fuse all), by either inverse.
+    Hv, L = 32, pallas_gpu.CHUNK
+    q, k, v, g, beta, _ = gdn_inputs(32768 + Hv, 1, 32768, 16, Hv // 16, 128, 128, jnp.bfloat16, False)
+    T, Hv, G = q.shape[1], g.shape[2], g.shape[2] // k.shape[2]
+    gc = jnp.cumsum(g.reshape(1, T // L, L, Hv), axis=2).reshape(1, T, Hv).transpose(0, 2, 1)
+    bt = beta.transpose(0, 2, 1)
+    kw = dict(cdt=jnp.bfloat16, prec=jax.lax.Precision.DEFAULT, interpret=False)
+    for inv in ("doubling", "blocked"):
+        t = pallas_gpu.Tiling(inverse=inv)
+        try:
+            wu = jax.jit(lambda k, v, gc, bt, t=t: pallas_gpu._wy(k, v, gc, bt, G, tiling=t, **kw))
+            tt = jax.jit(lambda k, gc, bt, t=t: pallas_gpu._wy_t(k, gc, bt, G, tiling=t, **kw))
+            row("gdnvr", f"T={T} Hv={Hv} stage 1 w,u inverse={inv}", bench(wu, k, v, gc, bt, reps=5)[0])
+            row("gdnvr", f"T={T} Hv={Hv} stage 1 T only inverse={inv}", bench(tt, k, gc, bt, reps=5)[0])
+        except Exception as e:
+            RESULTS["errors"].append(f"gdnvar stage 1 {inv}: {e!r}")
+            log(f"  stage 1 {inv} failed: {e!r}")
+    del q, k, v, g, beta
     log("\n  gdnvar: ms (FLA ms / ours ms)")
     log("  " + f"{'T':>7s} {'Hv':>3s} {'FLA':>7s} | " + " | ".join(f"{n:>15s}" for n in fns))
     for T, Hv, fla_ms, times in table:

@@ -14,9 +14,10 @@ three pipelines, all with this math):
        w = T (beta exp(gc) k)  [L, dk],   u = T (beta v)  [L, dv].
      T comes from the doubling product (I - A)(I + A^2)(I + A^4)... : A is strictly lower, so A^L = 0 and
      log2(L) squarings give the exact inverse with matrix-unit dots instead of a row-by-row solve
-     (`Tiling.inverse="doubling"`, 10 dots of L^3). `inverse="blocked"` builds A in 16 x 16 blocks, inverts
-     the four diagonal blocks by doubling and merges them by block forward substitution
-     (T_ij = -D_i^-1 sum_m A_im T_mj): 40 dots of 16^3, 16x fewer multiply-adds than the doubling.
+     (`Tiling.inverse="doubling"`: 10 dots of L^3, 2.6M multiply-adds per chunk). `inverse="blocked"`
+     inverts the four 16 x 16 diagonal blocks by doubling and forms T one 16-row block at a time by block
+     forward substitution (`_blocked_inverse`): 0.36M multiply-adds, 7x fewer, in smaller dots (the
+     k k^T products, 0.5M, are the same either way).
   2. `_state_kernel`, sequential over chunks for each (batch, value head, dv block), the dk x BV state in
      registers: emits the chunk-start state h_n and v_new = u - w S, then
      S <- exp(gc_last) S + (k exp(gc_last - gc))^T v_new.
@@ -159,81 +160,65 @@ def _unit_lower_inverse(neg_a, prec):
     return inv
 
 
-def _strict_a(ki, kj, gci, gcj, bi, prec, *, diagonal):
-    """Block A_ij = beta_i k_i.k_j exp(gc_i - gc_j) of rows i, columns j; strictly lower when diagonal."""
-    a = _dot_nt(ki, kj, prec) * bi[:, None]
-    if not diagonal:  # every entry lies below the diagonal: gc_i - gc_j <= 0
-        return a * jnp.exp(gci[:, None] - gcj[None, :])
-    n = ki.shape[0]
+def _strict_a(k, gc, beta, prec):
+    """A = strictly-lower(beta_i k_i.k_j exp(gc_i - gc_j)) of rows k [n, dk] among themselves, fp32."""
+    n = k.shape[0]
     strict = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    diff = jnp.where(strict, gci[:, None] - gcj[None, :], 0.0)  # masked before exp: never overflows
-    return jnp.where(strict, a * jnp.exp(diff), 0.0)
+    diff = jnp.where(strict, gc[:, None] - gc[None, :], 0.0)  # masked before exp: never overflows
+    return jnp.where(strict, _dot_nt(k, k, prec) * beta[:, None] * jnp.exp(diff), 0.0)
 
 
 _SUB = 16  # block of the blocked inverse (the smallest matrix-unit tile)
 
 
 def _blocked_inverse(k_ref, gc_ref, beta_ref, prec):
-    """T = (I + A)^-1 of one chunk as {(i, j): [16, 16] fp32 block} for i >= j (blocks above are 0).
-    Diagonal blocks by doubling; below them block forward substitution T_ij = -T_ii sum_{j<=m<i} A_im T_mj.
-    Rows are read as ref windows (Triton cannot slice values)."""
-    nb = CHUNK // _SUB
-    rows = [pl.ds(i * _SUB, _SUB) for i in range(nb)]
-    ks = [k_ref[r, :] for r in rows]
-    gcs = [gc_ref[r] for r in rows]
-    bs = [beta_ref[r] for r in rows]
-    a = {(i, j): _strict_a(ks[i], ks[j], gcs[i], gcs[j], bs[i], prec, diagonal=i == j)
-         for i in range(nb) for j in range(i + 1)}
-    t = {}
-    for i in range(nb):
-        t[i, i] = _unit_lower_inverse(-a[i, i], prec)
-        for j in range(i):
-            acc = _dot(a[i, j], t[j, j], prec)
-            for m in range(j + 1, i):
-                acc = acc + _dot(a[i, m], t[m, j], prec)
-            t[i, j] = -_dot(t[i, i], acc, prec)
+    """T = (I + A)^-1 of one chunk, [L, L] fp32, built one 16-row block at a time (L / 16 blocks):
+        T_i = D_i^-1 (E_i - A_i T),   D_i = I + A_ii (16 x 16, inverted by doubling),
+    where E_i holds rows i of the identity, A_i [16, L] rows i of A, and T has its rows of the earlier
+    blocks filled (later rows still 0, so A_i T sums only over the earlier blocks). Rows are read as ref
+    windows (Triton cannot slice values); the finished rows go in with a select, not a concatenation."""
+    L = CHUNK
+    k, gc = k_ref[...], gc_ref[...]
+    grow = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    r16 = lax.broadcasted_iota(jnp.int32, (_SUB, L), 0)
+    c16 = lax.broadcasted_iota(jnp.int32, (_SUB, L), 1)
+    t = jnp.zeros((L, L), f32)
+    for i in range(L // _SUB):
+        rows = pl.ds(i * _SUB, _SUB)
+        ki, gci, bi = k_ref[rows, :], gc_ref[rows], beta_ref[rows]
+        d_inv = _unit_lower_inverse(-_strict_a(ki, gci, bi, prec), prec)
+        rhs = (c16 == r16 + i * _SUB).astype(f32)  # E_i
+        if i:
+            below = c16 < i * _SUB  # columns of the earlier blocks: A_i outside its diagonal block
+            diff = jnp.where(below, gci[:, None] - gc[None, :], 0.0)
+            a_off = jnp.where(below, _dot_nt(ki, k, prec) * bi[:, None] * jnp.exp(diff), 0.0)
+            rhs = rhs - _dot(a_off, t, prec)
+        t_i = _dot(d_inv, rhs, prec)  # [16, L]
+        tiled = jnp.broadcast_to(t_i[None], (L // _SUB, _SUB, L)).reshape(L, L)
+        t = jnp.where(grow // _SUB == i, tiled, t)
     return t
 
 
-def _full_inverse(k_ref, gc_ref, beta_ref, prec):
-    k = k_ref[...]
-    gc = gc_ref[...]
-    return _unit_lower_inverse(-_strict_a(k, k, gc, gc, beta_ref[...], prec, diagonal=True), prec)
+def _full_inverse(k_ref, gc_ref, beta_ref, prec, inverse):
+    if inverse == "blocked":
+        return _blocked_inverse(k_ref, gc_ref, beta_ref, prec)
+    return _unit_lower_inverse(-_strict_a(k_ref[...], gc_ref[...], beta_ref[...], prec), prec)
 
 
 def _wy_kernel(k_ref, v_ref, gc_ref, beta_ref, w_ref, u_ref, *, cdt, prec, inverse):
+    inv_c = _full_inverse(k_ref, gc_ref, beta_ref, prec, inverse).astype(cdt)
+    gc, beta = gc_ref[...], beta_ref[...]
+    kb = (k_ref[...].astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
+    w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
     # u in column slices of at most 64: a [64, 256] fp32 accumulator (dv = 256, the `sequence` strategy)
     # spills, and with exact-fp32 dots ptxas then took minutes to compile the kernel.
     # Slices are taken from the refs: Triton lowers ref windows, not value slices.
     dv = v_ref.shape[1]
     cols = min(dv, 64)
-    col_slices = [pl.ds(j * cols, cols) for j in range(dv // cols)]
-    if inverse == "doubling":
-        inv_c = _full_inverse(k_ref, gc_ref, beta_ref, prec).astype(cdt)
-        gc, beta = gc_ref[...], beta_ref[...]
-        kb = (k_ref[...].astype(f32) * (beta * jnp.exp(gc))[:, None]).astype(cdt)
-        w_ref[...] = _dot(inv_c, kb, prec).astype(w_ref.dtype)
-        for sl in col_slices:
-            vb = (v_ref[:, sl].astype(f32) * beta[:, None]).astype(cdt)
-            u_ref[:, sl] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
-        return
-    t = {ij: x.astype(cdt) for ij, x in _blocked_inverse(k_ref, gc_ref, beta_ref, prec).items()}
-    nb = CHUNK // _SUB
-    rows = [pl.ds(i * _SUB, _SUB) for i in range(nb)]
-
-    def emit(out_ref, sl, rhs):  # out rows i = sum_{j <= i} T_ij rhs_j
-        for i in range(nb):
-            acc = _dot(t[i, 0], rhs[0], prec)
-            for j in range(1, i + 1):
-                acc = acc + _dot(t[i, j], rhs[j], prec)
-            out_ref[rows[i], sl] = acc.astype(out_ref.dtype)
-
-    gcs = [gc_ref[r] for r in rows]
-    bs = [beta_ref[r] for r in rows]
-    emit(w_ref, slice(None), [(k_ref[r, :].astype(f32) * (b * jnp.exp(g))[:, None]).astype(cdt)
-                              for r, g, b in zip(rows, gcs, bs)])
-    for sl in col_slices:
-        emit(u_ref, sl, [(v_ref[r, sl].astype(f32) * b[:, None]).astype(cdt) for r, b in zip(rows, bs)])
+    for j in range(dv // cols):
+        sl = pl.ds(j * cols, cols)
+        vb = (v_ref[:, sl].astype(f32) * beta[:, None]).astype(cdt)
+        u_ref[:, sl] = _dot(inv_c, vb, prec).astype(u_ref.dtype)
 
 
 def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
@@ -263,15 +248,7 @@ def _wy(k, v, gc, beta, G, *, cdt, prec, tiling, interpret):
 
 
 def _wy_t_kernel(k_ref, gc_ref, beta_ref, t_ref, *, prec, inverse):
-    if inverse == "doubling":
-        t_ref[...] = _full_inverse(k_ref, gc_ref, beta_ref, prec).astype(t_ref.dtype)
-        return
-    t = _blocked_inverse(k_ref, gc_ref, beta_ref, prec)
-    nb = CHUNK // _SUB
-    zero = jnp.zeros((_SUB, _SUB), t_ref.dtype)
-    for i in range(nb):
-        for j in range(nb):
-            t_ref[pl.ds(i * _SUB, _SUB), pl.ds(j * _SUB, _SUB)] = t[i, j].astype(t_ref.dtype) if j <= i else zero
+    t_ref[...] = _full_inverse(k_ref, gc_ref, beta_ref, prec, inverse).astype(t_ref.dtype)
 
 
 def _wy_t(k, gc, beta, G, *, cdt, prec, tiling, interpret):
