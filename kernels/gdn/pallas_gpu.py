@@ -35,7 +35,7 @@ Fused pipelines (fewer passes over memory; the chunk states h and v_new never le
 The sequential pass launches B * Hv * dv / bv programs; the fused forms pay off when that fills the GPU.
 
 Numerics: the state, every accumulation and the gates are fp32. With bf16 inputs the intermediates
-(w, u, v_new, h) are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
+(w, u, v_new, h; T with fuse="all") are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
 inverse takes fp32 operands (tf32 dots): in bf16 its entries, products of exponentials, would keep 3
 digits. With fp32 inputs everything is fp32 with exact-fp32 dots ("ieee"): 3e-7 from the jnp reference
 on the H100 (docs/BENCHMARKS.md).
