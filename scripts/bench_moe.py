@@ -5,7 +5,7 @@ Usage (GPU machine, from the repo root, after `source scripts/gpu_common.sh`):
     python scripts/bench_moe.py --out $OUT                  # 397B, 122B, 35B at 8k and 32k tokens
     python scripts/bench_moe.py --out $OUT --quick          # fewer configs
 Options: --presets a,b,... (pcp_jax.config preset names, or D:E:k:I:Is for a custom shape), --tokens 8192,32768,
---budget-s S (after S seconds, remaining cases time only the finalists), --no-torch.
+--budget-s S (default 240: after S seconds, remaining cases time only the finalists), --no-torch, --no-ours.
 
 For each preset (shapes from pcp_jax.config: hidden D, experts E, top-k, expert width I, shared width Is) it
 makes random bf16 weights once, and for each token count T random bf16 activations routed by the layer's own
@@ -232,13 +232,15 @@ def check_rows(sizes: np.ndarray, seed: int):
     return np.concatenate(idx).astype(np.int32), np.concatenate(grp)
 
 
-def reference_rows(lhs_rows: np.ndarray, grp: np.ndarray, weights: list[jax.Array], swiglu: bool):
+def reference_rows(lhs_rows: np.ndarray, grp: np.ndarray, weights, swiglu: bool):
     """fp32 numpy: each row through its expert's weights (swiglu: silu(x Wg) * (x Wu))."""
     n_out = weights[0].shape[2]
     out = np.zeros((lhs_rows.shape[0], n_out), np.float32)
-    for e in np.unique(grp):
+    experts = np.unique(grp)
+    picked = [np.asarray(w[jnp.asarray(experts)], np.float32) for w in weights]  # one gather per weight
+    for i, e in enumerate(experts):
         rows = grp == e
-        ws = [np.asarray(w[int(e)], np.float32) for w in weights]
+        ws = [p[i] for p in picked]
         if swiglu:
             g, u = lhs_rows[rows] @ ws[0], lhs_rows[rows] @ ws[1]
             out[rows] = g / (1.0 + np.exp(-g)) * u
@@ -372,121 +374,206 @@ def torch_time(fn, dev, reps=7):
 # ------------------------------------------------------------------------------------------------
 # One case
 # ------------------------------------------------------------------------------------------------
-def run_case(name, cfg, params, layer_state, graphdef, T, gu_cands, dn_cands, state, args, torch_blk):
-    D, E, k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
-    I, Is = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-    M = T * k
-    tag = f"{name} T={T}"
-    log(f"\n== {tag}: D={D} E={E} top-{k} I={I} shared={Is}, M={M} routed rows  ({time.time() - T0:.0f} s)")
-    x = jax.random.normal(jax.random.PRNGKey(T), (T, D), jnp.bfloat16)
-    j_route_dispatch = jax.jit(lambda st, x: route_dispatch(nnx.merge(graphdef, st), x))
-    top_w, slot, sizes, xs = j_route_dispatch(layer_state, x)
-    sizes_np = np.asarray(sizes)
-    assert int(sizes_np.sum()) == M, (sizes_np.sum(), M)
-    h_in = jax.random.normal(jax.random.PRNGKey(T + 1), (M, I), jnp.bfloat16)
-    log(f"  routing: rows per expert min {sizes_np.min()} median {int(np.median(sizes_np))} max {sizes_np.max()}, "
-        f"{int((sizes_np == 0).sum())} experts empty")
-    ws = {"g,u": (params["moe.gate_proj"], params["moe.up_proj"]), "d": (params["moe.down_proj"],)}
-    if any(c[2] == "gu" for c in gu_cands):
-        ws["gu"] = (state["w_gu"],)
+class Case:
+    """One (preset, T): inputs, routing, check rows and their fp32 references."""
 
-    idx, grp = check_rows(sizes_np, T)
-    jidx = jnp.asarray(idx)
-    ref_gu = reference_rows(np.asarray(xs[jidx], np.float32), grp, list(ws["g,u"]), swiglu=True)
-    ref_dn = reference_rows(np.asarray(h_in[jidx], np.float32), grp, list(ws["d"]), swiglu=False)
-    log(f"  check rows: {len(idx)} rows of experts {sorted(set(grp.tolist()))}")
+    def __init__(self, name, cfg, params, layer_state, graphdef, T, state):
+        self.name, self.cfg, self.params, self.st, self.gd, self.T = name, cfg, params, layer_state, graphdef, T
+        self.D, self.E, self.k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
+        self.I, self.Is = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        self.M = M = T * self.k
+        self.tag = f"{name} T={T}"
+        self.x = jax.random.normal(jax.random.PRNGKey(T), (T, self.D), jnp.bfloat16)
+        j = jax.jit(lambda st, x: (nnx.merge(graphdef, st).route(x)[1], *route_dispatch(nnx.merge(graphdef, st), x)))
+        self.top_e, self.top_w, self.slot, self.sizes, self.xs = j(layer_state, self.x)
+        self.sizes_np = np.asarray(self.sizes)
+        if int(self.sizes_np.sum()) != M:
+            raise RuntimeError(f"routed rows {self.sizes_np.sum()} != T·k = {M}")
+        self.h_in = jax.random.normal(jax.random.PRNGKey(T + 1), (M, self.I), jnp.bfloat16)
+        self.ws = {"g,u": (params["moe.gate_proj"], params["moe.up_proj"]), "d": (params["moe.down_proj"],)}
+        if "w_gu" in state:
+            self.ws["gu"] = (state["w_gu"],)
+        self.flops = {"gate/up": 2.0 * M * self.D * 2 * self.I, "down": 2.0 * M * self.I * self.D}
+        self.layer_flops = (2.0 * T * self.D * self.E + 2.0 * M * 3 * self.D * self.I
+                            + (2.0 * T * (3 * self.D * self.Is + self.D) if self.Is else 0.0))
 
-    sweep = state["timed"].get(name) is None and time.time() - T0 < args.budget_s
-    best = {}
-    for stage, cands, lhs, ref, flops in (("gate/up", gu_cands, xs, ref_gu, 2.0 * M * D * 2 * I),
-                                          ("down", dn_cands, h_in, ref_dn, 2.0 * M * I * D)):
-        if not sweep:  # this preset's earlier timings, else (over budget) the previous preset's
-            earlier = state["timed"].get(name, {}).get(stage) or state["last"].get(stage, {})
-            cands = finalists(cands, earlier)
-        log(f"  -- {stage}: {len(cands)} candidates ({'full sweep' if sweep else 'finalists'})")
-        heur_ms, timed = None, {}
-        for cname, fam, wkey, fn in cands:
-            jf = jax.jit(fn)
-            try:
-                out = jax.block_until_ready(jf(lhs, ws[wkey], sizes))
-            except NotImplementedError as e:
-                log(f"  [SKIP] {stage:7s} {cname}: {e}")
-                continue
-            except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported, not timed
-                msg = f"{tag} {stage} {cname}: {type(e).__name__}: {str(e)[:300]}"
-                RESULTS["errors"].append(msg)
-                log(f"  [FAIL] {msg}")
-                continue
-            err = rel_err(out[jidx], ref)
-            ok = bool(np.isfinite(err) and err <= TOL)
-            RESULTS["checks"].append(dict(case=tag, stage=stage, candidate=cname, rel_err=err, tol=TOL, ok=ok))
-            log(f"  [{'PASS' if ok else 'FAIL'}] {stage:7s} {cname:52s} rel err {err:.2e}")
-            del out
-            if not ok:
-                continue
-            ms = bench(jf, lhs, ws[wkey], sizes)
-            tf = flops / ms / 1e9
-            if cname.startswith("tokamax heuristic") and heur_ms is None:
-                heur_ms = ms
-            timed[cname] = ms
-            RESULTS["stages"].append(dict(case=tag, preset=name, T=T, stage=stage, candidate=cname, family=fam,
-                                          ms=ms, tflops=tf, of_peak=tf / PEAK_TFLOPS))
-            vs = f"  x{heur_ms / ms:.2f} vs heuristic" if heur_ms else ""
-            log(f"         {stage:7s} {cname:52s} {ms:8.3f} ms {tf:6.0f} TFLOP/s {100 * tf / PEAK_TFLOPS:5.1f}%{vs}")
-        state["timed"].setdefault(name, {}).setdefault(stage, {}).update(timed)
-        state["last"][stage] = state["timed"][name][stage]
-        if timed:
-            bname = min(timed, key=timed.get)
-            best[stage] = next(c for c in cands if c[0] == bname)
-            log(f"  best {stage}: {bname} {timed[bname]:.3f} ms")
+    def log_routing(self):
+        s = self.sizes_np
+        log(f"  routing: rows per expert min {s.min()} median {int(np.median(s))} max {s.max()}, "
+            f"{int((s == 0).sum())} experts empty")
 
-    # parts: dispatch and combine, model vs before
-    y = jax.random.normal(jax.random.PRNGKey(T + 2), (M, D), jnp.bfloat16)
-    routed = jnp.int32(M)
-    j_route = jax.jit(lambda st, x: nnx.merge(graphdef, st).route(x))
-    _, top_e = j_route(layer_state, x)
-    order_b, _ = jax.jit(dispatch_before, static_argnums=1)(top_e, E)
+    def references(self):
+        idx, grp = check_rows(self.sizes_np, self.T)
+        self.jidx = jnp.asarray(idx)
+        self.ref = {"gate/up": reference_rows(np.asarray(self.xs[self.jidx], np.float32), grp, self.ws["g,u"], True),
+                    "down": reference_rows(np.asarray(self.h_in[self.jidx], np.float32), grp, self.ws["d"], False)}
+        self.lhs = {"gate/up": self.xs, "down": self.h_in}
+        log(f"  check rows: {len(idx)} rows of experts {sorted(set(grp.tolist()))}")
+
+
+def time_parts(c: Case):
+    """Router, dispatch and combine alone: the model's forms and the previous ones."""
+    k, E, gd = c.k, c.E, c.gd
+    y = jax.random.normal(jax.random.PRNGKey(c.T + 2), (c.M, c.D), jnp.bfloat16)
+    routed = jnp.int32(c.M)
     j_comb, j_alt = jax.jit(combine_experts), jax.jit(combine_unrolled)
     j_before = jax.jit(combine_before, static_argnums=(3, 4))
-    parts = [
-        ("router (matmul + fp32 softmax + top-k)", j_route, (layer_state, x), 2.0 * T * D * E),
-        ("dispatch model (sort_by_expert + gather)",
-         jax.jit(lambda e, x: (lambda o, s, g: (jnp.take(x, o // k, axis=0), s, g))(*sort_by_expert(e, 0, E))),
-         (top_e, x), None),
-        ("dispatch before (argsort + bincount + gather)",
-         jax.jit(lambda e, x: (lambda o, g: (jnp.take(x, o // k, axis=0), g))(*dispatch_before(e, E))),
-         (top_e, x), None),
-        ("combine model (combine_experts: gather, fp32 sum)", j_comb, (y, slot, top_w, routed), None),
-        ("combine alt (k row gathers, fp32 sum)", j_alt, (y, slot, top_w, routed), None),
-        ("combine before (bf16 scatter-add)", j_before, (y, order_b, top_w, T, k), None),
-    ]
-    c_model = np.asarray(j_comb(y, slot, top_w, routed), np.float32)
-    c_alt = np.asarray(j_alt(y, slot, top_w, routed), np.float32)
-    c_before = np.asarray(j_before(y, order_b, top_w, T, k), np.float32)
-    for label, a in (("combine alt", c_alt), ("combine before", c_before)):
+    order_b, _ = jax.jit(dispatch_before, static_argnums=1)(c.top_e, E)
+    c_model = np.asarray(j_comb(y, c.slot, c.top_w, routed), np.float32)
+    for label, a in (("combine alt", j_alt(y, c.slot, c.top_w, routed)),
+                     ("combine before", j_before(y, order_b, c.top_w, c.T, k))):
         err = rel_err(a, c_model)
         ok = bool(err <= TOL)
-        RESULTS["checks"].append(dict(case=tag, stage="combine", candidate=label, rel_err=err, tol=TOL, ok=ok))
+        RESULTS["checks"].append(dict(case=c.tag, stage="combine", candidate=label, rel_err=err, tol=TOL, ok=ok))
         log(f"  [{'PASS' if ok else 'FAIL'}] {label} vs combine model: rel err {err:.2e}")
-    del c_model, c_alt, c_before
+    del c_model
+    parts = [
+        ("router (matmul + fp32 softmax + top-k)", jax.jit(lambda st, x: nnx.merge(gd, st).route(x)), (c.st, c.x),
+         2.0 * c.T * c.D * E),
+        ("dispatch model (sort_by_expert + gather)",
+         jax.jit(lambda e, x: (lambda o, s, g: (jnp.take(x, o // k, axis=0), s, g))(*sort_by_expert(e, 0, E))),
+         (c.top_e, c.x), None),
+        ("dispatch before (argsort + bincount + gather)",
+         jax.jit(lambda e, x: (lambda o, g: (jnp.take(x, o // k, axis=0), g))(*dispatch_before(e, E))),
+         (c.top_e, c.x), None),
+        ("combine model (combine_experts: gather, fp32 sum)", j_comb, (y, c.slot, c.top_w, routed), None),
+        ("combine alt (k row gathers, fp32 sum)", j_alt, (y, c.slot, c.top_w, routed), None),
+        ("combine before (bf16 scatter-add)", j_before, (y, order_b, c.top_w, c.T, k), None),
+    ]
     log("  -- parts")
     for pname, fn, a, fl in parts:
         ms = bench(fn, *a)
         extra = f" {fl / ms / 1e9:6.0f} TFLOP/s" if fl else ""
-        RESULTS["parts"].append(dict(case=tag, preset=name, T=T, part=pname, ms=ms))
+        RESULTS["parts"].append(dict(case=c.tag, preset=c.name, T=c.T, part=pname, ms=ms))
         log(f"         {pname:52s} {ms:8.3f} ms{extra}")
-    del y
 
-    # whole layer
-    layer_flops = 2.0 * T * D * E + 2.0 * M * 3 * D * I + (2.0 * T * (3 * D * Is + D) if Is else 0.0)
-    ctx = gpu_ctx() if state["on_gpu"] else None
-    layers = []
+
+def time_layers(c: Case, layers, outs: dict):
+    """Each (name, jitted fn, args) once for its output, then timed; outputs after the first are checked
+    against the first one (same routing code: bf16 roundings only)."""
+    for lname, fn, a in layers:
+        try:
+            out = jax.block_until_ready(fn(*a))
+            ms = bench(fn, *a)
+        except Exception as e:  # noqa: BLE001
+            msg = f"{c.tag} layer {lname}: {type(e).__name__}: {str(e)[:300]}"
+            RESULTS["errors"].append(msg)
+            log(f"  [FAIL] {msg}")
+            continue
+        if outs:
+            err = rel_err(out, np.asarray(next(iter(outs.values())), np.float32))
+            ok = bool(err <= TORCH_TOL)
+            RESULTS["checks"].append(dict(case=c.tag, stage="layer", candidate=lname, rel_err=err, tol=TORCH_TOL, ok=ok))
+            log(f"  [{'PASS' if ok else 'FAIL'}] layer {lname} vs {next(iter(outs))}: rel err {err:.2e}")
+        outs.setdefault(lname, out)
+        tf = c.layer_flops / ms / 1e9
+        RESULTS["layers"].append(dict(case=c.tag, preset=c.name, T=c.T, variant=lname, ms=ms, tflops=tf,
+                                      of_peak=tf / PEAK_TFLOPS))
+        log(f"         {lname:70s} {ms:8.3f} ms {tf:6.0f} TFLOP/s {100 * tf / PEAK_TFLOPS:5.1f}%")
+
+
+def time_torch(c: Case, torch_blk, ref_layer):
+    import torch
+    block, dev, desc = torch_blk
+    T, D = c.T, c.D
+    try:
+        xt = to_torch(c.x, dev).reshape(1, T, D).contiguous()
+        with torch.inference_mode():
+            yt = block(xt)
+            _, _, hf_e = block.gate(xt.reshape(T, D))
+            ms = torch_time(lambda: block(xt), dev)
+        if ref_layer is not None:
+            # Tokens whose top-k sets differ (bf16 logits rounded differently near a tie) are left out.
+            same = np.all(np.sort(hf_e.cpu().numpy(), -1) == np.sort(np.asarray(c.top_e), -1), axis=-1)
+            err = rel_err(yt.float().reshape(T, D).cpu().numpy()[same], np.asarray(ref_layer, np.float32)[same])
+            ok = bool(err <= TORCH_TOL and same.mean() >= 0.8)
+            RESULTS["checks"].append(dict(case=c.tag, stage="layer", candidate="transformers", rel_err=err,
+                                          tol=TORCH_TOL, ok=ok, same_topk=float(same.mean())))
+            log(f"  [{'PASS' if ok else 'FAIL'}] transformers block vs ours: rel err {err:.2e} on the "
+                f"{100 * same.mean():.1f}% of tokens routed alike")
+        tf = c.layer_flops / ms / 1e9
+        RESULTS["layers"].append(dict(case=c.tag, preset=c.name, T=T, variant="transformers grouped_mm", ms=ms,
+                                      tflops=tf, of_peak=tf / PEAK_TFLOPS, desc=desc))
+        log(f"         {'transformers Qwen3_5MoeSparseMoeBlock (grouped_mm)':70s} {ms:8.3f} ms {tf:6.0f} TFLOP/s "
+            f"{100 * tf / PEAK_TFLOPS:5.1f}%")
+    except Exception as e:  # noqa: BLE001
+        msg = f"{c.tag} transformers: {type(e).__name__}: {str(e)[:300]}"
+        RESULTS["errors"].append(msg)
+        log(f"  [FAIL] {msg}")
+
+
+def sweep_stage(c: Case, stage: str, cands, state):
+    """Check each candidate of one stage against the fp32 rows, time those that pass; returns the fastest."""
+    log(f"  -- {stage}: {len(cands)} candidates")
+    lhs, ref, flops = c.lhs[stage], c.ref[stage], c.flops[stage]
+    heur_ms, timed = None, {}
+    for cname, fam, wkey, fn in cands:
+        jf = jax.jit(fn)
+        try:
+            out = jax.block_until_ready(jf(lhs, c.ws[wkey], c.sizes))
+        except NotImplementedError as e:
+            log(f"  [SKIP] {stage:7s} {cname}: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported, not timed
+            msg = f"{c.tag} {stage} {cname}: {type(e).__name__}: {str(e)[:300]}"
+            RESULTS["errors"].append(msg)
+            log(f"  [FAIL] {msg}")
+            continue
+        err = rel_err(out[c.jidx], ref)
+        ok = bool(np.isfinite(err) and err <= TOL)
+        RESULTS["checks"].append(dict(case=c.tag, stage=stage, candidate=cname, rel_err=err, tol=TOL, ok=ok))
+        log(f"  [{'PASS' if ok else 'FAIL'}] {stage:7s} {cname:52s} rel err {err:.2e}")
+        del out
+        if not ok:
+            continue
+        ms = bench(jf, lhs, c.ws[wkey], c.sizes)
+        tf = flops / ms / 1e9
+        if fam == "heuristic" and heur_ms is None:
+            heur_ms = ms
+        timed[cname] = ms
+        RESULTS["stages"].append(dict(case=c.tag, preset=c.name, T=c.T, stage=stage, candidate=cname, family=fam,
+                                      ms=ms, tflops=tf, of_peak=tf / PEAK_TFLOPS))
+        vs = f"  x{heur_ms / ms:.2f} vs heuristic" if heur_ms else ""
+        log(f"         {stage:7s} {cname:52s} {ms:8.3f} ms {tf:6.0f} TFLOP/s {100 * tf / PEAK_TFLOPS:5.1f}%{vs}")
+    state["timed"].setdefault(c.name, {}).setdefault(stage, {}).update(timed)
+    state["last"][stage] = state["timed"][c.name][stage]
+    if not timed:
+        return None
+    bname = min(timed, key=timed.get)
+    log(f"  best {stage}: {bname} {timed[bname]:.3f} ms")
+    return next(cd for cd in cands if cd[0] == bname)
+
+
+def run_case(name, cfg, params, layer_state, graphdef, T, gu_cands, dn_cands, state, args, torch_blk):
+    """Parts, the model's layer (before/after) and transformers first, then the stage sweeps (a candidate kernel
+    that breaks the GPU context cannot take the baseline rows with it), then the layer with the best ones."""
+    log(f"\n== {name} T={T}: D={cfg.hidden_size} E={cfg.num_experts} top-{cfg.num_experts_per_tok} "
+        f"I={cfg.moe_intermediate_size} shared={cfg.shared_expert_intermediate_size}, M={T * cfg.num_experts_per_tok} "
+        f"routed rows  ({time.time() - T0:.0f} s)")
+    c = Case(name, cfg, params, layer_state, graphdef, T, state)
+    c.log_routing()
+    time_parts(c)
+    log(f"  -- whole layer ({c.layer_flops / 1e12:.2f} TFLOP)")
+    outs: dict = {}
     if state["on_gpu"]:
-        layers.append(("model: MoE.__call__ (this commit)",
-                       jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ctx)), (layer_state, x)))
-        layers.append(("before: argsort/bincount, bf16 scatter-add",
-                       jax.jit(lambda st, x: layer_before(nnx.merge(graphdef, st), x)), (layer_state, x)))
-    if "gate/up" in best and "down" in best:
+        ctx = gpu_ctx()
+        time_layers(c, [("model: MoE.__call__ (this commit)",
+                         jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ctx)), (layer_state, c.x)),
+                        ("before: argsort/bincount, bf16 scatter-add",
+                         jax.jit(lambda st, x: layer_before(nnx.merge(graphdef, st), x)), (layer_state, c.x))], outs)
+    if torch_blk is not None and state["on_gpu"]:
+        time_torch(c, torch_blk, next(iter(outs.values()), None))
+    save(args.out)
+
+    c.references()
+    sweep = state["timed"].get(name) is None and time.time() - T0 < args.budget_s
+    best = {}
+    for stage, cands in (("gate/up", gu_cands), ("down", dn_cands)):
+        if not sweep:  # this preset's earlier timings, else (over budget) the previous preset's
+            cands = finalists(cands, state["timed"].get(name, {}).get(stage) or state["last"].get(stage, {}))
+        best[stage] = sweep_stage(c, stage, cands, state)
+        save(args.out)
+    if best["gate/up"] and best["down"]:
         (gname, _, gkey, gfn), (dname, _, dkey, dfn) = best["gate/up"], best["down"]
 
         def layer_best(st, x, wg, wd):
@@ -495,59 +582,11 @@ def run_case(name, cfg, params, layer_state, graphdef, T, gu_cands, dn_cands, st
             y = dfn(gfn(xs, wg, sizes), wd, sizes)
             return combine_experts(y, slot, top_w, jnp.sum(sizes)) + m.shared_expert(x)
 
-        layers.append((f"best: {gname} + {dname}", jax.jit(layer_best), (layer_state, x, ws[gkey], ws[dkey])))
-    log(f"  -- whole layer ({layer_flops / 1e12:.2f} TFLOP)")
-    outs = {}
-    for lname, fn, a in layers:
-        try:
-            outs[lname] = out = jax.block_until_ready(fn(*a))
-            ms = bench(fn, *a)
-        except Exception as e:  # noqa: BLE001
-            msg = f"{tag} layer {lname}: {type(e).__name__}: {str(e)[:300]}"
-            RESULTS["errors"].append(msg)
-            log(f"  [FAIL] {msg}")
-            continue
-        tf = layer_flops / ms / 1e9
-        RESULTS["layers"].append(dict(case=tag, preset=name, T=T, variant=lname, ms=ms, tflops=tf,
-                                      of_peak=tf / PEAK_TFLOPS))
-        log(f"         {lname:70s} {ms:8.3f} ms {tf:6.0f} TFLOP/s {100 * tf / PEAK_TFLOPS:5.1f}%")
-        del out
-    ref_layer = next(iter(outs.values()), None)
-    for lname, out in list(outs.items())[1:]:
-        err = rel_err(out, np.asarray(ref_layer, np.float32))
-        RESULTS["checks"].append(dict(case=tag, stage="layer", candidate=lname, rel_err=err, tol=TORCH_TOL,
-                                      ok=bool(err <= TORCH_TOL)))
-        log(f"  [{'PASS' if err <= TORCH_TOL else 'FAIL'}] layer {lname} vs the first: rel err {err:.2e}")
-
-    if torch_blk is not None:
-        import torch
-        block, dev, desc = torch_blk
-        try:
-            xt = to_torch(x, dev).reshape(1, T, D).contiguous()
-            with torch.inference_mode():
-                yt = block(xt)
-                _, _, hf_e = block.gate(xt.reshape(T, D))
-                ms = torch_time(lambda: block(xt), dev)
-            if ref_layer is not None:
-                # Tokens whose top-k sets differ (bf16 logits rounded differently near a tie) are left out.
-                same = np.all(np.sort(hf_e.cpu().numpy(), -1) == np.sort(np.asarray(top_e), -1), axis=-1)
-                err = rel_err(yt.float().reshape(T, D).cpu().numpy()[same], np.asarray(ref_layer, np.float32)[same])
-                ok = bool(err <= TORCH_TOL and same.mean() >= 0.8)
-                RESULTS["checks"].append(dict(case=tag, stage="layer", candidate="transformers", rel_err=err,
-                                              tol=TORCH_TOL, ok=ok, same_topk=float(same.mean())))
-                log(f"  [{'PASS' if ok else 'FAIL'}] transformers block vs ours: rel err {err:.2e} on the "
-                    f"{100 * same.mean():.1f}% of tokens routed alike")
-            tf = layer_flops / ms / 1e9
-            RESULTS["layers"].append(dict(case=tag, preset=name, T=T, variant="transformers grouped_mm", ms=ms,
-                                          tflops=tf, of_peak=tf / PEAK_TFLOPS, desc=desc))
-            log(f"         {'transformers Qwen3_5MoeSparseMoeBlock (grouped_mm)':70s} {ms:8.3f} ms {tf:6.0f} TFLOP/s "
-                f"{100 * tf / PEAK_TFLOPS:5.1f}%")
-            del xt, yt
-        except Exception as e:  # noqa: BLE001
-            msg = f"{tag} transformers: {type(e).__name__}: {str(e)[:300]}"
-            RESULTS["errors"].append(msg)
-            log(f"  [FAIL] {msg}")
-    del x, xs, h_in, outs, ref_layer
+        log("  -- whole layer with the best candidates")
+        time_layers(c, [(f"best: {gname} + {dname}", jax.jit(layer_best), (layer_state, c.x, c.ws[gkey], c.ws[dkey]))],
+                    outs)
+    if torch_blk is not None and not state["on_gpu"]:  # CPU smoke run: checked against the best layer
+        time_torch(c, torch_blk, next(iter(outs.values()), None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,9 +619,10 @@ def main():
     ap.add_argument("--presets", default=DEFAULT_PRESETS)
     ap.add_argument("--tokens", default="8192,32768")
     ap.add_argument("--quick", action="store_true", help="3 tokamax configs and 2 of ours per stage")
-    ap.add_argument("--budget-s", type=float, default=300.0,
+    ap.add_argument("--budget-s", type=float, default=240.0,
                     help="after this many seconds, remaining cases time only the finalists")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-ours", action="store_true", help="leave out kernels/moe/mosaic_gpu.py")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -593,6 +633,8 @@ def main():
                            argv=sys.argv, peak_tflops=PEAK_TFLOPS)
     log(f"device {dev.device_kind}, jax {jax.__version__}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     gu_cands, dn_cands = candidates(args.quick, on_gpu)
+    if args.no_ours:
+        gu_cands, dn_cands = ([c for c in cs if c[1] != "ours"] for cs in (gu_cands, dn_cands))
     log(f"candidates: gate/up {len(gu_cands)}, down {len(dn_cands)}")
     state = {"timed": {}, "last": {}, "on_gpu": on_gpu}
     for spec in args.presets.split(","):
