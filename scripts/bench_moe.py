@@ -16,7 +16,7 @@ router (fp32 softmax of random logits, top-k, renormalised), so M = T·k rows so
                gate/up stage  xs [M, D] -> h = silu(xs @ Wg[e]) * (xs @ Wu[e])  [M, I]
                down stage     h  [M, I] -> h @ Wd[e]                           [M, D]
              candidates: tokamax heuristic (what kernels/moe/api.py runs: gate and up as two calls, as the model
-             has them; and gate|up as one call of width 2I), tokamax with explicit tile configs (TOKAMAX_CONFIGS,
+             has them; and gate|up as one call of width 2I), tokamax with explicit tile configs (tokamax_configs(),
              from its sm90 autotuning space plus block_k 64), ours (kernels/moe/mosaic_gpu.py: grouped_swiglu
              for gate/up over SWIGLU_SWEEP, grouped_matmul for down over SWEEP) when importable, and
              api.grouped_swiglu when kernels/moe/api.py has it. A tokamax 2I candidate's time includes the
@@ -36,6 +36,8 @@ router (fp32 softmax of random logits, top-k, renormalised), so M = T·k rows so
              on the tokens both route to the same top-k set (rel. L2 <= 2e-2: both bf16, different roundings;
              at least 80% of tokens routed alike). Layer FLOPs: router 2·T·D·E + experts 2·T·k·3·D·I
              + shared 2·T·(3·D·Is + D).
+Order within a case: parts, the model/before layers and transformers first, then the checks and sweeps, then
+the best layer (a candidate kernel that breaks the GPU context cannot take the baseline rows with it).
 Timings: warm-up (compile + 1 run), then 5 samples of back-to-back calls (about 30 ms each) closed by
 block_until_ready; the figure is the median sample / calls. Writes results.json under --out after every case.
 """
