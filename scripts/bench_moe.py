@@ -192,10 +192,10 @@ def candidates(quick: bool, on_gpu: bool):
             log(f"  ours (kernels/moe/mosaic_gpu.py) not importable: {OURS_MISSING}")
         else:
             sw = getattr(ours, "SWIGLU_SWEEP", ours.SWEEP)
-            for c in sw[:2] if quick else sw:
+            for c in sw[:3] if quick else sw:
                 gu.append((ours_name(c) + " grouped_swiglu", "ours", "g,u",
                            lambda a, ws, s, c=c: ours.grouped_swiglu(a, ws[0], ws[1], s, config=c)))
-            for c in ours.SWEEP[:2] if quick else ours.SWEEP:
+            for c in ours.SWEEP[:3] if quick else ours.SWEEP:
                 dn.append((ours_name(c), "ours", "d", lambda a, ws, s, c=c: ours.grouped_matmul(a, ws[0], s, config=c)))
     else:  # CPU smoke run of this script: the jnp reference is the only candidate
         ref = lambda a, w, s: moe_ref.grouped_matmul(a, w, s)
@@ -620,7 +620,7 @@ def main():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--presets", default=DEFAULT_PRESETS)
     ap.add_argument("--tokens", default="8192,32768")
-    ap.add_argument("--quick", action="store_true", help="3 tokamax configs and 2 of ours per stage")
+    ap.add_argument("--quick", action="store_true", help="3 tokamax configs and 3 of ours per stage")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="after this many seconds, remaining cases time only the finalists")
     ap.add_argument("--no-torch", action="store_true")

@@ -65,16 +65,16 @@ SWIGLU_CONFIG = Config(block_m=128, block_n=64, block_k=64, stages=4)
 # What the GPU benchmark sweeps (scripts/bench_moe.py): smaller row tiles waste less on experts with few rows.
 SWEEP = (
     Config(128, 128, 64, 3),
-    Config(128, 64, 64, 4),
+    Config(128, 64, 64, 4, chain=True),
     Config(128, 64, 64, 6),
     Config(128, 128, 64, 2, chain=True),
-    Config(128, 64, 64, 4, chain=True),
+    Config(128, 64, 64, 4),
     Config(64, 128, 64, 4),
 )
 SWIGLU_SWEEP = (
     Config(128, 64, 64, 4),
-    Config(128, 64, 64, 3),
     Config(128, 64, 64, 4, chain=True),
+    Config(128, 64, 64, 3),
     Config(128, 64, 64, 2, chain=True),
     Config(64, 64, 64, 5),
 )

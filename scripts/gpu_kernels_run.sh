@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 17's GPU runs on one H200 (carry .whl). PART=1: MoE layer and grouped-matmul candidates
+# (scripts/bench_moe.py) and the GDN variants against FLA (bench_kernels.py gdnvar). PART=2: the 9B decode
+# step against its memory floor (scripts/bench_decode_step.py) and the 35B-A3B prefill before (.old/, the
+# tree before this work, carried) and after. Stage logs under $OUT; each stage's limit is in the call.
+source scripts/gpu_common.sh
+export JAX_LOG_COMPILES=0
+for part in ${PART:-1 2}; do
+  if [ "$part" = 1 ]; then
+    stage moe "${T_MOE:-300}" python scripts/bench_moe.py --quick --budget-s 120 --out "$OUT"
+    show moe 60
+    stage gdnvar "${T_GDN:-270}" python scripts/bench_kernels.py --sections gdnvar --gdn-T "${GDN_T:-32768,131072}" --out "$OUT"
+    show gdnvar 40
+  else
+    stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
+    show decode 50
+    stage prefill35_old "${T_PF:-130}" bash -c "cd .old && python run_old.py scripts/bench_prefill.py --preset qwen3.5-35b-a3b --tokens 32768 --reps 2"
+    show prefill35_old 8
+    stage prefill35_new "${T_PF:-130}" python scripts/bench_prefill.py --preset qwen3.5-35b-a3b --tokens 32768 --reps 2
+    show prefill35_new 8
+  fi
+done
