@@ -169,7 +169,7 @@ def candidates(quick: bool, on_gpu: bool):
     """gate/up and down candidates, in order; the first of each is what the model ran before this work."""
     gu, dn = [], []
     if on_gpu:
-        gmm = lambda a, w, s: moe_api.grouped_matmul(a, w, s, kernels="gpu")
+        gmm = _tokamax_gmm  # not moe_api.grouped_matmul: that runs our kernel first
         gu.append(("tokamax heuristic, gate & up (2 calls)", "heuristic", "g,u",
                    lambda a, ws, s: (jax.nn.silu(gmm(a, ws[0], s)) * gmm(a, ws[1], s))))
         gu.append(("tokamax heuristic, gate|up 2I", "heuristic", "gu", lambda a, ws, s: swiglu_xla(gmm(a, ws[0], s))))
@@ -287,12 +287,19 @@ def combine_unrolled(y, slot, top_w, routed):
     return acc.astype(y.dtype)
 
 
+def _tokamax_gmm(lhs, rhs, sizes):
+    """tokamax.ragged_dot with its heuristic tile config (kernels/moe/tokamax_gpu.py): the model's grouped
+    matmul before our Mosaic GPU kernel."""
+    from pcp_jax.kernels.moe import tokamax_gpu
+    return tokamax_gpu.grouped_matmul(lhs, rhs, sizes)
+
+
 def layer_before(m: MoE, x):
     k, E = m.cfg.num_experts_per_tok, m.gate_proj.shape[0]
     top_w, top_e = m.route(x)
     order, sizes = dispatch_before(top_e, E)
     xs = jnp.take(x, order // k, axis=0)
-    gmm = lambda a, w: moe_api.grouped_matmul(a, w, sizes, kernels="gpu")
+    gmm = lambda a, w: _tokamax_gmm(a, w, sizes)  # what the model ran before: tokamax's heuristic tiles
     y = gmm(jax.nn.silu(gmm(xs, m.gate_proj[...])) * gmm(xs, m.up_proj[...]), m.down_proj[...])
     return combine_before(y, order, top_w, x.shape[0], k) + m.shared_expert(x)
 
