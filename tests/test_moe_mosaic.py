@@ -56,6 +56,7 @@ CASES = [  # rows, K, N, sizes (sum < rows: padding rows), config
     (300, 192, 256, [130, 0, 7, 90, 1, 60], mg.Config(128, 64, 64, 3)),
     (300, 256, 512, [130, 0, 7, 90, 1, 60], mg.Config(64, 64, 64, 2, chain=True)),  # 20 items on 2 CTAs
     (64, 128, 256, [10, 20], mg.Config(64, 128, 64, 2, chain=True)),  # one CTA with a single real item
+    (200, 128, 256, [70, 0, 100], mg.Config(64, 128, 64, 2, swizzle_out=True)),  # swizzled output rows
 ]
 
 

@@ -57,6 +57,7 @@ class Config:
     block_k: int = 64
     stages: int = 4
     chain: bool = False  # one pipeline across a CTA's work items: the next item's loads overlap this epilogue
+    swizzle_out: bool = False  # output tile in swizzled rows of shared memory (fewer bank conflicts on the store)
 
 
 MATMUL_CONFIG = Config(block_m=128, block_n=128, block_k=64, stages=3)
@@ -65,17 +66,17 @@ SWIGLU_CONFIG = Config(block_m=128, block_n=64, block_k=64, stages=4)
 # What the GPU benchmark sweeps (scripts/bench_moe.py): smaller row tiles waste less on experts with few rows.
 SWEEP = (
     Config(128, 128, 64, 3),
-    Config(128, 64, 64, 4, chain=True),
+    Config(128, 128, 64, 3, swizzle_out=True),
+    Config(128, 128, 64, 2, chain=True, swizzle_out=True),
     Config(128, 64, 64, 6),
-    Config(128, 128, 64, 2, chain=True),
-    Config(128, 64, 64, 4),
-    Config(64, 128, 64, 4),
+    Config(128, 64, 64, 6, swizzle_out=True),
+    Config(128, 64, 64, 4, chain=True),
 )
 SWIGLU_SWEEP = (
     Config(128, 64, 64, 4),
+    Config(128, 64, 64, 4, swizzle_out=True),
     Config(128, 64, 64, 4, chain=True),
-    Config(128, 64, 64, 3),
-    Config(128, 64, 64, 2, chain=True),
+    Config(128, 64, 64, 4, chain=True, swizzle_out=True),
     Config(64, 64, 64, 5),
 )
 
@@ -177,8 +178,17 @@ def _kernel(group_ref, start_ref, lo_ref, size_ref, real_ref, lhs_ref, *refs, cf
     unused = lambda *_, **__: None
     allocations = pipeline(unused, unused).get_allocations(lhs_ref, *(r.at[0] for r in rhs_refs))
 
+    # Rows of the output tile are stored from any offset, so the tile is never tiled along rows; swizzling
+    # within each row keeps the register-to-shared-memory store of the wgmma layout free of bank conflicts.
+    out_transforms = ()
+    if cfg.swizzle_out:
+        swizzle = plgpu.find_swizzle(bn * jnp.dtype(out_ref.dtype).itemsize * 8)
+        out_transforms = (plgpu.TilingTransform((1, swizzle // jnp.dtype(out_ref.dtype).itemsize)),
+                          plgpu.SwizzleTransform(swizzle))
+
     @functools.partial(pl.run_scoped, allocations=allocations,
-                       out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, bm, bn), out_ref.dtype), collective_axes="wg")
+                       out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, bm, bn), out_ref.dtype, transforms=out_transforms),
+                       collective_axes="wg")
     def _scope(allocations, out_smem):
         wg = lax.axis_index("wg")
 
