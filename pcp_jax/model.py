@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig, param_shapes
-from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, merge_partials, merge_stacked
+from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, grouped_swiglu, merge_partials, merge_stacked
 from pcp_jax.kernels.attention.api import decode_attention
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
@@ -240,12 +240,6 @@ class MLP(nnx.Module):
         return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[...]
 
 
-try:  # the fused gate/up grouped op of issue 17, once kernels/moe/api.py provides it
-    from pcp_jax.kernels.moe.api import grouped_swiglu as _grouped_swiglu
-except ImportError:
-    _grouped_swiglu = None
-
-
 def sort_by_expert(top_e, first, count: int):
     """Dispatch order of the routed choices for the experts [first, first + count) held here.
 
@@ -309,12 +303,8 @@ class MoE(nnx.Module):
     def experts(self, xs, group_sizes, kernels):
         """xs [n, D] rows sorted by local expert -> [n, D]: each row through its expert's SwiGLU
         (rows past sum(group_sizes) give 0)."""
-        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, kernels=kernels)
-        if _grouped_swiglu is not None:
-            h = _grouped_swiglu(xs, self.gate_proj[...], self.up_proj[...], group_sizes, kernels=kernels)
-        else:
-            h = jax.nn.silu(gmm(xs, self.gate_proj[...])) * gmm(xs, self.up_proj[...])
-        return gmm(h, self.down_proj[...])
+        h = grouped_swiglu(xs, self.gate_proj[...], self.up_proj[...], group_sizes, kernels=kernels)
+        return grouped_matmul(h, self.down_proj[...], group_sizes, kernels=kernels)
 
     def shared_expert(self, x):
         """x [T, D] -> the sigmoid-gated shared expert [T, D] (this shard's columns of it), or 0 without one."""
