@@ -2,7 +2,7 @@
 # Issue 17's GPU runs on one H200 (carry .whl). PART=1: MoE layer and grouped-matmul candidates
 # (scripts/bench_moe.py) and the GDN variants against FLA (bench_kernels.py gdnvar). PART=2: the 9B decode
 # step against its memory floor (scripts/bench_decode_step.py) and the 35B-A3B prefill before (.old/, the
-# tree before this work, carried) and after. Stage logs under $OUT; each stage's limit is in the call.
+# tree before this work, carried) and after. PART=3: the last round (see below). Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -11,6 +11,14 @@ for part in ${PART:-1 2}; do
     show moe 60
     stage gdnvar "${T_GDN:-270}" python scripts/bench_kernels.py --sections gdnvar --gdn-T "${GDN_T:-32768,131072}" --out "$OUT"
     show gdnvar 40
+  elif [ "$part" = 3 ]; then  # the last round: MoE epilogue/chain variants, fused GDN forms, generate loop
+    stage moe_final "${T_MOE:-150}" python scripts/check_moe_kernel.py \
+      --cases qwen3.5-397b-a17b:8192,qwen3.5-35b-a3b:8192,qwen3.5-35b-a3b:32768
+    show moe_final 70
+    stage gdnvar_final "${T_GDN:-150}" python scripts/bench_kernels.py --sections gdnvar --gdn-T "${GDN_T:-32768,131072}" --out "$OUT"
+    show gdnvar_final 30
+    stage decode_final "${T_DEC:-190}" python scripts/bench_decode_step.py --fill random ${DECODE_ARGS:-}
+    show decode_final 30
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50
