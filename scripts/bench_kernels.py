@@ -9,9 +9,10 @@ Sections (run in the order given; each catches its own failure, logs it and goes
   gdn   : chunked gated delta rule forward, B=1, T in {8k, 32k, 128k}, 16 qk heads, 32/64 v heads,
           dk = dv = 128, bf16, vs FLA `chunk_gated_delta_rule` (torch, same GPU, GVA, final state out).
   tune  : GDN tiling sweep at 32k / 32 heads, plus the time of each of the three stages.
-  gdnvar: GDN variants (`Tiling.inverse`, `Tiling.fuse`): each checked against the fp32 reference first
-          (fp32 B2 T1000 Hv4 tol 1e-4; bf16 T4096 Hv64 tol 1e-2), then timed beside FLA at --gdn-T x
-          32/64 value heads; one table (ms, and FLA / ours) at the end.
+  gdnvar: GDN variants (`Tiling.fuse`, `stages_fused`, dv block): base (and the fused forms in fp32)
+          against the fp32 reference (fp32 B2 T1000 Hv4 tol 1e-4; bf16 T4096 Hv64 tol 1e-2); every variant
+          beside FLA at the first --gdn-T x 32/64 value heads, checked against base there (tol 1e-2);
+          at the later T base and the fastest fused ones. Time budget GDNVAR_BUDGET_S; tables at the end.
   attn  : one ring step at hd 256, 32 q / 2 kv heads, unmasked and diagonal, 4k and 16k, through the
           wrapper's paths, vs cuDNN `jax.nn.dot_product_attention(implementation="cudnn")`.
   moe   : the 397B-shape MoE layer (hidden 4096, 512 experts, top-10, expert width 1024) at 8k and 32k
@@ -299,87 +300,153 @@ def section_tune(args):
     row("tune", "stage 3 outputs", bench(out, q, k, gc, h, vn, reps=7)[0])
 
 
-GDNVAR = [  # (column name, Tiling)
-    ("base", pallas_gpu.Tiling()),
-    ("blocked", pallas_gpu.Tiling(inverse="blocked")),
-    ("fuse-out", pallas_gpu.Tiling(fuse="output")),
-    ("fuse-all", pallas_gpu.Tiling(fuse="all")),
-    ("all+blk", pallas_gpu.Tiling(fuse="all", inverse="blocked")),
-    ("all+blk w8", pallas_gpu.Tiling(fuse="all", inverse="blocked", warps_state=8)),
-    ("all+blk bv64", pallas_gpu.Tiling(fuse="all", inverse="blocked", bv_state=64)),
+# (column name, Tiling fields, other dv block). Priority order: under the time budget the later ones are
+# the first to go. "out"/"all": fuse="output"/"all"; sN: stages_fused=N, none given: `_fused_stages` picks
+# (3 in bf16 at dk = 128); bv*: the dv block that the launch-size rule does not pick (64 at Hv 32, 32 at
+# Hv 64). The blocked inverse alone measured slower (H200, 32k / 32 heads: 2.204 ms vs 2.080).
+GDNVAR = [
+    ("base", {}, False),
+    ("out", dict(fuse="output"), False),
+    ("all", dict(fuse="all"), False),
+    ("out s2", dict(fuse="output", stages_fused=2), False),
+    ("all s2", dict(fuse="all", stages_fused=2), False),
+    ("all s1", dict(fuse="all", stages_fused=1), False),
+    ("out s1", dict(fuse="output", stages_fused=1), False),
+    ("all bv*", dict(fuse="all"), True),
+    ("out bv*", dict(fuse="output"), True),
+    ("all s2 bv*", dict(fuse="all", stages_fused=2), True),
+    ("all+blk", dict(fuse="all", inverse="blocked"), False),
 ]
 GDNVAR_CHECKS = [(2, 1000, 2, 2, 128, 128, jnp.float32, True), (1, 4096, 16, 4, 128, 128, jnp.bfloat16, True)]
+GDNVAR_FP32_CHECKED = ("base", "out", "all")  # fp32 picks other stages (2) than bf16: checked on its own
+GDNVAR_BUDGET_S = 140  # the whole section; the stage in scripts/gpu_kernels_run.sh allows 270 s
+GDNVAR_SCREEN_S = 85  # no new variant compiled at the first T after this
+GDNVAR_FINALISTS = 2  # fused variants timed beside base at the later T
+
+
+def _gdnvar_tiling(kw, other_bv, Hv):
+    """(Tiling, effective launch key) at B = 1, dv = 128: the key names what the kernels run with, so that
+    two names for one program (bv* at the auto block, s3 = auto) are compiled and timed once."""
+    auto = pallas_gpu._auto_bv_state(1, Hv, 128)
+    bv = kw.get("bv_state") or ((96 - auto) if other_bv else auto)  # 32 <-> 64
+    t = pallas_gpu.Tiling(**{**kw, "bv_state": bv})
+    stages = t.stages_state
+    if t.fuse != "none":
+        stages = pallas_gpu._fused_stages(t, from_t=t.fuse == "all", dk=128, bv=bv, itemsize=2)
+    return t, (t.fuse, t.inverse, bv, stages, t.warps_state, t.warps_wy, t.warps_out, t.bv_out)
+
+
+def _gdnvar_table(title, names, table):
+    log(f"\n  gdnvar {title}: ms (FLA ms / ours ms); '-' not run (budget, or same program as a column "
+        "to its left at that size: then that figure is shown), 'x' failed or wrong")
+    log("  " + f"{'T':>7s} {'Hv':>3s} {'FLA':>7s} | " + " | ".join(f"{n:>15s}" for n in names))
+    for T, Hv, fla_ms, times in table:
+        cells = []
+        for n in names:
+            t = times.get(n)
+            cells.append(f"{t:7.3f} ({fla_ms / t:4.2f}x)" if isinstance(t, float) else f"{t or '-':>15s}")
+        log("  " + f"{T:7d} {Hv:3d} {fla_ms:7.3f} | " + " | ".join(cells))
 
 
 def section_gdnvar(args):
-    log("== gdnvar: GDN variants, checked against fp32, then vs FLA (bf16, B=1, Hk=16, dk=dv=128)")
-    refs = []
-    for i, (B, T, Hk, G, dk, dv, dt, st) in enumerate(GDNVAR_CHECKS):
-        a = gdn_inputs(200 + i, B, T, Hk, G, dk, dv, dt, st)
-        refs.append((a, gdn_ref_fp32(*a), f"B{B} T{T} Hv{Hk * G} {jnp.dtype(dt).name}", 1e-4 if dt == jnp.float32 else 1e-2))
-    fns = {}
-    for name, t in GDNVAR:
-        f = jax.jit(lambda *a, t=t: pallas_gpu.chunk_gated_delta_rule(*a, tiling=t))
-        try:
-            ok = True
-            for a, (o_r, s_r), tag, tol in refs:
-                o, s = f(*a)
-                ok &= check(f"gdnvar {name} {tag} o", rel(o, o_r), tol)
-                ok &= check(f"gdnvar {name} {tag} final state", rel(s, s_r), tol)
-        except Exception as e:
-            RESULTS["errors"].append(f"gdnvar {name} check: {e!r}")
-            log(f"  {name} failed: {e!r}")
-            ok = False
-        if ok:
-            fns[name] = f
-        else:
-            log(f"  {name}: not timed (check failed)")
-    del refs
-    table = []
-    for T in args.gdn_T:
-        for Hv in (32, 64):
-            q, k, v, g, beta, _ = gdn_inputs(T + Hv, 1, T, 16, Hv // 16, 128, 128, jnp.bfloat16, False)
-            try:
-                fla_ms = _torch_time(_fla_fn(q, k, v, g, beta))
-            except Exception as e:
-                RESULTS["errors"].append(f"gdnvar FLA T{T} Hv{Hv}: {e!r}")
-                log(f"  FLA failed: {e!r}")
-                fla_ms = float("nan")
-            row("gdnvr", f"T={T} Hv={Hv} FLA", fla_ms)
-            times = {}
-            for name, f in fns.items():
+    """Base check against fp32 (and the fused forms in fp32, where they pick fewer pipeline stages); then at
+    the first T every variant of GDNVAR in order while GDNVAR_SCREEN_S lasts, each checked against base on
+    the timed inputs (rel L2 <= 1e-2) before it is timed; at the later T base and the GDNVAR_FINALISTS
+    fastest fused variants. Tables print whatever ran, also after a failure."""
+    t_start = time.time()
+    elapsed = lambda: time.time() - t_start
+    log("== gdnvar: GDN variants vs FLA (bf16, B=1, Hk=16, dk=dv=128); checked against fp32 / base first")
+    names = [n for n, _, _ in GDNVAR]
+    spec = {n: (kw, alt) for n, kw, alt in GDNVAR}
+    table, screen = [], []
+    try:
+        for i, (B, T, Hk, G, dk, dv, dt, st) in enumerate(GDNVAR_CHECKS):
+            a = gdn_inputs(200 + i, B, T, Hk, G, dk, dv, dt, st)
+            o_r, s_r = gdn_ref_fp32(*a)
+            tag, tol = f"B{B} T{T} Hv{Hk * G} {jnp.dtype(dt).name}", 1e-4 if dt == jnp.float32 else 1e-2
+            for name in [n for n in (GDNVAR_FP32_CHECKED if dt == jnp.float32 else ("base",)) if n in spec]:
+                t = pallas_gpu.Tiling(**spec[name][0])
                 try:
-                    times[name] = bench(f, q, k, v, g, beta, reps=5)[0]
+                    o, s = jax.jit(lambda *a, t=t: pallas_gpu.chunk_gated_delta_rule(*a, tiling=t))(*a)
+                    check(f"gdnvar {name} {tag} o", rel(o, o_r), tol)
+                    check(f"gdnvar {name} {tag} final state", rel(s, s_r), tol)
                 except Exception as e:
-                    RESULTS["errors"].append(f"gdnvar {name} T{T} Hv{Hv}: {e!r}")
-                    log(f"  {name} failed: {e!r}")
+                    RESULTS["errors"].append(f"gdnvar {name} check {tag}: {e!r}")
+                    log(f"  {name} {tag} failed: {e!r}")
+            del a, o_r, s_r
+        log(f"  (checks done at {elapsed():.0f} s)")
+        for ti, T in enumerate(args.gdn_T):
+            if ti and elapsed() > GDNVAR_BUDGET_S:
+                log(f"  T={T}: skipped (budget {GDNVAR_BUDGET_S} s)")
+                continue
+            if ti:
+                fused = sorted((v for v in screen if v[0] != "base"), key=lambda v: v[1])
+                run_names = ["base"] + [n for n, _ in fused[:GDNVAR_FINALISTS]]
+            else:
+                run_names = names
+            sizes = []  # per head count: inputs, base outputs, launch keys done
+            for Hv in (32, 64):
+                inp = gdn_inputs(T + Hv, 1, T, 16, Hv // 16, 128, 128, jnp.bfloat16, False)[:5]
+                try:
+                    fla_ms = _torch_time(_fla_fn(*inp))
+                except Exception as e:
+                    RESULTS["errors"].append(f"gdnvar FLA T{T} Hv{Hv}: {e!r}")
+                    log(f"  FLA failed: {e!r}")
+                    fla_ms = float("nan")
+                row("gdnvr", f"T={T} Hv={Hv} FLA", fla_ms, at_s=round(elapsed()))
+                times = {}
+                table.append((T, Hv, fla_ms, times))
+                sizes.append(dict(Hv=Hv, inp=inp, fla_ms=fla_ms, times=times, base=None, done={}))
+            for name in run_names:
+                if not ti and name != "base" and elapsed() > GDNVAR_SCREEN_S:
+                    log(f"  T={T} {name}: skipped (screening budget {GDNVAR_SCREEN_S} s)")
                     continue
-                row("gdnvr", f"T={T} Hv={Hv} {name}", times[name], speedup_vs_fla=fla_ms / times[name])
-            table.append((T, Hv, fla_ms, times))
-            del q, k, v, g, beta
-    # Stage 1 alone at 32k / 32 heads: w and u (fuse none/output) or T only (fuse all), by either inverse.
-    Hv, L = 32, pallas_gpu.CHUNK
-    q, k, v, g, beta, _ = gdn_inputs(32768 + Hv, 1, 32768, 16, Hv // 16, 128, 128, jnp.bfloat16, False)
-    T, Hv, G = q.shape[1], g.shape[2], g.shape[2] // k.shape[2]
-    gc = jnp.cumsum(g.reshape(1, T // L, L, Hv), axis=2).reshape(1, T, Hv).transpose(0, 2, 1)
-    bt = beta.transpose(0, 2, 1)
-    kw = dict(cdt=jnp.bfloat16, prec=jax.lax.Precision.DEFAULT, interpret=False)
-    for inv in ("doubling", "blocked"):
-        t = pallas_gpu.Tiling(inverse=inv)
-        try:
-            wu = jax.jit(lambda k, v, gc, bt, t=t: pallas_gpu._wy(k, v, gc, bt, G, tiling=t, **kw))
-            tt = jax.jit(lambda k, gc, bt, t=t: pallas_gpu._wy_t(k, gc, bt, G, tiling=t, **kw))
-            row("gdnvr", f"T={T} Hv={Hv} stage 1 w,u inverse={inv}", bench(wu, k, v, gc, bt, reps=5)[0])
-            row("gdnvr", f"T={T} Hv={Hv} stage 1 T only inverse={inv}", bench(tt, k, gc, bt, reps=5)[0])
-        except Exception as e:
-            RESULTS["errors"].append(f"gdnvar stage 1 {inv}: {e!r}")
-            log(f"  stage 1 {inv} failed: {e!r}")
-    del q, k, v, g, beta
-    log("\n  gdnvar: ms (FLA ms / ours ms)")
-    log("  " + f"{'T':>7s} {'Hv':>3s} {'FLA':>7s} | " + " | ".join(f"{n:>15s}" for n in fns))
-    for T, Hv, fla_ms, times in table:
-        cells = [f"{times[n]:7.3f} ({fla_ms / times[n]:4.2f}x)" if n in times else f"{'-':>15s}" for n in fns]
-        log("  " + f"{T:7d} {Hv:3d} {fla_ms:7.3f} | " + " | ".join(cells))
+                for z in sizes:
+                    Hv, times = z["Hv"], z["times"]
+                    try:
+                        t, key = _gdnvar_tiling(*spec[name], Hv)
+                    except ValueError as e:
+                        RESULTS["errors"].append(f"gdnvar {name}: {e!r}")
+                        log(f"  {name}: {e!r}")
+                        times[name] = "x"
+                        continue
+                    if key in z["done"]:  # the same program as an earlier column
+                        times[name] = times.get(z["done"][key])
+                        continue
+                    z["done"][key] = name
+                    f = jax.jit(lambda *a, t=t: pallas_gpu.chunk_gated_delta_rule(*a, tiling=t))
+                    try:
+                        o, s = f(*z["inp"])
+                        if z["base"] is None:
+                            z["base"] = (o, s)  # base: checked against fp32 above
+                        else:
+                            o_b, s_b = z["base"]
+                            ok = check(f"gdnvar {name} T{T} Hv{Hv} o vs base", rel(o, o_b), 1e-2)
+                            ok &= check(f"gdnvar {name} T{T} Hv{Hv} final state vs base", rel(s, s_b), 1e-2)
+                            if not ok:
+                                times[name] = "x"
+                                continue
+                        del o, s
+                        times[name] = bench(f, *z["inp"], reps=5)[0]
+                    except Exception as e:
+                        RESULTS["errors"].append(f"gdnvar {name} T{T} Hv{Hv}: {e!r}")
+                        log(f"  {name} T{T} Hv{Hv} failed: {str(e)[:300]!r}")
+                        times[name] = "x"
+                        continue
+                    row("gdnvr", f"T={T} Hv={Hv} {name}", times[name], speedup_vs_fla=z["fla_ms"] / times[name],
+                        bv=key[2], stages=key[3], at_s=round(elapsed()))
+            del sizes
+            if not ti:  # variants by their mean time relative to base over the head counts
+                base = [tm["base"] for _, _, _, tm in table if isinstance(tm.get("base"), float)]
+                for n in names:
+                    got = [tm[n] for _, _, _, tm in table if isinstance(tm.get(n), float)]
+                    if base and len(got) == len(base):
+                        screen.append((n, statistics.mean(x / b for x, b in zip(got, base))))
+                _gdnvar_table(f"T={T}", names, table)
+                log(f"  time / base at T={T}: " + ", ".join(f"{n} {r:.3f}" for n, r in screen))
+    finally:
+        _gdnvar_table("all sizes", names, table)
+        log(f"  (gdnvar {elapsed():.0f} s)")
 
 
 def section_tune64(args):

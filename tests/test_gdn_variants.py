@@ -4,13 +4,15 @@ Every variant runs through the Pallas interpreter (outputs start as NaN, so an u
 and is compared with the token-by-token jnp recurrence in fp32: relative L2 error <= 1e-5 (fp32
 arithmetic throughout; measured ~4e-7). Stage 1's inverse is checked on its own against
 jnp.linalg.inv, and every variant is lowered to Triton IR for an H100 (catches Triton-only restrictions
-that the interpreter does not).
+that the interpreter does not), the fused pass at the pipeline stages `_fused_stages` picks; that
+choice's shared memory estimate is held against Triton's own figures.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,41 @@ def test_stage1_inverse_and_wy(inverse):
     assert _rel(w, w0) <= RTOL and _rel(u, u0) <= RTOL
 
 
+# Shared memory (bytes) Triton 3.8 allocated for `_fused_kernel` compiled for sm_90 (num_warps 4 and 8 gave
+# the same), dk = dv = 128: (itemsize, from_t, bv, stages) -> bytes. XLA's Triton on the H200 asked 512
+# bytes more for three of these (272896, 241152, 265728: docs/runs/2026-11-30-gdnvar.txt).
+TRITON_SMEM = {
+    (2, False, 32, 2): 91136, (2, False, 32, 3): 145408, (2, False, 64, 2): 99328, (2, False, 64, 3): 157696,
+    (2, True, 32, 2): 75264, (2, True, 32, 3): 121856, (2, True, 64, 2): 83456, (2, True, 64, 3): 134144,
+    (4, False, 32, 2): 164864, (4, False, 32, 3): 272384, (4, False, 64, 2): 181248, (4, False, 64, 3): 296960,
+    (4, True, 32, 2): 148992, (4, True, 32, 3): 240640, (4, True, 64, 2): 165376, (4, True, 64, 3): 265216,
+}
+
+
+@pytest.mark.parametrize("key", sorted(TRITON_SMEM))
+def test_fused_smem_estimate_bounds_triton(key):
+    itemsize, from_t, bv, stages = key
+    est = pallas_gpu._fused_smem_bytes(stages, from_t=from_t, dk=128, bv=bv, itemsize=itemsize)
+    assert TRITON_SMEM[key] + 512 <= est <= TRITON_SMEM[key] + 40 * 1024
+
+
+def test_fused_stages_choice():
+    pick = lambda itemsize, from_t, bv, **kw: pallas_gpu._fused_stages(
+        pallas_gpu.Tiling(**kw), from_t=from_t, dk=128, bv=bv, itemsize=itemsize)
+    for from_t in (False, True):
+        for bv in (32, 64):
+            assert pick(2, from_t, bv) == 3  # bf16: what the state pass uses
+            assert pick(4, from_t, bv) == 2  # fp32: 3 stages overflowed on the H200
+            # every automatic choice fits what the H200 offers, with XLA's 512 bytes on top
+            for itemsize in (2, 4):
+                s = pick(itemsize, from_t, bv)
+                assert TRITON_SMEM[(itemsize, from_t, bv, s)] + 512 <= pallas_gpu._SMEM_LIMIT
+            assert pick(2, from_t, bv, stages_state=2) == 2
+            assert pick(4, from_t, bv, stages_fused=3) == 3  # explicit: used as given
+    with pytest.raises(ValueError, match="stages_fused=0"):
+        pallas_gpu.Tiling(stages_fused=0)
+
+
 def test_tiling_rejects_unknown_variants():
     with pytest.raises(ValueError, match="inverse='lu'"):
         pallas_gpu.Tiling(inverse="lu")
@@ -94,8 +131,18 @@ def test_variants_lower_to_triton(dtype, T, dv):
     B, Hk, G, dk = 1, 2, 2, 128
     args = (S((B, T, Hk, dk), dtype), S((B, T, Hk, dk), dtype), S((B, T, Hk * G, dv), dtype),
             S((B, T, Hk * G), jnp.float32), S((B, T, Hk * G), jnp.float32), S((B, Hk * G, dk, dv), jnp.float32))
+    itemsize = 4 if dtype == jnp.float32 else 2
     for inverse, fuse in VARIANTS:
-        for bv in (32, 64):
-            tiling = pallas_gpu.Tiling(inverse=inverse, fuse=fuse, bv_state=bv)
+        for bv, stages_fused in ((32, None), (64, None), (64, 1), (32, 2)):
+            if fuse == "none" and stages_fused is not None:
+                continue
+            tiling = pallas_gpu.Tiling(inverse=inverse, fuse=fuse, bv_state=bv, stages_fused=stages_fused)
             fn = functools.partial(pallas_gpu.chunk_gated_delta_rule, tiling=tiling)
-            assert _lower_for_h100(fn, *args).count("__gpu$xla.gpu.triton") == (3 if fuse == "none" else 2)
+            text = _lower_for_h100(fn, *args)
+            assert text.count("__gpu$xla.gpu.triton") == (3 if fuse == "none" else 2)
+            if fuse != "none":  # the fused pass runs at the chosen stages (the stage 1 kernel at 1)
+                bv_eff = min(bv, pallas_gpu._pow2_at_least_16(dv))
+                want = stages_fused or pallas_gpu._fused_stages(
+                    tiling, from_t=fuse == "all", dk=dk, bv=bv_eff, itemsize=itemsize)
+                fused = text[text.index('name = "gdn_state_output"'):]
+                assert re.search(r"num_stages = (\d+) : i32", fused).group(1) == str(want)

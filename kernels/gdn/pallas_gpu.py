@@ -80,6 +80,9 @@ class Tiling:
     warps_state: int = 4
     warps_out: int = 4
     stages_state: int = 3  # H100, T=32k, Hv=32: 2.17 ms vs 2.50 (2 stages), 2.80 (1)
+    # Pipeline stages of the fused sequential pass (fuse="output"/"all"): None takes the most, up to
+    # stages_state, that fit in shared memory by `_fused_stages`; a number is used as given.
+    stages_fused: int | None = None
     inverse: str = "doubling"  # (I + A)^-1 in stage 1: "doubling" (64 x 64 products) or "blocked" (16 x 16)
     fuse: str = "none"  # "none" (3 stages), "output" (state + output fused), "all" (also w, u from T)
 
@@ -88,6 +91,8 @@ class Tiling:
             raise ValueError(f"Tiling.inverse={self.inverse!r}; expected one of {_INVERSES}")
         if self.fuse not in _FUSES:
             raise ValueError(f"Tiling.fuse={self.fuse!r}; expected one of {_FUSES}")
+        if self.stages_fused is not None and self.stages_fused < 1:
+            raise ValueError(f"Tiling.stages_fused={self.stages_fused!r}; expected None or >= 1")
 
 
 def _is_pow2(n: int) -> bool:
@@ -418,6 +423,45 @@ def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
     sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
 
 
+# Shared memory a Triton program may use on Hopper (H100 / H200: 227 KiB opt-in per block), less a reserve
+# for what the estimate leaves out (barriers, alignment; XLA's Triton asked 512 bytes more than Triton 3.8
+# for the same kernels).
+_SMEM_LIMIT = 227 * 1024
+_SMEM_RESERVE = 4 * 1024
+
+
+def _fused_smem_bytes(stages: int, *, from_t: bool, dk: int, bv: int, itemsize: int) -> int:
+    """Upper estimate of the shared memory Triton gives `_fused_kernel` at `stages` pipeline stages.
+
+    Triton's software pipeliner keeps stages - 1 copies of each chunk step's block loads in flight in
+    shared memory: q, k [L, dk] and gc [L] (fp32), plus w [L, dk], u [L, bv] (fuse="output") or
+    T [L, L], v [L, bv], beta [L] (fuse="all"), in the compute dtype. On top come the dot operands made in
+    registers (S, q exp(gc), the masked q k^T, v_new, the decayed k), which go through shared memory on
+    their way to the matrix units; Triton reuses that space between dots, so it is bounded by the largest
+    pair of operands of one dot, plus a conversion of the fp32 state [dk, bv]. Checked against Triton
+    3.8 compiling these kernels for sm_90 at dk = 128, bv 32 / 64, bf16 / fp32, 1-3 stages
+    (tests/test_gdn_variants.py keeps the figures): the estimate is 11-32 KB above Triton's count from 2
+    stages up. At 1 stage it is not an upper bound (no pipeline; Triton stages the loaded operands
+    instead), but 1 stage is the floor and fits wherever the kernel does."""
+    L = CHUNK
+    loads = itemsize * L * (2 * dk + bv + (L if from_t else dk)) + 4 * L * (2 if from_t else 1)
+    staging = itemsize * max(2 * L * dk, L * dk + dk * bv, L * L + L * bv) + 4 * dk * bv
+    return (max(stages, 1) - 1) * loads + staging
+
+
+def _fused_stages(tiling: Tiling, *, from_t: bool, dk: int, bv: int, itemsize: int) -> int:
+    """num_stages of the fused pass: tiling.stages_fused when given, else the largest of
+    tiling.stages_state, ..., 2 whose `_fused_smem_bytes` fits in _SMEM_LIMIT - _SMEM_RESERVE, else 1.
+    dk = 128, bf16: 3 stages at bv 32 and 64. fp32: 2 (3 stages asked 241-297 KB of the 227 KB on an
+    H200, docs/runs/2026-11-30-gdnvar.txt)."""
+    if tiling.stages_fused is not None:
+        return tiling.stages_fused
+    for stages in range(tiling.stages_state, 1, -1):
+        if _fused_smem_bytes(stages, from_t=from_t, dk=dk, bv=bv, itemsize=itemsize) <= _SMEM_LIMIT - _SMEM_RESERVE:
+            return stages
+    return 1
+
+
 def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec, tiling, interpret):
     """Sequential state pass that also emits o. `first` is (w, u) from `_wy`, or T from `_wy_t` (then v
     [B, Tp, Hv, dv] and beta [B, Hv, Tp] are needed). Returns (o [B, Tp, Hv, dv], final state f32)."""
@@ -441,6 +485,7 @@ def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec,
             pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
         ]
     kern = functools.partial(_fused_kernel, num_chunks=N, scale=scale, prec=prec, from_t=from_t)
+    stages = _fused_stages(tiling, from_t=from_t, dk=dk, bv=bv, itemsize=jnp.dtype(q.dtype).itemsize)
     return pl.pallas_call(
         kern,
         grid=(B, Hv, dv // bv),
@@ -455,7 +500,7 @@ def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec,
             pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype), jax.ShapeDtypeStruct((B, Hv, dk, dv), f32)],
-        compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=tiling.stages_state),
+        compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=stages),
         interpret=interpret,
         name="gdn_state_output",
     )(*head_in, q, k, gc, s0)
