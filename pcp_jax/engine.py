@@ -9,14 +9,14 @@ range of prompt lengths needs, ahead of time. The KV cache of full-attention lay
 left it: each rank holds its own tokens' K/V plus a share of the decode slots (new tokens go round-robin:
 decode step j writes on rank j mod C, at slot prefill_slots + j div C). GDN conv and recurrent states are
 small and replicated over `cp` (split by heads over `tp`, like the KV cache). No rank ever holds the whole KV
-cache. `generate` samples on the device and runs its decode steps in chunks of CHUNK_STEPS steps per program
-call (`Model._chunk_fn`), so the host waits once per chunk, not once per token.
+cache.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable, Sequence
@@ -42,9 +42,6 @@ from pcp_jax.parallel.zigzag import local_positions, rank_index, token_permutati
 from pcp_jax.sharding import CACHES, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS
 from pcp_jax.sharding import CP_AXIS as AXIS
 from pcp_jax.sharding import TP_AXIS
-
-
-CHUNK_STEPS = (16, 4)  # decode steps per device-loop call in `generate` (each length is one program)
 
 
 def make_mesh(cp: int, tp: int = 1, devices=None) -> Mesh:
@@ -418,16 +415,6 @@ class Model:
         return self._prefix_cache.stats()
 
     # Decode ---------------------------------------------------------------------------------------
-    def _decode_shard(self, model, tokens, positions, owner, slot, caches, kpos, attention: str, scan: bool):
-        """One decode step on this shard (inside the shard_map): tokens [B] at positions [B], the new K/V on
-        rank `owner` at `slot`. Returns (logits [B, V] fp32, caches, kpos)."""
-        rank = rank_index(AXIS, self.cp)
-        ctx = ShardContext(AXIS, self.cp, "sequence", self.kernels, rank, positions[:, None], positions + 1,
-                           *self._tp_fields())
-        kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
-        logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan, attention=attention)
-        return logits, caches, kpos
-
     def _decode_fn(self, batch: int, slots: int, attention: str):
         """One decode step: (state, packed, caches, kpos) -> (logits [B, V] fp32, caches, kpos), caches and
         kpos donated. packed [2B + 2] int32 = tokens [B], positions [B], owner rank, slot: one host-to-device
@@ -435,56 +422,22 @@ class Model:
         key = ("decode", batch, slots, attention)
         if key in self._fns:
             return self._fns[key]
-        graphdef, scan = self._graphdef, self.scan_decode
+        C, graphdef, kernels = self.cp, self._graphdef, self.kernels
+        scan = self.scan_decode
 
         def per_shard(state, packed, caches, kpos):
             tokens, positions, owner, slot = packed[:batch], packed[batch:2 * batch], packed[2 * batch], packed[-1]
-            return self._decode_shard(nnx.merge(graphdef, state), tokens, positions, owner, slot, caches, kpos,
-                                      attention, scan)
+            model = nnx.merge(graphdef, state)
+            rank = rank_index(AXIS, C)
+            ctx = ShardContext(AXIS, C, "sequence", kernels, rank, positions[:, None], positions + 1, *self._tp_fields())
+            kpos = _write_slot(kpos, positions[:, None], ctx, (owner, slot))
+            logits, caches = model.decode(tokens[:, None], ctx, caches, kpos, (owner, slot), scan=scan,
+                                          attention=attention)
+            return logits, caches, kpos
 
         fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=(self._state_specs, REPLICATED, CACHES, KV_SLOTS),
                            out_specs=(REPLICATED, CACHES, KV_SLOTS), check_vma=False)
         self._fns[key] = jax.jit(fn, donate_argnums=(2, 3))
-        return self._fns[key]
-
-    def _chunk_fn(self, batch: int, slots: int, attention: str, steps: int, greedy: bool):
-        """`steps` decode steps in one program, each feeding the token the previous one sampled:
-        (state, carry, ints, floats, key_data, eos_mask, caches, kpos) -> (tokens [B, steps], logits, carry,
-        caches, kpos), caches and kpos donated. carry = (tokens [B] int32 to feed, done [B] bool, step ()
-        int32: the decode step of the first of them), returned advanced by `steps` so that the next chunk
-        starts from the device's values. ints [B + 3] = prompt lengths [B], prefill slots, fill token,
-        top_k; floats [2] = temperature, top_p; key_data: the sampling key's data; eos_mask [V] bool.
-        Step s writes rank s mod C at slot prefill_slots + s div C, as `decode_step` does, and samples token
-        s + 1 exactly as `_sample` does (the same function, folding s + 1 into the key); rows that are done
-        take the fill token. logits: the last step's [B, V] fp32."""
-        key = ("chunk", batch, slots, attention, steps, greedy)
-        if key in self._fns:
-            return self._fns[key]
-        C, graphdef, scan = self.cp, self._graphdef, self.scan_decode
-
-        def per_shard(state, carry, ints, floats, key_data, eos_mask, caches, kpos):
-            lengths, prefill_slots, fill, top_k = ints[:batch], ints[batch], ints[batch + 1], ints[batch + 2]
-            rng = jax.random.wrap_key_data(key_data)
-
-            def one_step(loop, _):
-                (tokens, done, step), _, caches, kpos = loop
-                logits, caches, kpos = self._decode_shard(nnx.merge(graphdef, state), tokens, lengths + step,
-                                                          step % C, prefill_slots + step // C, caches, kpos,
-                                                          attention, scan)
-                nxt = _sample_tokens(logits, rng, step + 1, floats[0], top_k, floats[1], greedy=greedy)
-                nxt = jnp.where(done, fill, nxt)
-                return ((nxt, done | eos_mask[nxt], step + 1), logits, caches, kpos), nxt
-
-            logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
-            (carry, logits, caches, kpos), tokens = jax.lax.scan(one_step, (carry, logits, caches, kpos), length=steps)
-            return tokens.T, logits, carry, caches, kpos
-
-        carry_specs = (REPLICATED, REPLICATED, REPLICATED)
-        fn = jax.shard_map(per_shard, mesh=self.mesh,
-                           in_specs=(self._state_specs, carry_specs, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
-                                     CACHES, KV_SLOTS),
-                           out_specs=(REPLICATED, REPLICATED, carry_specs, CACHES, KV_SLOTS), check_vma=False)
-        self._fns[key] = jax.jit(fn, donate_argnums=(6, 7))
         return self._fns[key]
 
     def decode_step(self, state: PrefillResult, tokens, step: int) -> jax.Array:
@@ -515,23 +468,14 @@ class Model:
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
                  callback: Callable[[int, np.ndarray], None] | None = None,
-                 chunk_size: int | str | None = "auto", steps_per_call: int = CHUNK_STEPS[0]) -> np.ndarray:
+                 chunk_size: int | str | None = "auto") -> np.ndarray:
         """Prompts + `max_new_tokens` tokens: np.ndarray [B, N + max_new_tokens] int32 (greedy at
         temperature 0). Rows of a ragged batch are right-aligned to their own length in the output:
         row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
-        EOS are padded with EOS; generation stops once every row has. `chunk_size` feeds the prompt in
-        pieces (see `prefill`).
-
-        Decode runs on the device in chunks: one program call samples and feeds back up to `steps_per_call`
-        tokens (chunks of CHUNK_STEPS steps, largest first, that fit; fewer steps than the smallest go one
-        program call per token), so the host waits once per chunk instead of once per token. The tokens are
-        the same as with `steps_per_call=1` (one decode program and one sampling program per token, the
-        token through the host). `callback(step, tokens[B])` sees every new token in order, but in bursts:
-        a chunk's tokens once the chunk has run; after the token that finishes the last row, no more."""
+        EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made.
+        `chunk_size` feeds the prompt in pieces (see `prefill`)."""
         if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if not (_is_int(steps_per_call) and steps_per_call >= 1):
-            raise ValueError(f"steps_per_call={steps_per_call!r} must be a positive integer")
         temperature, top_k, top_p, seed = _sampling_args(temperature, top_k, top_p, seed, self.cfg.vocab_size)
         ids, lengths = self._as_batch(input_ids)
         eos = _eos_set(eos_token_id, self.cfg.vocab_size)
@@ -545,87 +489,35 @@ class Model:
             return out
         state = self.prefill([ids[b, : lengths[b]] for b in range(B)], max_new_tokens=max_new_tokens,
                              chunk_size=chunk_size)
-        sampler = self._sampler(state, temperature, top_k, top_p, seed, eos)
         done = np.zeros(B, bool)
-
-        def emit(step: int, tok: np.ndarray) -> bool:
-            """Record token `step`; True when generation is over."""
-            nonlocal done
+        logits = state.logits
+        key = jax.random.key(np.uint32(seed))
+        settings = tuple(self._place(np.asarray(v, t), REPLICATED) for v, t in
+                         ((temperature, np.float32), (top_k or self.cfg.vocab_size, np.int32), (top_p or 1.0, np.float32)))
+        for step in range(max_new_tokens):
+            tok = to_host(_sample(logits, key, self._place(np.int32(step), REPLICATED), *settings,
+                                  greedy=temperature == 0.0))
+            tok = np.where(done, fill, tok)
             out[np.arange(B), lengths + step] = tok
             if callback is not None:
                 callback(step, tok.copy())
-            done = done | sampler.is_eos(tok)
-            return bool(done.all()) or step + 1 == max_new_tokens
-
-        first = to_host(_sample(state.logits, sampler.key, self._place(np.int32(0), REPLICATED), *sampler.settings,
-                                greedy=sampler.greedy))
-        if emit(0, first):
-            return out
-        for step, tokens in self._decode_tokens(state, first, max_new_tokens - 1, sampler, steps_per_call):
-            for i in range(tokens.shape[1]):
-                if emit(step + i, tokens[:, i]):
-                    return out
+            done |= np.isin(tok, list(eos)) if eos else False
+            if done.all() or step + 1 == max_new_tokens:
+                break
+            logits = self.decode_step(state, tok, step)
         return out
-
-    def _sampler(self, state: PrefillResult, temperature: float, top_k: int | None, top_p: float | None, seed: int,
-                 eos: set[int]) -> "_Sampler":
-        """The sampling settings of one generation, placed on the mesh once (arguments already checked)."""
-        fill = min(eos) if eos else 0
-        key = jax.random.key(np.uint32(seed))
-        top_k = top_k or self.cfg.vocab_size
-        top_p = 1.0 if top_p is None else top_p
-        mask = np.zeros(self.cfg.vocab_size, bool)
-        mask[list(eos)] = True
-        ints = np.concatenate([state.lengths, [state.prefill_slots, fill, top_k]]).astype(np.int32)
-        place = lambda v: self._place(v, REPLICATED)
-        return _Sampler(greedy=temperature == 0.0, fill=fill, eos_mask=mask, key=key,
-                        settings=(place(np.float32(temperature)), place(np.int32(top_k)), place(np.float32(top_p))),
-                        chunk_args=(place(ints), place(np.array([temperature, top_p], np.float32)),
-                                    place(np.asarray(jax.random.key_data(key))), place(mask)))
-
-    def _decode_tokens(self, state: PrefillResult, first: np.ndarray, steps: int, sampler: "_Sampler",
-                       steps_per_call: int):
-        """Run decode steps 0..steps-1 from `state` (updated in place), feeding `first` [B] (token 0) to
-        step 0 and each sampled token to the next step. Yields (index of the chunk's first token, tokens
-        [B, n] on the host) per chunk: tokens 1..steps in order. A chunk is dispatched only when the previous
-        one has been consumed, so a caller that stops early stops the device too."""
-        C, B = self.cp, len(state.lengths)
-        done = sampler.is_eos(first)
-        tok, step, carry = np.asarray(first, np.int32), 0, None
-        for n in _chunk_plan(steps, steps_per_call):
-            if state.prefill_slots + (step + n - 1) // C >= state.slots_per_rank:
-                raise ValueError(f"decode step {step + n - 1} exceeds the cache: prefill reserved room for "
-                                 f"{(state.slots_per_rank - state.prefill_slots) * C} new tokens (max_new_tokens)")
-            if n == 1:  # the per-token path: one decode program, the token through the host, one sampling program
-                logits = self.decode_step(state, tok, step)
-                new = to_host(_sample(logits, sampler.key, self._place(np.int32(step + 1), REPLICATED),
-                                      *sampler.settings, greedy=sampler.greedy))
-                new = np.where(done, sampler.fill, new)[:, None]
-                carry = None
-            else:
-                if carry is None:  # after the per-token path (or at the start): from the host's values
-                    carry = tuple(self._place(v, REPLICATED) for v in (tok, done, np.int32(step)))
-                fn = self._chunk_fn(B, state.slots_per_rank, self.decode_attention, n, sampler.greedy)
-                tokens, state.logits, carry, state.caches, state.kpos = fn(
-                    self._state, carry, *sampler.chunk_args, state.caches, state.kpos)
-                new = to_host(tokens)
-            tok = new[:, -1]
-            done = done | sampler.is_eos(new).any(axis=1)
-            yield step + 1, new
-            step += n
 
     # Warm start -----------------------------------------------------------------------------------
     def warmup(self, max_tokens: int, *, batch_sizes: Sequence[int] = (1,), max_new_tokens: int = 256,
-               chunk_size: int | str | None = "auto", logits: bool = True, sampling: bool = False,
-               workers: int | None = None, progress: bool = True) -> dict:
+               chunk_size: int | str | None = "auto", logits: bool = True, workers: int | None = None,
+               progress: bool = True) -> dict:
         """Compile every program that prompts of 1..`max_tokens` tokens need at these batch sizes: prefill
         pieces (with `logits`, also the full-sequence scoring variants), cache allocation, decode for up
-        to `max_new_tokens` new tokens (the single step and `generate`'s decode loops, greedy, and with
-        `sampling` also those of temperature > 0), sampling, and the prefix cache's block copies if it is
-        on. Afterwards `prefill`, `generate` (max_new_tokens <= this one; temperature 0 unless `sampling`)
-        and `logits` of any such length compile nothing new: every prefill reserves at least this decode
-        room from now on, so all requests share the warmed capacities. Programs are traced one by one and
-        compiled by `workers` threads (XLA compiles without the GIL). Enable the prefix cache first if it is to be used: with it on,
+        to `max_new_tokens` new tokens, sampling, and the prefix cache's block copies if it is on.
+        Afterwards `prefill`, `generate` (max_new_tokens <= this one) and `logits` of any such length
+        compile nothing new: every prefill reserves at least this decode room from now on, so all requests
+        share the warmed capacities. Programs are traced one by one and compiled by `workers` threads (XLA
+        compiles without the GIL). Enable the prefix cache first if it is to be used: with it on,
         `chunk_size="auto"` cuts long prompts into fixed pieces, which are other programs. Returns
         {"programs", "seconds"}."""
         import time
@@ -643,7 +535,7 @@ class Model:
         wanted = {}
         for B in sizes:
             for pieces in self._all_pieces(int(max_tokens), chunk_size)[::-1]:  # the largest programs first
-                for key, args in self._programs_for(B, pieces, max_new_tokens, logits, sampling):
+                for key, args in self._programs_for(B, pieces, max_new_tokens, logits):
                     wanted.setdefault(key, args)
         todo = [(k, a) for k, a in wanted.items() if not isinstance(self._fns.get(k), jax.stages.Compiled)]
         bar = tqdm(total=len(todo), desc="pcp_jax warmup", unit="program", disable=not progress)
@@ -657,9 +549,7 @@ class Model:
                 bar.update(1)
         bar.close()
         for B in sizes:  # the small eager programs around them (sampling, key setup, result copies)
-            for temperature in (0.0, 1.0) if sampling else (0.0,):
-                self.generate(np.zeros((B, 1), np.int32), min(2, max_new_tokens) or 0, chunk_size=chunk_size,
-                              temperature=temperature)
+            self.generate(np.zeros((B, 1), np.int32), min(2, max_new_tokens) or 0, chunk_size=chunk_size)
             if logits:
                 self.logits(np.zeros((B, 1), np.int32), chunk_size=chunk_size)
         return {"programs": len(todo), "seconds": time.perf_counter() - t0}
@@ -670,7 +560,7 @@ class Model:
         return sorted({self._pieces(n, chunk_size) for n in range(1, max_tokens + 1)},
                       key=lambda p: (p.n_pad, p.count))
 
-    def _programs_for(self, batch: int, pieces: Pieces, max_new_tokens: int, logits: bool, sampling: bool = False):
+    def _programs_for(self, batch: int, pieces: Pieces, max_new_tokens: int, logits: bool):
         """(key, abstract arguments) of every program a prompt batch fed as `pieces` runs."""
         C, cfg = self.cp, self.cfg
         _, slots = self._slots(pieces, max_new_tokens)
@@ -689,18 +579,6 @@ class Model:
         if max_new_tokens:
             packed = spec((2 * batch + 2,), jnp.int32, REPLICATED)
             out.append((("decode", batch, slots, self.decode_attention), (self._state, packed, caches, kpos)))
-        # generate's decode loops: max_new_tokens - 1 steps (its first token comes from prefill's logits)
-        chunks = sorted({n for n in _chunk_plan(max(max_new_tokens - 1, 0), CHUNK_STEPS[0]) if n > 1})
-        if chunks:
-            replicated = lambda shape, dtype: spec(shape, dtype, REPLICATED)
-            key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-            args = (self._state,
-                    (replicated((batch,), jnp.int32), replicated((batch,), jnp.bool_), scalar),
-                    replicated((batch + 3,), jnp.int32), replicated((2,), jnp.float32),
-                    replicated(key_data.shape, key_data.dtype), replicated((cfg.vocab_size,), jnp.bool_), caches, kpos)
-            for n in chunks:
-                for greedy in (True, False) if sampling else (True,):
-                    out.append((("chunk", batch, slots, self.decode_attention, n, greedy), args))
         if self._prefix_cache is not None:
             block = pieces.n_pad // C
             kv_block = spec(caches["k"].shape[:2] + (C * block,) + caches["k"].shape[3:], self.dtype, STACKED_KV)
@@ -714,8 +592,7 @@ class Model:
         """The jitted function behind a program key (built if needed)."""
         kind, *rest = key
         build = {"alloc": self._alloc_fn, "prefill": self._prefill_fn, "decode": self._decode_fn,
-                 "chunk": self._chunk_fn, "slot_block": self._slot_block_fn,
-                 "slot_restore": self._slot_restore_fn}[kind]
+                 "slot_block": self._slot_block_fn, "slot_restore": self._slot_restore_fn}[kind]
         return build(*rest)
 
 
@@ -771,36 +648,11 @@ def _eos_set(eos, vocab: int) -> set[int]:
     return out
 
 
-def _chunk_plan(steps: int, steps_per_call: int) -> list[int]:
-    """Lengths of the calls that run `steps` decode steps: chunks of CHUNK_STEPS (at most `steps_per_call`
-    long), largest first, then single steps. E.g. 39 steps: 16, 16, 4, 1, 1, 1."""
-    plan = []
-    for n in CHUNK_STEPS:
-        if n <= steps_per_call:
-            plan += [n] * ((steps - sum(plan)) // n)
-    return plan + [1] * (steps - sum(plan))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Sampler:
-    """One generation's sampling settings: `key` and `settings` (temperature, top_k, top_p placed) for
-    `_sample`; `chunk_args` the same, packed for `Model._chunk_fn`; `eos_mask` [V] bool on the host."""
-    greedy: bool
-    fill: int
-    eos_mask: np.ndarray
-    key: jax.Array
-    settings: tuple
-    chunk_args: tuple
-
-    def is_eos(self, tokens: np.ndarray) -> np.ndarray:
-        return self.eos_mask[np.asarray(tokens)]
-
-
-def _sample_tokens(logits, key, step, temperature, top_k, top_p, *, greedy: bool):
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _sample(logits, key, step, temperature, top_k, top_p, *, greedy: bool):
     """Next tokens [B] from logits [B, V] fp32: argmax when greedy, else sampling at `temperature`
-    within the `top_k` most likely tokens and the smallest set whose mass reaches `top_p`, with the key
-    `fold_in(key, step)`. Every setting is traced, so one program serves every temperature, top_k and
-    top_p. Jitted alone as `_sample`; inlined in the decode loop (`Model._chunk_fn`)."""
+    within the `top_k` most likely tokens and the smallest set whose mass reaches `top_p`. Every setting
+    is traced, so one program serves every temperature, top_k and top_p."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -813,6 +665,3 @@ def _sample_tokens(logits, key, step, temperature, top_k, top_p, *, greedy: bool
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(jnp.int32)
-
-
-_sample = jax.jit(_sample_tokens, static_argnames=("greedy",))

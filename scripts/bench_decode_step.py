@@ -2,8 +2,7 @@
 each decode variant on the same weights and cache (issue 17).
 
   python scripts/bench_decode_step.py --preset qwen3.5-9b --context 8192,32768,131072 --steps 32 \
-      [--variants dense,split,split-sum] [--loop-variants dense] [--fill prefill|random] [--xla-flags "..."]
-      [--profile DIR]
+      [--variants dense,split,split-sum] [--fill prefill|random] [--xla-flags "..."] [--profile DIR]
   (CPU smoke test: --preset demo --context 256,1024 --steps 4 --copy-mib 32)
 
 Per context: the cache is filled (`prefill`: a random prompt through Model.prefill; `random`: the same
@@ -20,15 +19,6 @@ Timing, median over --steps steps:
   step       one `decode_step` + block_until_ready per step (what `pcp-jax bench --decode` reports);
   pipelined  --steps steps dispatched back to back, one wait at the end, divided by --steps: the device
              time when the host keeps ahead (step - pipelined = host time per step the device waits on).
-For each of --loop-variants (default dense; "" for none), generation as `Model.generate` runs it after
-prefill (greedy, per token, from the same cache):
-  gen step   the per-token path (`generate(..., steps_per_call=1)`): decode step, sampling program, token
-             to the host, next step; median of 15 tokens;
-  gen loop   the device loop (`generate`'s default): chunks of 16 decode steps with sampling and feedback
-             in one program, the tokens to the host after each chunk; wall time of max(16, --steps rounded
-             up to 16) tokens after a first, compiling chunk, per token.
-The loop's first 16 greedy tokens must equal the per-token path's (they are the same computation; a
-mismatch is a FAIL like a logits one).
 Floor = bytes one step must move / the HBM bandwidth measured here (a jitted x + 1 over --copy-mib MiB,
 read + write). Bytes: every parameter of the model once (summed over the model's arrays; of an untied
 embedding table only the one row looked up), the K/V cache up to the context (read), GDN recurrent and
@@ -54,7 +44,6 @@ import numpy as np
 
 METHODS = ("dense", "split", "split-sum")
 TOLERANCE = 3e-2
-LOOP_CHUNK = 16  # decode steps per call of generate's device loop (pcp_jax.engine.CHUNK_STEPS[0])
 
 
 def parse_args(argv=None):
@@ -64,7 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--context", default="8192,32768,131072", help="comma-separated context lengths")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--variants", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
-    p.add_argument("--loop-variants", default="dense", help="variants whose generate loop is timed")
     p.add_argument("--fill", choices=["prefill", "random"], default="prefill")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
     p.add_argument("--copy-mib", type=int, default=4096, help="size of the bandwidth probe")
@@ -74,14 +62,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.context = [int(c) for c in args.context.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]
-    args.loop_variants = [v for v in args.loop_variants.split(",") if v]
-    bad = [v for v in args.variants + args.loop_variants if v not in METHODS]
+    bad = [v for v in args.variants if v not in METHODS]
     if bad or args.steps < 1 or min(args.context) < 1:
         p.error(f"bad --variants {bad} (choose from {METHODS}), --steps or --context")
     if "dense" not in args.variants:
         args.variants.insert(0, "dense")  # the reference every variant is checked against
-    args.variants += [v for v in args.loop_variants if v not in args.variants]
-    args.loop_tokens = max(LOOP_CHUNK, -(-args.steps // LOOP_CHUNK) * LOOP_CHUNK)
     return args
 
 
@@ -138,9 +123,7 @@ def random_state(model, n: int, new: int):
         idx = jnp.arange(kpos.shape[1], dtype=jnp.int32)[None]
         return out, jnp.where(idx < n, idx, -1)
 
-    # keep the mesh shardings alloc gave: a decode program called with other ones compiles again
-    shardings = jax.tree.map(lambda a: a.sharding, (caches, kpos))
-    caches, kpos = jax.jit(fill, donate_argnums=(0, 1), out_shardings=shardings)(caches, kpos)
+    caches, kpos = jax.jit(fill, donate_argnums=(0, 1))(caches, kpos)
     logits = jnp.zeros((1, model.cfg.vocab_size), jnp.float32)
     return PrefillResult(logits, np.array([n], np.int32), caches, kpos, slots, prefill_slots)
 
@@ -167,28 +150,6 @@ def time_variant(model, base, tok, steps: int):
         out = model.decode_step(st, tok, step)
     out.block_until_ready()
     return logits0, times, (time.perf_counter() - t0) / steps, st
-
-
-def time_generate(model, base, tok, loop_tokens: int):
-    """Greedy generation from `base` as Model.generate runs it: (per-token path: tokens [1, 16] and median
-    seconds per token of the last 15; device loop: tokens [1, 16 + loop_tokens] and seconds per token of
-    the last loop_tokens, the first chunk compiling)."""
-    st = copy_state(base)
-    sampler = model._sampler(st, 0.0, None, None, 0, set())
-    step_tokens, step_times, t0 = [], [], time.perf_counter()
-    for _, new in model._decode_tokens(st, tok, LOOP_CHUNK, sampler, 1):
-        step_tokens.append(new)
-        step_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-    del st
-    st = copy_state(base)
-    chunks = model._decode_tokens(st, tok, LOOP_CHUNK + loop_tokens, sampler, LOOP_CHUNK)
-    loop_tokens_out = [next(chunks)[1]]  # compiles
-    t0 = time.perf_counter()
-    loop_tokens_out += [new for _, new in chunks]
-    loop = (time.perf_counter() - t0) / loop_tokens
-    return (np.concatenate(step_tokens, 1), statistics.median(step_times[1:]), np.concatenate(loop_tokens_out, 1),
-            loop)
 
 
 def _kernel_group(name: str) -> str:
@@ -245,7 +206,7 @@ def main(argv=None) -> int:
     model = Model(cfg, RandomSource(cfg, seed=0), cp=1, dtype="bfloat16")
     print(f"model built in {time.perf_counter() - t0:.1f} s; weights read per step "
           f"{weight_bytes(model) / 1e9:.2f} GB", flush=True)
-    new = max(2 * args.steps + 2, LOOP_CHUNK + args.loop_tokens) + (args.profile_steps if args.profile else 0)
+    new = 2 * args.steps + 2 + (args.profile_steps if args.profile else 0)
     rows, failed, states = [], [], {}
     for n in args.context:
         t0 = time.perf_counter()
@@ -274,18 +235,8 @@ def main(argv=None) -> int:
             if not ok:
                 failed.append((n, v, err))
             med = statistics.median(times)
-            gen = None
-            if v in args.loop_variants:
-                step_toks, gen_step, loop_toks, gen_loop = time_generate(model, base, tok, args.loop_tokens)
-                same = int((loop_toks[:, :LOOP_CHUNK] == step_toks).all(axis=0).sum())
-                gen = (gen_step, gen_loop, same)
-                if same < LOOP_CHUNK:
-                    failed.append((n, f"{v} loop tokens", same))
-            rows.append((n, v, med, pipe, gen, floor, err, ok))
-            loop_note = "" if gen is None else (
-                f", gen step {gen[0] * 1e3:.2f} ms, gen loop {gen[1] * 1e3:.2f} ms per token (loop tokens = step "
-                f"path's: {gen[2]}/{LOOP_CHUNK} {'OK' if gen[2] == LOOP_CHUNK else 'FAIL'})")
-            print(f"  {v}: step {med * 1e3:.2f} ms, pipelined {pipe * 1e3:.2f} ms{loop_note}, logits rel. err vs dense "
+            rows.append((n, v, med, pipe, floor, err, ok))
+            print(f"  {v}: step {med * 1e3:.2f} ms, pipelined {pipe * 1e3:.2f} ms, logits rel. err vs dense "
                   f"{err:.1e} {'OK' if ok else 'FAIL'} (compile + run {time.perf_counter() - t0:.1f} s)", flush=True)
         if args.profile and n == args.profile_context:
             states[n] = (base, tok)
@@ -293,13 +244,10 @@ def main(argv=None) -> int:
             del base
     print(f"\ndecode step, preset {args.preset}, B = 1, cp = 1, bf16, fill {args.fill}, median of {args.steps} steps, "
           f"floor at {bw / 1e9:.0f} GB/s; logits checked against dense (rel. L2 <= {TOLERANCE:.0e})")
-    print("| context | variant | step (ms) | pipelined (ms) | gen step (ms) | gen loop (ms) | loop tokens | floor (ms) "
-          "| step / floor | logits vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, v, med, pipe, gen, floor, err, ok in rows:
-        g = "| - | - | - |" if gen is None else (f"| {gen[0] * 1e3:.2f} | {gen[1] * 1e3:.2f} | {gen[2]}/{LOOP_CHUNK} "
-                                                 f"{'OK' if gen[2] == LOOP_CHUNK else 'FAIL'} |")
-        print(f"| {n} | {v} | {med * 1e3:.2f} | {pipe * 1e3:.2f} {g} {floor * 1e3:.2f} | {med / floor:.2f} | "
+    print("| context | variant | step (ms) | pipelined (ms) | floor (ms) | step / floor | logits vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for n, v, med, pipe, floor, err, ok in rows:
+        print(f"| {n} | {v} | {med * 1e3:.2f} | {pipe * 1e3:.2f} | {floor * 1e3:.2f} | {med / floor:.2f} | "
               f"{err:.1e} {'OK' if ok else 'FAIL'} |")
     if args.profile:
         n = args.profile_context
@@ -321,8 +269,7 @@ def main(argv=None) -> int:
                 print(f"\nprofile of {args.profile_steps} {v} steps at context {n} (trace under {out}):\n"
                       f"{profile_report(out, args.profile_steps, timed[v] * 1e3)}", flush=True)
     if failed:
-        print(f"FAIL: {failed}: logits differ from dense's by more than {TOLERANCE}, or the loop's tokens "
-              f"(equal of {LOOP_CHUNK}) from the per-token path's")
+        print(f"FAIL: logits of {failed} differ from dense's by more than {TOLERANCE}")
         return 1
     return 0
 
