@@ -123,7 +123,9 @@ def random_state(model, n: int, new: int):
         idx = jnp.arange(kpos.shape[1], dtype=jnp.int32)[None]
         return out, jnp.where(idx < n, idx, -1)
 
-    caches, kpos = jax.jit(fill, donate_argnums=(0, 1))(caches, kpos)
+    # keep the mesh shardings alloc gave: a decode program called with other ones compiles again
+    shardings = jax.tree.map(lambda a: a.sharding, (caches, kpos))
+    caches, kpos = jax.jit(fill, donate_argnums=(0, 1), out_shardings=shardings)(caches, kpos)
     logits = jnp.zeros((1, model.cfg.vocab_size), jnp.float32)
     return PrefillResult(logits, np.array([n], np.int32), caches, kpos, slots, prefill_slots)
 
