@@ -55,7 +55,7 @@ class Config:
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
-    stages: int = 4
+    stages: int = 3
     chain: bool = False  # one pipeline across a CTA's work items: the next item's loads overlap this epilogue
     swizzle_out: bool = False  # output tile in swizzled rows of shared memory (fewer bank conflicts on the store)
 
