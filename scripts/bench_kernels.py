@@ -47,6 +47,7 @@ from pcp_jax.kernels.gdn import pallas_gpu  # noqa: E402
 from pcp_jax.kernels.gdn import reference as gdn_ref  # noqa: E402
 from pcp_jax.kernels.moe import api as moe_api  # noqa: E402
 from pcp_jax.kernels.moe import reference as moe_ref  # noqa: E402
+from burst_timing import bench  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 RESULTS: dict = {"rows": [], "checks": [], "errors": []}
 PEAK_TFLOPS = 799.0  # measured bf16 8192^3 matmul on this workplace's H100 (KINDS.md, 2026-11-13)
@@ -60,24 +61,6 @@ def rel(a, b):
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
-
-
-def bench(fn, *args, reps=15, inner=None, target_s=0.05):
-    out = jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    if inner is None:
-        inner = max(1, min(50, int(target_s / max(one, 1e-6))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e3, (min(samples) * 1e3, max(samples) * 1e3)
 
 
 def check(name, err, tol):

@@ -65,6 +65,7 @@ from pcp_jax.kernels.moe import api as moe_api  # noqa: E402
 from pcp_jax.kernels.moe import reference as moe_ref  # noqa: E402
 from pcp_jax.model import MoE, combine_experts, sort_by_expert  # noqa: E402
 from pcp_jax.parallel.context import ShardContext  # noqa: E402
+import burst_timing  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 try:
     from pcp_jax.kernels.moe import mosaic_gpu as ours
@@ -88,20 +89,9 @@ def save(out_dir):
         json.dump(RESULTS, f, indent=1, default=str)
 
 
-def bench(fn, *args, reps=5, target_s=0.03):
-    """Median ms per call of fn(*args) (compiled and run once before)."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    inner = max(1, min(50, int(target_s / max(time.perf_counter() - t0, 1e-6))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e3
+def bench(fn, *args):
+    """Median ms per call of fn(*args): scripts/burst_timing.py, 5 bursts of about 30 ms."""
+    return burst_timing.bench(fn, *args, reps=5, target_s=0.03)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +209,6 @@ def finalists(cands, timed: dict):
 def check_rows(sizes: np.ndarray, seed: int):
     """Sorted-row indices of six experts' rows (smallest non-empty, largest, first, last, two random), at most
     1024 rows each (the first and last 512 of a larger expert), and the expert of each row."""
-    E = sizes.shape[0]
     nonempty = np.flatnonzero(sizes)
     rng = np.random.default_rng(seed)
     pick = [nonempty[np.argmin(sizes[nonempty])], int(np.argmax(sizes)), nonempty[0], nonempty[-1],

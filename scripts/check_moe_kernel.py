@@ -8,9 +8,7 @@ ragged_dot at the expert shapes of the MoE presets. The full comparison is scrip
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +18,14 @@ from pcp_jax.config import PRESETS
 from pcp_jax.kernels.moe import mosaic_gpu as mg
 from pcp_jax.kernels.moe import reference as ref
 from pcp_jax.kernels.moe import tokamax_gpu
+from burst_timing import bench  # scripts/ is on sys.path when a script runs
 
 PEAK = 799.0
 
 
-def timeit(fn, *args, reps=7, inner=10):
-    """Median over `reps` bursts of `inner` back-to-back calls closed by one wait (ms per call): a sub-ms
-    kernel timed one call at a time would include the host's dispatch and wait."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / inner)
-    return statistics.median(ts) * 1e3
+def timeit(fn, *args):
+    """Median ms per call over 7 bursts of 10 back-to-back calls (scripts/burst_timing.py)."""
+    return bench(fn, *args, reps=7, inner=10)[0]
 
 
 def rel(a, b):
@@ -63,24 +52,18 @@ def check() -> bool:
         lhs = lhs.at[int(jnp.sum(gs)):].set(jnp.nan)  # unrouted rows must not leak into the output
         want = ref.grouped_matmul(lhs.astype(jnp.float32), wg.astype(jnp.float32), gs)
         want_s = mg.swiglu_reference(lhs.astype(jnp.float32), wg, wu, gs)
-        for cfg in mg.SWEEP[:3]:
+        cases = [("matmul", cfg, lambda a, b, c, g, cfg=cfg: mg.grouped_matmul(a, b, g, config=cfg), want)
+                 for cfg in mg.SWEEP[:3]]
+        cases += [("swiglu", cfg, lambda a, b, c, g, cfg=cfg: mg.grouped_swiglu(a, b, c, g, config=cfg), want_s)
+                  for cfg in mg.SWIGLU_SWEEP[:2]]
+        for op, cfg, run, expected in cases:
             try:
-                got = jax.jit(lambda a, b, g: mg.grouped_matmul(a, b, g, config=cfg))(lhs, wg, gs)
-                e = rel(jnp.nan_to_num(got, nan=1e6), want)
+                e = rel(jnp.nan_to_num(jax.jit(run)(lhs, wg, wu, gs), nan=1e6), expected)
             except Exception as ex:  # noqa: BLE001
-                print(f"check matmul {cfg} raised {str(ex)[:300]}")
+                print(f"check {op} {cfg} raised {str(ex)[:300]}")
                 e = float("inf")
             ok &= e < 1e-2
-            print(f"check matmul M={M} K={K} N={N} E={E} {cfg}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
-        for cfg in mg.SWIGLU_SWEEP[:2]:
-            try:
-                got = jax.jit(lambda a, b, c, g: mg.grouped_swiglu(a, b, c, g, config=cfg))(lhs, wg, wu, gs)
-                e = rel(jnp.nan_to_num(got, nan=1e6), want_s)
-            except Exception as ex:  # noqa: BLE001
-                print(f"check swiglu {cfg} raised {str(ex)[:300]}")
-                e = float("inf")
-            ok &= e < 1e-2
-            print(f"check swiglu M={M} K={K} N={N} E={E} {cfg}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
+            print(f"check {op} M={M} K={K} N={N} E={E} {cfg}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
     return ok
 
 

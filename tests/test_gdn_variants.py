@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from pcp_jax.kernels.gdn import pallas_gpu, reference
-from test_kernels_gpu_interpret import _gdn_inputs, _lower_for_h100, _rel
+from test_kernels_gpu_interpret import LOWERING_CASES, LOWERING_DK, _gdn_inputs, _gdn_lowering_args, _lower_for_h100, _rel
 
 RTOL = 1e-5
 VARIANTS = list(itertools.product(pallas_gpu._INVERSES, pallas_gpu._FUSES))
@@ -125,12 +125,9 @@ def test_tiling_rejects_unknown_variants():
         pallas_gpu.Tiling(fuse="yes")
 
 
-@pytest.mark.parametrize("dtype,T,dv", [(jnp.bfloat16, 8192, 128), (jnp.float32, 200, 256), (jnp.bfloat16, 100, 48)])
+@pytest.mark.parametrize("dtype,T,dv", LOWERING_CASES)
 def test_variants_lower_to_triton(dtype, T, dv):
-    S = jax.ShapeDtypeStruct
-    B, Hk, G, dk = 1, 2, 2, 128
-    args = (S((B, T, Hk, dk), dtype), S((B, T, Hk, dk), dtype), S((B, T, Hk * G, dv), dtype),
-            S((B, T, Hk * G), jnp.float32), S((B, T, Hk * G), jnp.float32), S((B, Hk * G, dk, dv), jnp.float32))
+    args, dk = _gdn_lowering_args(dtype, T, dv), LOWERING_DK
     itemsize = 4 if dtype == jnp.float32 else 2
     for inverse, fuse in VARIANTS:
         for bv, stages_fused in ((32, None), (64, None), (64, 1), (32, 2)):

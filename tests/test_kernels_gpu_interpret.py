@@ -129,12 +129,21 @@ def _lower_for_h100(fn, *args):
         reg.gpu_info_lib.get_gpu_info = saved
 
 
-@pytest.mark.parametrize("dtype,T,dv", [(jnp.bfloat16, 8192, 128), (jnp.float32, 200, 256), (jnp.bfloat16, 100, 48)])
-def test_pallas_gdn_lowers_to_triton(dtype, T, dv):
+LOWERING_CASES = [(jnp.bfloat16, 8192, 128), (jnp.float32, 200, 256), (jnp.bfloat16, 100, 48)]  # dtype, T, dv
+LOWERING_DK = 128
+
+
+def _gdn_lowering_args(dtype, T, dv):
+    """Abstract GDN inputs (q, k, v, g, beta, initial state) for lowering: B=1, Hk=2, G=2, dk=LOWERING_DK."""
     S = jax.ShapeDtypeStruct
-    B, Hk, G, dk = 1, 2, 2, 128
-    args = (S((B, T, Hk, dk), dtype), S((B, T, Hk, dk), dtype), S((B, T, Hk * G, dv), dtype),
+    B, Hk, G, dk = 1, 2, 2, LOWERING_DK
+    return (S((B, T, Hk, dk), dtype), S((B, T, Hk, dk), dtype), S((B, T, Hk * G, dv), dtype),
             S((B, T, Hk * G), jnp.float32), S((B, T, Hk * G), jnp.float32), S((B, Hk * G, dk, dv), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype,T,dv", LOWERING_CASES)
+def test_pallas_gdn_lowers_to_triton(dtype, T, dv):
+    args = _gdn_lowering_args(dtype, T, dv)
     for tiling in (pallas_gpu.Tiling(), pallas_gpu.Tiling(bv_state=64)):
         fn = functools.partial(pallas_gpu.chunk_gated_delta_rule, tiling=tiling)
         assert _lower_for_h100(fn, *args).count("__gpu$xla.gpu.triton") == 3
