@@ -279,6 +279,30 @@ def _wy_t(k, gc, beta, G, *, cdt, prec, tiling, interpret):
     )(k, gc, beta)
 
 
+# Per-chunk math shared by the state, output and fused kernels.
+def _causal_mask(L):
+    """[L, L] bool, row >= column: which keys of a chunk each of its queries sees."""
+    return lax.broadcasted_iota(jnp.int32, (L, L), 0) >= lax.broadcasted_iota(jnp.int32, (L, L), 1)
+
+
+def _chunk_output(q, k, gc, h, vn, causal, *, scale, prec):
+    """One chunk's output [L, BV] fp32: (scale q exp(gc)) h + tril(scale q k^T exp(gc_i - gc_j)) v_new.
+    q, k [L, dk] and h [dk, BV] (the chunk-start state), vn [L, BV] in the compute dtype; gc [L] fp32."""
+    cdt = h.dtype
+    diff = jnp.where(causal, gc[:, None] - gc[None, :], 0.0)
+    qk = jnp.where(causal, _dot_nt(q, k, prec) * (scale * jnp.exp(diff)), 0.0)
+    qd = (q.astype(f32) * (scale * jnp.exp(gc))[:, None]).astype(cdt)
+    return _dot(qd, h, prec) + _dot(qk.astype(cdt), vn, prec)
+
+
+def _next_state(S, k, gc, vn, prec):
+    """The state after one chunk: exp(gc_last) S + (k exp(gc_last - gc))^T v_new. S [dk, BV] fp32; k [L, dk]
+    and vn [L, BV] in the compute dtype; gc [L] fp32."""
+    g_last = _last(gc)
+    kd = (k.astype(f32) * jnp.exp(g_last - gc)[:, None]).astype(vn.dtype)
+    return S * jnp.exp(g_last) + _dot_tn(kd, vn, prec)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: sequential state pass.
 # ----------------------------------------------------------------------------------------------------
@@ -298,9 +322,7 @@ def _state_kernel(w_ref, u_ref, k_ref, gc_ref, s0_ref, h_ref, vn_ref, sT_ref, *,
         gc = gc_ref[t]
         v_new = u.astype(f32) - _dot(w, S.astype(cdt), prec)
         vn_ref[t, :] = v_new.astype(vn_ref.dtype)
-        g_last = _last(gc)
-        kd = (kc.astype(f32) * jnp.exp(g_last - gc)[:, None]).astype(cdt)
-        return S * jnp.exp(g_last) + _dot_tn(kd, v_new.astype(cdt), prec)
+        return _next_state(S, kc, gc, v_new.astype(cdt), prec)
 
     sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
 
@@ -341,20 +363,9 @@ def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret):
 # Stage 3: outputs, parallel over chunks.
 # ----------------------------------------------------------------------------------------------------
 def _output_kernel(q_ref, k_ref, gc_ref, h_ref, vn_ref, o_ref, *, scale, prec):
-    q = q_ref[...]  # [L, dk]
-    k = k_ref[...]
-    gc = gc_ref[...]  # [L] f32
-    h = h_ref[...]  # [dk, BV]
-    vn = vn_ref[...]  # [L, BV]
-    cdt = h.dtype
-    L = q.shape[0]
-    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
-    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    causal = row >= col
-    diff = jnp.where(causal, gc[:, None] - gc[None, :], 0.0)
-    qk = jnp.where(causal, _dot_nt(q, k, prec) * (scale * jnp.exp(diff)), 0.0)
-    qd = (q.astype(f32) * (scale * jnp.exp(gc))[:, None]).astype(cdt)
-    o = _dot(qd, h, prec) + _dot(qk.astype(cdt), vn, prec)
+    # q, k [L, dk], gc [L] f32, h [dk, BV], vn [L, BV]
+    o = _chunk_output(q_ref[...], k_ref[...], gc_ref[...], h_ref[...], vn_ref[...], _causal_mask(CHUNK),
+                      scale=scale, prec=prec)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -395,7 +406,7 @@ def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
         w_ref, u_ref, q_ref, k_ref, gc_ref, s0_ref, o_ref, sT_ref = refs
     L = CHUNK
     cdt = q_ref.dtype
-    causal = lax.broadcasted_iota(jnp.int32, (L, L), 0) >= lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    causal = _causal_mask(L)
 
     def body(n, S):
         t = pl.ds(pl.multiple_of(n * L, L), L)
@@ -411,14 +422,9 @@ def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
             v_new = u_ref[t, :].astype(f32) - _dot(w_ref[t, :], Sc, prec)
         vn = v_new.astype(cdt)
         # Outputs: off the state's dependency chain, so they fill the chain's latency.
-        q = q_ref[t, :]
-        diff = jnp.where(causal, gc[:, None] - gc[None, :], 0.0)
-        qk = jnp.where(causal, _dot_nt(q, kc, prec) * (scale * jnp.exp(diff)), 0.0)
-        qd = (q.astype(f32) * (scale * jnp.exp(gc))[:, None]).astype(cdt)
-        o_ref[t, :] = (_dot(qd, Sc, prec) + _dot(qk.astype(cdt), vn, prec)).astype(o_ref.dtype)
-        g_last = _last(gc)
-        kd = (kc.astype(f32) * jnp.exp(g_last - gc)[:, None]).astype(cdt)
-        return S * jnp.exp(g_last) + _dot_tn(kd, vn, prec)
+        o = _chunk_output(q_ref[t, :], kc, gc, Sc, vn, causal, scale=scale, prec=prec)
+        o_ref[t, :] = o.astype(o_ref.dtype)
+        return _next_state(S, kc, gc, vn, prec)
 
     sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
 
