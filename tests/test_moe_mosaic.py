@@ -18,13 +18,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pcp_jax.kernels.moe import mosaic_gpu as mg
 from pcp_jax.kernels.moe import reference as ref
+from test_kernels_gpu_interpret import _rel
 
 TOL = 1e-2
-
-
-def _rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 @pytest.mark.parametrize("seed", range(6))
