@@ -2,16 +2,12 @@
 reference first (ragged groups, empty experts, unrouted padding rows), then a quick timing against tokamax's
 ragged_dot at the expert shapes of the MoE presets. The full comparison is scripts/bench_moe.py.
 
-    python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...] [--sweep tail]
-
---sweep all times mosaic_gpu.SWEEP / SWIGLU_SWEEP; --sweep tail only the default configs and the same with
-64-row tail tiles (Config.tail_m). The checks always cover the first configs of both sweeps and the tail ones.
+    python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import jax
@@ -44,10 +40,6 @@ def routing(key, T, E, k):
     return jnp.bincount(e.reshape(-1), length=E).astype(jnp.int32)
 
 
-def tail_pair(default):
-    return (default, dataclasses.replace(default, tail_m=64))
-
-
 def check() -> bool:
     ok = True
     rng = np.random.default_rng(0)
@@ -60,12 +52,10 @@ def check() -> bool:
         lhs = lhs.at[int(jnp.sum(gs)):].set(jnp.nan)  # unrouted rows must not leak into the output
         want = ref.grouped_matmul(lhs.astype(jnp.float32), wg.astype(jnp.float32), gs)
         want_s = mg.swiglu_reference(lhs.astype(jnp.float32), wg, wu, gs)
-        mm = dict.fromkeys(mg.SWEEP[:3] + tail_pair(mg.MATMUL_CONFIG))
-        sw = dict.fromkeys(mg.SWIGLU_SWEEP[:2] + tail_pair(mg.SWIGLU_CONFIG))
         cases = [("matmul", cfg, lambda a, b, c, g, cfg=cfg: mg.grouped_matmul(a, b, g, config=cfg), want)
-                 for cfg in mm]
+                 for cfg in mg.SWEEP[:3]]
         cases += [("swiglu", cfg, lambda a, b, c, g, cfg=cfg: mg.grouped_swiglu(a, b, c, g, config=cfg), want_s)
-                  for cfg in sw]
+                  for cfg in mg.SWIGLU_SWEEP[:2]]
         for op, cfg, run, expected in cases:
             try:
                 e = rel(jnp.nan_to_num(jax.jit(run)(lhs, wg, wu, gs), nan=1e6), expected)
@@ -77,9 +67,7 @@ def check() -> bool:
     return ok
 
 
-def timings(presets, tokens, sweep="all"):
-    sw_configs = mg.SWIGLU_SWEEP if sweep == "all" else tail_pair(mg.SWIGLU_CONFIG)
-    mm_configs = mg.SWEEP if sweep == "all" else tail_pair(mg.MATMUL_CONFIG)
+def timings(presets, tokens):
     print("\n| preset | tokens | op | impl | config | ms | TFLOP/s | % of 799 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in presets:
@@ -103,7 +91,7 @@ def timings(presets, tokens, sweep="all"):
             tk_gu = jax.jit(lambda a, b, c, g: jax.nn.silu(tokamax_gpu.grouped_matmul(a, b, g))
                             * tokamax_gpu.grouped_matmul(a, c, g))
             row("gate/up", "tokamax", "heuristic", timeit(tk_gu, x, wg, wu, gs), f_gu)
-            for c in sw_configs:
+            for c in mg.SWIGLU_SWEEP:
                 try:
                     f = jax.jit(lambda a, b, d, g, c=c: mg.grouped_swiglu(a, b, d, g, config=c))
                     row("gate/up", "ours swiglu", c, timeit(f, x, wg, wu, gs), f_gu)
@@ -111,7 +99,7 @@ def timings(presets, tokens, sweep="all"):
                     print(f"  swiglu {c} failed: {str(e)[:200]}")
             tk_d = jax.jit(tokamax_gpu.grouped_matmul)
             row("down", "tokamax", "heuristic", timeit(tk_d, h, wd, gs), f_d)
-            for c in mm_configs:
+            for c in mg.SWEEP:
                 try:
                     f = jax.jit(lambda a, b, g, c=c: mg.grouped_matmul(a, b, g, config=c))
                     row("down", "ours", c, timeit(f, h, wd, gs), f_d)
@@ -124,7 +112,6 @@ def main() -> int:
     ap.add_argument("--tokens", default="8192,32768")
     ap.add_argument("--presets", default="qwen3.5-397b-a17b,qwen3.5-122b-a10b,qwen3.5-35b-a3b")
     ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--sweep", choices=["all", "tail"], default="all")
     ap.add_argument("--cases", default="", help="preset:tokens,... instead of the --presets x --tokens product")
     a = ap.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__)
@@ -135,9 +122,9 @@ def main() -> int:
     if a.cases:
         for case in a.cases.split(","):
             name, tokens = case.split(":")
-            timings([name], [int(tokens)], a.sweep)
+            timings([name], [int(tokens)])
     else:
-        timings(a.presets.split(","), [int(t) for t in a.tokens.split(",")], a.sweep)
+        timings(a.presets.split(","), [int(t) for t in a.tokens.split(",")])
     return 0
 
 

@@ -26,19 +26,14 @@ TOL = 1e-2
 @pytest.mark.parametrize("seed", range(6))
 def test_row_tiles_cover_each_routed_row_once(seed):
     """Every row, routed or padding, is stored by exactly one tile, of its own group; windows are aligned,
-    lie inside the rows and hold the stored rows; the static tile count bounds the used tiles; tail tiles
-    (tail_m rows multiplied) are exactly those whose stored rows fit in the window's first tail_m rows."""
+    lie inside the rows and hold the stored rows; the static tile count bounds the used tiles."""
     rng = np.random.default_rng(seed)
     E = int(rng.integers(1, 40))
     block_m = int(rng.choice([64, 128]))
-    tail_m = 64 if block_m == 128 and seed % 2 else 0
     sizes = rng.integers(0, 200, E) * (rng.random(E) < 0.7)
     routed = int(sizes.sum())
     rows = max(-(-(routed + int(rng.integers(0, 50))) // mg.ALIGN) * mg.ALIGN, block_m)
-    group, start, lo, size, tail, real = map(np.asarray, mg.row_tiles(jnp.asarray(sizes, jnp.int32), rows, block_m,
-                                                                      tail_m))
-    assert np.array_equal(tail.astype(bool), (lo + size <= tail_m) if tail_m else np.zeros_like(tail, bool))
-    assert not tail_m or tail[size > 0].any(), "no tail tile among these groups (the test would miss them)"
+    group, start, lo, size, real = map(np.asarray, mg.row_tiles(jnp.asarray(sizes, jnp.int32), rows, block_m))
     assert np.all(group[: real[0]] < E) and np.all((group[real[0]:] == E) | (size[real[0]:] == 0))
     owner = np.full(rows, -1)
     expected = np.concatenate([np.repeat(np.arange(E), sizes), np.full(rows - routed, E)])
@@ -58,9 +53,6 @@ CASES = [  # rows, K, N, sizes (sum < rows: padding rows), config
     (300, 256, 512, [130, 0, 7, 90, 1, 60], mg.Config(64, 64, 64, 2, chain=True)),  # 20 items on 2 CTAs
     (64, 128, 256, [10, 20], mg.Config(64, 128, 64, 2, chain=True)),  # one CTA with a single real item
     (200, 128, 256, [70, 0, 100], mg.Config(64, 128, 64, 2, swizzle_out=True)),  # swizzled output rows
-    # 64-row tail tiles: 130 = 128 rows + a 2-row tail; 7 and 1 are tails; 90 takes a full tile, and so do
-    # the last 60 (their window is moved back inside the rows, which puts them past its first 64)
-    (300, 128, 256, [130, 0, 7, 90, 1, 60], mg.Config(128, 128, 64, 2, tail_m=64)),
 ]
 
 
@@ -79,15 +71,14 @@ def test_grouped_matmul_interpret(rows, K, N, sizes, cfg):
     assert _rel(out[: sum(sizes)], want[: sum(sizes)]) <= TOL
 
 
-@pytest.mark.parametrize("cfg", [mg.Config(64, 64, 64, 2), mg.Config(128, 64, 64, 2, tail_m=64)])
-def test_grouped_swiglu_interpret(cfg):
+def test_grouped_swiglu_interpret():
     rng = np.random.default_rng(7)
     rows, K, I, sizes = 90, 128, 128, [0, 33, 50, 0]
     gs = jnp.asarray(sizes, jnp.int32)
     lhs = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16)
     wg = jnp.asarray(rng.standard_normal((4, K, I)) * K**-0.5, jnp.bfloat16)
     wu = jnp.asarray(rng.standard_normal((4, K, I)) * K**-0.5, jnp.bfloat16)
-    out = mg.grouped_swiglu(lhs, wg, wu, gs, config=cfg,
+    out = mg.grouped_swiglu(lhs, wg, wu, gs, config=mg.Config(64, 64, 64, 2),
                             interpret=plgpu.InterpretGPUParams(detect_races=True))
     want = mg.swiglu_reference(lhs.astype(jnp.float32), wg, wu, gs)
     manual = jnp.concatenate([jax.nn.silu(lhs[:33].astype(jnp.float32) @ wg[1].astype(jnp.float32))
@@ -110,17 +101,12 @@ def test_unsupported_shapes_are_refused():
     with pytest.raises(NotImplementedError, match="shared memory"):
         mg.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.array([64, 0]),
                           config=mg.Config(128, 128, 64, 4))
-    with pytest.raises(NotImplementedError, match="tail_m"):
-        mg.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.array([64, 0]),
-                          config=mg.Config(128, 64, 64, 2, tail_m=96))
 
 
-@pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG),
-                                        (False, mg.Config(128, 128, 64, 3, tail_m=64)),
-                                        (True, mg.Config(128, 64, 64, 4, tail_m=64))])
+@pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG)])
 def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
     """The kernel goes through the Mosaic GPU lowering for a CUDA target (no GPU needed): errors the
-    interpreter cannot see (layouts, wgmma operand slices) show here, before a GPU run."""
+    interpreter cannot see (layouts, wgmma operands) show here, before a GPU run."""
     monkeypatch.setattr(jax.extend.backend, "get_default_device", lambda: type("H100", (), {"core_count": 132}))
     x = jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((8, 512, 1024), jnp.bfloat16)

@@ -11,9 +11,6 @@ How the work is cut:
   covered by windows starting at s rounded down to 8, each `block_m` rows; a window may begin inside the
   previous expert's rows, but a tile stores only its own expert's rows (`row_tiles`). Padding rows (past the
   routed ones) form one more pseudo-expert whose tiles store zeros, so the output needs no extra masking pass.
-- With `Config.tail_m`, a tile whose rows all lie in the first tail_m rows of its window (an expert's last,
-  partly filled tile, or a small expert) multiplies only those rows: an expert of 160 rows costs 128 + 64
-  rows of tensor-core work instead of 2 x 128.
 - A *work item* is (row tile, block of 2·block_n output columns). One CTA per SM loops over the items
   (persistent); consecutive items share a row tile, so the experts' weights and rows stay in L2.
 - Inside a CTA, one warpgroup issues TMA loads of the lhs window [block_m, block_k] and the weight blocks
@@ -53,9 +50,7 @@ class Config:
     (128 registers per thread), and the ring plus the output tiles within shared memory (`smem_bytes`).
     chain: the CTA's consecutive items run as one pipeline (Pallas' pipeline of pipelines), so the memory
     warpgroup loads the next item's first blocks while the compute warpgroups finish and store this one;
-    it needs K/block_k to be a multiple of stages and waits for each wgmma before releasing its buffers.
-    tail_m: 0, or a multiple of 64 below block_m: tiles whose rows fit in the window's first tail_m rows
-    run tail_m-row wgmmas (the window is still loaded whole; the saving is tensor-core time)."""
+    it needs K/block_k to be a multiple of stages and waits for each wgmma before releasing its buffers."""
 
     block_m: int = 128
     block_n: int = 128
@@ -63,7 +58,6 @@ class Config:
     stages: int = 3
     chain: bool = False  # one pipeline across a CTA's work items: the next item's loads overlap this epilogue
     swizzle_out: bool = False  # output tile in swizzled rows of shared memory (fewer bank conflicts on the store)
-    tail_m: int = 0  # rows multiplied by tiles whose rows fit in the first tail_m rows of the window (0: off)
 
 
 MATMUL_CONFIG = Config(block_m=128, block_n=128, block_k=64, stages=3)
@@ -77,7 +71,6 @@ SWEEP = (
     Config(128, 64, 64, 6),
     Config(128, 64, 64, 6, swizzle_out=True),
     Config(128, 64, 64, 4, chain=True),
-    Config(128, 128, 64, 3, tail_m=64),
 )
 SWIGLU_SWEEP = (
     Config(128, 64, 64, 4),
@@ -85,7 +78,6 @@ SWIGLU_SWEEP = (
     Config(128, 64, 64, 4, chain=True),
     Config(128, 64, 64, 4, chain=True, swizzle_out=True),
     Config(64, 64, 64, 5),
-    Config(128, 64, 64, 4, tail_m=64),
 )
 
 _MAX_ACC_ELEMS = 128 * 128  # fp32 accumulator elements per warpgroup: 128 registers per thread
@@ -113,14 +105,9 @@ def check_supported(lhs, rhs_list, cfg: Config) -> None:
                                   f"{NUM_COMPUTE_WGS}·block_n={NUM_COMPUTE_WGS * cfg.block_n}")
     if cfg.block_m % ALIGN or cfg.block_m > 256 or cfg.block_m < 64:
         raise NotImplementedError(f"mosaic grouped matmul: block_m={cfg.block_m}; 64..256, a multiple of {ALIGN}")
-    if cfg.tail_m and (cfg.tail_m % 64 or not 0 < cfg.tail_m < cfg.block_m):
-        raise NotImplementedError(f"mosaic grouped matmul: tail_m={cfg.tail_m}; a multiple of 64 below "
-                                  f"block_m={cfg.block_m}, or 0")
     if cfg.block_m * cfg.block_n * len(rhs_list) > _MAX_ACC_ELEMS:
         raise NotImplementedError(f"mosaic grouped matmul: {len(rhs_list)} accumulator(s) of "
                                   f"{cfg.block_m}x{cfg.block_n} fp32 exceed the register budget")
-    if cfg.chain and cfg.tail_m:
-        raise NotImplementedError("mosaic grouped matmul: chain and tail_m together are not built")
     if cfg.chain and ((K // cfg.block_k) % cfg.stages or not hasattr(plgpu, "PipelinePipeline")):
         raise NotImplementedError(f"mosaic grouped matmul: chain needs K/block_k={K // cfg.block_k} to be a multiple "
                                   f"of stages={cfg.stages} (and a jax with pipelines of pipelines)")
@@ -128,17 +115,16 @@ def check_supported(lhs, rhs_list, cfg: Config) -> None:
         raise NotImplementedError(f"mosaic grouped matmul: {cfg} needs {need} bytes of shared memory > {SMEM_BYTES}")
 
 
-def row_tiles(group_sizes, num_rows: int, block_m: int, tail_m: int = 0):
+def row_tiles(group_sizes, num_rows: int, block_m: int):
     """The row tiles of `num_rows` sorted rows (num_rows a multiple of ALIGN, at least block_m).
 
-    group_sizes [E] int; rows past their sum form pseudo-group E (zero-filled). Returns five int32 arrays
+    group_sizes [E] int; rows past their sum form pseudo-group E (zero-filled). Returns four int32 arrays
     of a static length (an upper bound on the number of tiles; tiles past the used ones have size 0), and
     the number of tiles of real experts [1] (they come first, then the padding tiles):
       group [n]  expert of the tile (E: padding rows, store zeros),
       start [n]  first row of the tile's block_m-row window (a multiple of ALIGN, window inside num_rows),
       lo [n]     offset in the window of the tile's first row,
-      size [n]   number of rows the tile stores (rows [start + lo, start + lo + size)),
-      tail [n]   1 where tail_m > 0 and lo + size <= tail_m: the tile multiplies only tail_m rows.
+      size [n]   number of rows the tile stores (rows [start + lo, start + lo + size)).
     """
     E = group_sizes.shape[0]
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
@@ -159,10 +145,7 @@ def row_tiles(group_sizes, num_rows: int, block_m: int, tail_m: int = 0):
     size = jnp.maximum(hi - lo, 0)
     start = jnp.minimum(window, num_rows - block_m)  # keep the window inside the rows; lo/size unchanged
     real = tile_end[E - 1:E].astype(jnp.int32)  # [1]: the tiles of real experts come first
-    lo = lo - start
-    tail = (lo + size <= tail_m) if tail_m else jnp.zeros_like(size, bool)
-    return (group, start.astype(jnp.int32), lo.astype(jnp.int32), size.astype(jnp.int32), tail.astype(jnp.int32),
-            real)
+    return group, start.astype(jnp.int32), (lo - start).astype(jnp.int32), size.astype(jnp.int32), real
 
 
 def _swizzled(shape_minor: int, dtype):
@@ -171,8 +154,8 @@ def _swizzled(shape_minor: int, dtype):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(group_ref, start_ref, lo_ref, size_ref, tail_ref, real_ref, lhs_ref, *refs, cfg: Config,
-            num_rhs: int, num_tiles: int, num_groups: int):
+def _kernel(group_ref, start_ref, lo_ref, size_ref, real_ref, lhs_ref, *refs, cfg: Config, num_rhs: int,
+            num_tiles: int, num_groups: int):
     """Refs: row-tile tables [num_tiles] and real-tile count [1] int32 (GMEM), lhs [Mp, K], num_rhs weights
     [E, K, N], out [Mp, N]."""
     rhs_refs, out_ref = refs[:num_rhs], refs[num_rhs]
@@ -213,17 +196,14 @@ def _kernel(group_ref, start_ref, lo_ref, size_ref, tail_ref, real_ref, lhs_ref,
         def _item(info):
             (item,) = info.index
             t, j = lax.div(item, n_blocks), lax.rem(item, n_blocks)
-            group, start, lo, size, tail = group_ref[t], start_ref[t], lo_ref[t], size_ref[t], tail_ref[t]
+            group, start, lo, size = group_ref[t], start_ref[t], lo_ref[t], size_ref[t]
             start = pl.multiple_of(start, ALIGN)
             col0 = j * cta_n
 
             def store(tile):
-                """Write this warpgroup's [m, bn] tile (m <= bm) rows [lo, lo + size) to out."""
+                """Write this warpgroup's [bm, bn] tile rows [lo, lo + size) to out."""
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read out_smem
-                if tile.shape[0] == bm:
-                    out_smem[wg] = tile.astype(out_smem.dtype)
-                else:
-                    out_smem[wg, pl.ds(0, tile.shape[0])] = tile.astype(out_smem.dtype)
+                out_smem[wg] = tile.astype(out_smem.dtype)
                 plgpu.commit_smem()
                 cols = pl.ds(col0 + wg * bn, bn)
                 offset = lo
@@ -238,39 +218,27 @@ def _kernel(group_ref, start_ref, lo_ref, size_ref, tail_ref, real_ref, lhs_ref,
                     piece //= 2
                 plgpu.commit_smem_to_gmem_group()
 
-            def context_of(m):
-                """The compute warpgroups' accumulators of m rows, and the epilogue that stores them."""
-                def context(run):
-                    @functools.partial(pl.run_scoped, accs=[plgpu.ACC((m, bn), f32) for _ in range(num_rhs)])
-                    def _accs(accs):
-                        run(accs)
-                        vals = [a[...] for a in accs]
-                        if num_rhs == 1:
-                            store(vals[0])
-                        else:
-                            g, u = vals
-                            store(g / (1.0 + jnp.exp(-g)) * u)
-                return context
+            def context(run):
+                @functools.partial(pl.run_scoped, accs=[plgpu.ACC((bm, bn), f32) for _ in range(num_rhs)])
+                def _accs(accs):
+                    run(accs)
+                    vals = [a[...] for a in accs]
+                    if num_rhs == 1:
+                        store(vals[0])
+                    else:
+                        g, u = vals
+                        store(g / (1.0 + jnp.exp(-g)) * u)
 
-            def mma_of(m):
-                """One contraction step on the window's first m rows."""
-                def mma(_, lhs_smem, *rest):
-                    rhs_smem, accs = rest[:num_rhs], rest[num_rhs]
-                    rows = lhs_smem if m == bm else lhs_smem.at[pl.ds(0, m)]
-                    for acc, w in zip(accs, rhs_smem):
-                        plgpu.wgmma(acc, rows, w.at[:, pl.ds(wg * bn, bn)])
-                    plgpu.wgmma_wait(delay)
-                    return accs
-                return mma
+            def mma(_, lhs_smem, *rest):
+                rhs_smem, accs = rest[:num_rhs], rest[num_rhs]
+                for acc, w in zip(accs, rhs_smem):
+                    plgpu.wgmma(acc, lhs_smem, w.at[:, pl.ds(wg * bn, bn)])
+                plgpu.wgmma_wait(delay)
+                return accs
 
-            mma, context = mma_of(bm), context_of(bm)
             blocks = (lhs_ref.at[pl.ds(start, bm), :], *(r.at[group, :, pl.ds(col0, cta_n)] for r in rhs_refs))
             real = (size > 0) & (group < num_groups)
-            if not cfg.chain and cfg.tail_m:
-                pl.when(real & (tail == 0))(lambda: pipeline(mma, context)(*blocks, allocations=allocations))
-                pl.when(real & (tail != 0))(lambda: pipeline(mma_of(cfg.tail_m), context_of(cfg.tail_m))(
-                    *blocks, allocations=allocations))
-            elif not cfg.chain:
+            if not cfg.chain:
                 pl.when(real)(lambda: pipeline(mma, context)(*blocks, allocations=allocations))
             else:
                 # Real items come first: this CTA's first item starts the chain, its last real one ends it.
@@ -304,7 +272,7 @@ def _run(lhs, rhs_list, group_sizes, cfg: Config, interpret):
     rows = max(-(-M // ALIGN) * ALIGN, cfg.block_m)
     if rows != M:
         lhs = jnp.pad(lhs, ((0, rows - M), (0, 0)))
-    tables = row_tiles(group_sizes, rows, cfg.block_m, cfg.tail_m)
+    tables = row_tiles(group_sizes, rows, cfg.block_m)
     num_tiles = tables[0].shape[0]
     num_sms = 2 if interpret is not False else jax.extend.backend.get_default_device().core_count
     kern = functools.partial(_kernel, cfg=cfg, num_rhs=len(rhs_list), num_tiles=num_tiles, num_groups=E)
