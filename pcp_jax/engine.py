@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import math
 import os
 from typing import Callable, Sequence
@@ -443,14 +442,8 @@ class Model:
     def decode_step(self, state: PrefillResult, tokens, step: int) -> jax.Array:
         """Feed one token per row (decode step `step`, 0-based after prefill); updates `state` in place
         and returns next-token logits [B, V] fp32."""
-        C = self.cp
         B = len(state.lengths)
-        if not (_is_int(step) and step >= 0):
-            raise ValueError(f"step={step!r} must be a non-negative integer (0 for the first token after prefill)")
-        slot = state.prefill_slots + step // C
-        if slot >= state.slots_per_rank:
-            raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
-                             f"{(state.slots_per_rank - state.prefill_slots) * C} new tokens (max_new_tokens)")
+        where = self._decode_where(state, step)
         tokens = np.asarray(tokens)
         if tokens.shape != (B,) or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be {B} integer token ids (one per row); got shape {tokens.shape}, "
@@ -458,12 +451,45 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
             bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
             raise ValueError(f"token id {bad} is out of range [0, {self.cfg.vocab_size})")
-        packed = np.concatenate([tokens.astype(np.int32), (state.lengths + step).astype(np.int32),
-                                 np.array([step % C, slot], np.int32)])
-        fn = self._decode_fn(B, state.slots_per_rank, self.decode_attention)
-        logits, state.caches, state.kpos = fn(self._state, self._place(packed, REPLICATED), state.caches, state.kpos)
+        packed = np.concatenate([tokens.astype(np.int32), where])
+        return self._decode_packed(state, self._place(packed, REPLICATED))
+
+    def _decode_where(self, state: PrefillResult, step: int) -> np.ndarray:
+        """Where decode step `step` writes: [B + 2] int32 = positions [B], owner rank, slot (checked
+        against the room prefill reserved)."""
+        C = self.cp
+        if not (_is_int(step) and step >= 0):
+            raise ValueError(f"step={step!r} must be a non-negative integer (0 for the first token after prefill)")
+        slot = state.prefill_slots + step // C
+        if slot >= state.slots_per_rank:
+            raise ValueError(f"decode step {step} exceeds the cache: prefill reserved room for "
+                             f"{(state.slots_per_rank - state.prefill_slots) * C} new tokens (max_new_tokens)")
+        return np.concatenate([(state.lengths + step).astype(np.int32), np.array([step % C, slot], np.int32)])
+
+    def _decode_packed(self, state: PrefillResult, packed: jax.Array) -> jax.Array:
+        """The decode step on a device array packed [2B + 2] int32 (see `_decode_fn`)."""
+        fn = self._decode_fn(len(state.lengths), state.slots_per_rank, self.decode_attention)
+        logits, state.caches, state.kpos = fn(self._state, packed, state.caches, state.kpos)
         state.logits = logits
         return logits
+
+    def _sample_fn(self, greedy: bool):
+        """(logits [B, V], key, temperature, top_k, top_p, feed [2B + 3] int32) -> (tokens [B], packed
+        [2B + 2]), both replicated on the mesh. feed = per row the id to feed instead of the sampled one
+        (>= 0: the row is finished) or -1, then `_decode_where`'s positions, owner and slot, then the step
+        (it seeds sampling). packed is the next decode step's input, made on the device so that the step
+        can be queued before the host has seen the sampled tokens."""
+        key = ("sample", greedy)
+        if key not in self._fns:
+            def sample_and_pack(logits, rng, temperature, top_k, top_p, feed):
+                B = logits.shape[0]
+                tokens = _sample(logits, rng, feed[-1], temperature, top_k, top_p, greedy=greedy)
+                fed = jnp.where(feed[:B] >= 0, feed[:B], tokens)
+                return tokens, jnp.concatenate([fed, feed[B:-1]])
+
+            out = NamedSharding(self.mesh, REPLICATED)
+            self._fns[key] = jax.jit(sample_and_pack, out_shardings=(out, out))
+        return self._fns[key]
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
@@ -473,7 +499,11 @@ class Model:
         temperature 0). Rows of a ragged batch are right-aligned to their own length in the output:
         row b holds its prompt, then its new tokens, then EOS padding (or 0 without EOS). Rows that hit
         EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is made.
-        `chunk_size` feeds the prompt in pieces (see `prefill`)."""
+        `chunk_size` feeds the prompt in pieces (see `prefill`).
+
+        Each step's decode is queued on the device before the host waits for that step's sampled tokens
+        (they are fed from device memory), so the host's bookkeeping and the next dispatch overlap the
+        device's work. When every row has stopped at EOS, the one decode step already queued is wasted."""
         if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         temperature, top_k, top_p, seed = _sampling_args(temperature, top_k, top_p, seed, self.cfg.vocab_size)
@@ -489,23 +519,42 @@ class Model:
             return out
         state = self.prefill([ids[b, : lengths[b]] for b in range(B)], max_new_tokens=max_new_tokens,
                              chunk_size=chunk_size)
+        new = self._decode_loop(state, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, eos=eos, callback=callback)
+        for b in range(B):
+            out[b, lengths[b]: lengths[b] + max_new_tokens] = new[b]
+        return out
+
+    def _decode_loop(self, state: PrefillResult, max_new_tokens: int, *, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                     eos: set[int] = frozenset(), callback=None) -> np.ndarray:
+        """`max_new_tokens` >= 1 new tokens per row after `state` (a prefill's result, updated in place):
+        [B, max_new_tokens] int32; a row's tokens after its first EOS are min(eos) (0 without EOS).
+        Arguments already validated (see `generate`)."""
+        B = len(state.lengths)
+        fill = min(eos) if eos else 0
+        new = np.full((B, max_new_tokens), fill, np.int32)
         done = np.zeros(B, bool)
         logits = state.logits
         key = jax.random.key(np.uint32(seed))
         settings = tuple(self._place(np.asarray(v, t), REPLICATED) for v, t in
                          ((temperature, np.float32), (top_k or self.cfg.vocab_size, np.int32), (top_p or 1.0, np.float32)))
+        sample = self._sample_fn(temperature == 0.0)
         for step in range(max_new_tokens):
-            tok = to_host(_sample(logits, key, self._place(np.int32(step), REPLICATED), *settings,
-                                  greedy=temperature == 0.0))
-            tok = np.where(done, fill, tok)
-            out[np.arange(B), lengths + step] = tok
+            last = step + 1 == max_new_tokens
+            where = np.zeros(B + 2, np.int32) if last else self._decode_where(state, step)
+            feed = np.concatenate([np.where(done, fill, -1).astype(np.int32), where, np.array([step], np.int32)])
+            tok, packed = sample(logits, key, *settings, self._place(feed, REPLICATED))
+            if not last:
+                logits = self._decode_packed(state, packed)  # queued before the host waits for `tok`
+            tok = np.where(done, fill, to_host(tok))
+            new[:, step] = tok
             if callback is not None:
                 callback(step, tok.copy())
             done |= np.isin(tok, list(eos)) if eos else False
-            if done.all() or step + 1 == max_new_tokens:
+            if done.all():
                 break
-            logits = self.decode_step(state, tok, step)
-        return out
+        return new
 
     # Warm start -----------------------------------------------------------------------------------
     def warmup(self, max_tokens: int, *, batch_sizes: Sequence[int] = (1,), max_new_tokens: int = 256,
@@ -648,7 +697,6 @@ def _eos_set(eos, vocab: int) -> set[int]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",))
 def _sample(logits, key, step, temperature, top_k, top_p, *, greedy: bool):
     """Next tokens [B] from logits [B, V] fp32: argmax when greedy, else sampling at `temperature`
     within the `top_k` most likely tokens and the smallest set whose mass reaches `top_p`. Every setting

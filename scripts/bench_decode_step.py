@@ -19,8 +19,11 @@ Timing, median over --steps steps:
   step       one `decode_step` + block_until_ready per step (what `pcp-jax bench --decode` reports);
   pipelined  --steps steps dispatched back to back, one wait at the end, divided by --steps: the device
              time when the host keeps ahead (step - pipelined = host time per step the device waits on).
-Floor = bytes one step must move / the HBM bandwidth measured here (a jitted x + 1 over --copy-mib MiB,
-read + write). Bytes: every parameter of the model once (summed over the model's arrays; of an untied
+  generate   per new token of `Model.generate`'s decode loop (`Model._decode_loop`, greedy sampling on
+             the device, each step queued before the host reads the sampled token) over --steps tokens.
+  synced     the loop before 2026-11-30 (tokens to the host, then `decode_step`), for comparison.
+Floor = bytes one step must move / the HBM bandwidth measured here: "copy" a jitted x + 1 over --copy-mib
+MiB (read + write), "read" a jitted sum over the same array (read only; usually the higher one). Bytes: every parameter of the model once (summed over the model's arrays; of an untied
 embedding table only the one row looked up), the K/V cache up to the context (read), GDN recurrent and
 conv states (read + write).
 
@@ -83,6 +86,21 @@ def hbm_bandwidth(mib: int) -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * x.nbytes / statistics.median(times)
+
+
+def hbm_read_bandwidth(mib: int) -> float:
+    """Bytes/s of a jitted fp32-accumulated sum over `mib` MiB of bf16 (reads each byte once)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((mib * 2**19,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / statistics.median(times)
 
 
 def weight_bytes(model) -> int:
@@ -154,6 +172,38 @@ def time_variant(model, base, tok, steps: int):
     return logits0, times, (time.perf_counter() - t0) / steps, st
 
 
+def time_loops(model, base, steps: int):
+    """Seconds per new token of Model._decode_loop (generate's loop) and of the synced loop it replaced."""
+    from pcp_jax.engine import REPLICATED, to_host
+    model._decode_loop(copy_state(base), 2)  # compiles the sampling program
+    st = copy_state(base)
+    jax_block(st)
+    t0 = time.perf_counter()
+    model._decode_loop(st, steps + 1)  # steps decode steps, steps + 1 samples
+    loop = (time.perf_counter() - t0) / steps
+
+    sample = model._sample_fn(True)
+    settings = tuple(model._place(np.asarray(v, t), REPLICATED) for v, t in
+                     ((0.0, np.float32), (model.cfg.vocab_size, np.int32), (1.0, np.float32)))
+    key = __import__("jax").random.key(0)
+    B = len(base.lengths)
+    st = copy_state(base)
+    jax_block(st)
+    logits = st.logits
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        feed = np.concatenate([np.full(B, -1, np.int32), np.zeros(B + 2, np.int32), np.array([step], np.int32)])
+        tok = to_host(sample(logits, key, *settings, model._place(feed, REPLICATED))[0])
+        if step < steps:
+            logits = model.decode_step(st, tok, step)
+    return loop, (time.perf_counter() - t0) / steps
+
+
+def jax_block(state):
+    import jax
+    jax.block_until_ready((state.caches, state.kpos))
+
+
 def _kernel_group(name: str) -> str:
     return re.sub(r"([_.]\d+)+$", "", name)[:70]
 
@@ -202,13 +252,14 @@ def main(argv=None) -> int:
     cfg = preset(args.preset)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
           flush=True)
-    bw = hbm_bandwidth(args.copy_mib)
-    print(f"bandwidth probe ({args.copy_mib} MiB x + 1): {bw / 1e9:.0f} GB/s", flush=True)
+    bw, bw_read = hbm_bandwidth(args.copy_mib), hbm_read_bandwidth(args.copy_mib)
+    print(f"bandwidth probes ({args.copy_mib} MiB): copy (x + 1) {bw / 1e9:.0f} GB/s, read (sum) "
+          f"{bw_read / 1e9:.0f} GB/s", flush=True)
     t0 = time.perf_counter()
     model = Model(cfg, RandomSource(cfg, seed=0), cp=1, dtype="bfloat16")
     print(f"model built in {time.perf_counter() - t0:.1f} s; weights read per step "
           f"{weight_bytes(model) / 1e9:.2f} GB", flush=True)
-    new = 2 * args.steps + 2 + (args.profile_steps if args.profile else 0)
+    new = 2 * args.steps + 2 + (args.profile_steps if args.profile else 0)  # also >= generate's steps + 1
     rows, failed, states = [], [], {}
     for n in args.context:
         t0 = time.perf_counter()
@@ -221,11 +272,11 @@ def main(argv=None) -> int:
             tok = np.array([1], np.int32)
         jax.block_until_ready(base.caches)
         nbytes = step_bytes(model, base, n)
-        floor = sum(nbytes.values()) / bw
+        floor, floor_read = sum(nbytes.values()) / bw, sum(nbytes.values()) / bw_read
         print(f"context {n}: cache filled ({args.fill}) in {time.perf_counter() - t0:.1f} s, capacity "
               f"{base.slots_per_rank} slots; bytes per step: weights {nbytes['weights'] / 1e9:.2f} GB, "
-              f"KV {nbytes['kv'] / 1e9:.3f} GB, GDN {nbytes['gdn'] / 1e9:.3f} GB -> floor {floor * 1e3:.2f} ms",
-              flush=True)
+              f"KV {nbytes['kv'] / 1e9:.3f} GB, GDN {nbytes['gdn'] / 1e9:.3f} GB -> floor {floor * 1e3:.2f} ms "
+              f"(copy), {floor_read * 1e3:.2f} ms (read)", flush=True)
         ref = None
         for v in args.variants:
             model.decode_attention = v
@@ -237,19 +288,24 @@ def main(argv=None) -> int:
             if not ok:
                 failed.append((n, v, err))
             med = statistics.median(times)
-            rows.append((n, v, med, pipe, floor, err, ok))
-            print(f"  {v}: step {med * 1e3:.2f} ms, pipelined {pipe * 1e3:.2f} ms, logits rel. err vs dense "
-                  f"{err:.1e} {'OK' if ok else 'FAIL'} (compile + run {time.perf_counter() - t0:.1f} s)", flush=True)
+            loop, synced = time_loops(model, base, args.steps)
+            rows.append((n, v, med, pipe, loop, synced, floor, floor_read, err, ok))
+            print(f"  {v}: step {med * 1e3:.2f} ms, pipelined {pipe * 1e3:.2f} ms, generate {loop * 1e3:.2f} ms, "
+                  f"synced {synced * 1e3:.2f} ms, logits rel. err vs dense {err:.1e} {'OK' if ok else 'FAIL'} "
+                  f"(compile + run {time.perf_counter() - t0:.1f} s)", flush=True)
         if args.profile and n == args.profile_context:
             states[n] = (base, tok)
         else:
             del base
     print(f"\ndecode step, preset {args.preset}, B = 1, cp = 1, bf16, fill {args.fill}, median of {args.steps} steps, "
-          f"floor at {bw / 1e9:.0f} GB/s; logits checked against dense (rel. L2 <= {TOLERANCE:.0e})")
-    print("| context | variant | step (ms) | pipelined (ms) | floor (ms) | step / floor | logits vs dense |")
-    print("|---|---|---|---|---|---|---|")
-    for n, v, med, pipe, floor, err, ok in rows:
-        print(f"| {n} | {v} | {med * 1e3:.2f} | {pipe * 1e3:.2f} | {floor * 1e3:.2f} | {med / floor:.2f} | "
+          f"floors at {bw / 1e9:.0f} GB/s (copy) and {bw_read / 1e9:.0f} GB/s (read); logits checked against "
+          f"dense (rel. L2 <= {TOLERANCE:.0e}); ratios of generate to the floors")
+    print("| context | variant | step (ms) | pipelined (ms) | generate (ms/token) | synced (ms/token) | "
+          "floor copy / read (ms) | generate / floor copy, read | logits vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, v, med, pipe, loop, synced, floor, floor_read, err, ok in rows:
+        print(f"| {n} | {v} | {med * 1e3:.2f} | {pipe * 1e3:.2f} | {loop * 1e3:.2f} | {synced * 1e3:.2f} | "
+              f"{floor * 1e3:.2f} / {floor_read * 1e3:.2f} | {loop / floor:.2f}, {loop / floor_read:.2f} | "
               f"{err:.1e} {'OK' if ok else 'FAIL'} |")
     if args.profile:
         n = args.profile_context
