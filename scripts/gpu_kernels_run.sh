@@ -2,7 +2,9 @@
 # Issue 17's GPU runs on one H200 (carry .whl). PART=1: MoE layer and grouped-matmul candidates
 # (scripts/bench_moe.py) and the GDN variants against FLA (bench_kernels.py gdnvar). PART=2: the 9B decode
 # step against its memory floor (scripts/bench_decode_step.py) and the 35B-A3B prefill before (.old/, the
-# tree before this work, carried) and after. PART=3: the last round (see below). Stage logs under $OUT.
+# tree before this work, carried) and after. PART=3: the last round (see below). PART=4: MoE tail tiles and
+# generate's queued decode loop; PART=5: GDN variants (fused forms timed); PART=6: the GDN default
+# against fp32 and FLA; PART=7: the 9B prefill before (.old) and after. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -19,6 +21,23 @@ for part in ${PART:-1 2}; do
     show gdnvar_final 30
     stage decode_final "${T_DEC:-190}" python scripts/bench_decode_step.py --fill random ${DECODE_ARGS:-}
     show decode_final 30
+  elif [ "$part" = 4 ]; then
+    stage moe_tail "${T_MOE:-220}" python scripts/check_moe_kernel.py --sweep tail --cases \
+      qwen3.5-397b-a17b:8192,qwen3.5-397b-a17b:32768,qwen3.5-122b-a10b:8192,qwen3.5-35b-a3b:8192,qwen3.5-35b-a3b:32768
+    show moe_tail 50
+    stage decode_loop "${T_DEC:-240}" python scripts/bench_decode_step.py --fill random --variants dense ${DECODE_ARGS:-}
+    show decode_loop 16
+  elif [ "$part" = 5 ]; then
+    stage gdnvar5 "${T_GDN:-420}" python scripts/bench_kernels.py --sections gdnvar --gdn-T "${GDN_T:-32768,131072}" --out "$OUT"
+    show gdnvar5 40
+  elif [ "$part" = 6 ]; then  # the fused GDN default: checked against fp32, then against FLA
+    stage gdn6 "${T_GDN:-330}" python scripts/bench_kernels.py --sections checkgdn,gdn --gdn-T 8192,32768,131072 --out "$OUT"
+    show gdn6 30
+  elif [ "$part" = 7 ]; then
+    stage prefill9_old "${T_PF:-150}" bash -c "cd .old && python run_old.py scripts/bench_prefill.py --preset qwen3.5-9b --tokens 32768 --reps 3"
+    show prefill9_old 8
+    stage prefill9_new "${T_PF:-150}" python scripts/bench_prefill.py --preset qwen3.5-9b --tokens 32768 --reps 3
+    show prefill9_new 8
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

@@ -33,6 +33,8 @@ Fused pipelines (fewer passes over memory; the chunk states h and v_new never le
      then o and the state update as above. Bytes moved at 128k tokens / 64 heads (bf16): about 27 GB with
      three stages, about 11 GB fused (inputs, T and o; q/k/v re-read per dv block mostly from L2).
 The sequential pass launches B * Hv * dv / bv programs; the fused forms pay off when that fills the GPU.
+Default (`Tiling.fuse="auto"`): fuse="all" for bf16/fp16 inputs (1.10-1.24x the three stages on an H200 at
+32k-128k tokens, 32/64 value heads), the three stages for fp32 inputs.
 
 Numerics: the state, every accumulation and the gates are fp32. With bf16 inputs the intermediates
 (w, u, v_new, h; T with fuse="all") are stored in bf16 and the matrix-unit dots take bf16 operands (as FLA does); the
@@ -64,7 +66,7 @@ _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
 
 
 _INVERSES = ("doubling", "blocked")
-_FUSES = ("none", "output", "all")
+_FUSES = ("auto", "none", "output", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,10 @@ class Tiling:
     # stages_state, that fit in shared memory by `_fused_stages`; a number is used as given.
     stages_fused: int | None = None
     inverse: str = "doubling"  # (I + A)^-1 in stage 1: "doubling" (64 x 64 products) or "blocked" (16 x 16)
-    fuse: str = "none"  # "none" (3 stages), "output" (state + output fused), "all" (also w, u from T)
+    # "none" (3 stages), "output" (state + output fused), "all" (also w, u from T); "auto": "all" for 16-bit
+    # inputs (H200, bf16, B=1, Hk=16: 1.10-1.24x the three stages at 32k-128k and 32/64 value heads,
+    # docs/runs/2026-11-30-gdnvar5.txt), "none" for fp32 (its fused Triton compiles took over 100 s each).
+    fuse: str = "auto"
 
     def __post_init__(self):
         if self.inverse not in _INVERSES:
@@ -550,6 +555,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, 
     gc = jnp.transpose(gc, (0, 2, 1))  # [B, Hv, Tp]: one contiguous row per head for the kernels
     bt = jnp.transpose(beta.astype(f32), (0, 2, 1))
 
+    if tiling.fuse == "auto":
+        tiling = dataclasses.replace(tiling, fuse="none" if exact else "all")
     kw = dict(prec=prec, tiling=tiling, interpret=interpret)
     if tiling.fuse == "all":
         tmat = _wy_t(k, gc, bt, G, cdt=cdt, **kw)
