@@ -473,6 +473,11 @@ class Model:
         state.logits = logits
         return logits
 
+    def _sampling_settings(self, temperature: float, top_k: int | None, top_p: float | None):
+        """(temperature, top_k, top_p) as replicated device scalars: the traced arguments of `_sample_fn`."""
+        return tuple(self._place(np.asarray(v, t), REPLICATED) for v, t in
+                     ((temperature, np.float32), (top_k or self.cfg.vocab_size, np.int32), (top_p or 1.0, np.float32)))
+
     def _sample_fn(self, greedy: bool):
         """(logits [B, V], key, temperature, top_k, top_p, feed [2B + 3] int32) -> (tokens [B], packed
         [2B + 2]), both replicated on the mesh. feed = per row the id to feed instead of the sampled one
@@ -537,8 +542,7 @@ class Model:
         done = np.zeros(B, bool)
         logits = state.logits
         key = jax.random.key(np.uint32(seed))
-        settings = tuple(self._place(np.asarray(v, t), REPLICATED) for v, t in
-                         ((temperature, np.float32), (top_k or self.cfg.vocab_size, np.int32), (top_p or 1.0, np.float32)))
+        settings = self._sampling_settings(temperature, top_k, top_p)
         sample = self._sample_fn(temperature == 0.0)
         for step in range(max_new_tokens):
             last = step + 1 == max_new_tokens

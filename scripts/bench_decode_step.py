@@ -73,19 +73,22 @@ def parse_args(argv=None):
     return args
 
 
+def _median_seconds(f, x, runs: int = 10) -> float:
+    f(x).block_until_ready()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def hbm_bandwidth(mib: int) -> float:
     """Bytes/s of a jitted elementwise x + 1 over `mib` MiB of bf16 (reads and writes each byte once)."""
     import jax
     import jax.numpy as jnp
     x = jnp.ones((mib * 2**19,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / statistics.median(times)
+    return 2 * x.nbytes / _median_seconds(jax.jit(lambda a: a + 1), x)
 
 
 def hbm_read_bandwidth(mib: int) -> float:
@@ -93,14 +96,7 @@ def hbm_read_bandwidth(mib: int) -> float:
     import jax
     import jax.numpy as jnp
     x = jnp.ones((mib * 2**19,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return x.nbytes / statistics.median(times)
+    return x.nbytes / _median_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x)
 
 
 def weight_bytes(model) -> int:
@@ -174,6 +170,8 @@ def time_variant(model, base, tok, steps: int):
 
 def time_loops(model, base, steps: int):
     """Seconds per new token of Model._decode_loop (generate's loop) and of the synced loop it replaced."""
+    import jax
+
     from pcp_jax.engine import REPLICATED, to_host
     model._decode_loop(copy_state(base), 2)  # compiles the sampling program
     st = copy_state(base)
@@ -183,9 +181,8 @@ def time_loops(model, base, steps: int):
     loop = (time.perf_counter() - t0) / steps
 
     sample = model._sample_fn(True)
-    settings = tuple(model._place(np.asarray(v, t), REPLICATED) for v, t in
-                     ((0.0, np.float32), (model.cfg.vocab_size, np.int32), (1.0, np.float32)))
-    key = __import__("jax").random.key(0)
+    settings = model._sampling_settings(0.0, None, None)
+    key = jax.random.key(0)
     B = len(base.lengths)
     st = copy_state(base)
     jax_block(st)

@@ -96,7 +96,7 @@ def test_bench_decode_and_profile_on_cpu(tmp_path):
             "--profile", str(tmp_path / "prof"))
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line for line in r.stdout.splitlines() if line.startswith("| 256 |"))
-    assert float(row.split("|")[7]) > 0  # decode step column
+    assert float(row.split("|")[7]) > 0 and float(row.split("|")[8]) > 0  # decode step, generate per token
     assert list((tmp_path / "prof").rglob("*.xplane.pb"))
     assert "no GPU device planes" in r.stdout
 
