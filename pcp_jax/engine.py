@@ -96,8 +96,8 @@ class Model:
     `consume_params`: empty `params` while building (each tensor leaves the dict once its device copies are
     made), so that no weight is held twice at load; without it the caller's arrays stay alive until the
     caller drops them. `decode_attention`: how decode attends to the KV cache (a method of
-    pcp_jax.kernels.attention.api.decode_attention: "dense", "split", "split-sum"); the attribute of that
-    name may be changed between calls (each method is its own decode program)."""
+    pcp_jax.kernels.attention.api.decode_attention_stacked: "dense", "split", "split-sum", "pallas"); the
+    attribute of that name may be changed between calls (each method is its own decode program)."""
 
     def __init__(self, cfg: ModelConfig, params, *, cp: int = 1, tp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",

@@ -35,7 +35,7 @@ from flax import nnx
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig, param_shapes
 from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, grouped_swiglu, merge_partials, merge_stacked
-from pcp_jax.kernels.attention.api import decode_attention
+from pcp_jax.kernels.attention.api import decode_attention_stacked
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
 from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
@@ -130,12 +130,12 @@ class GatedAttention(nnx.Module):
     def decode(self, x, ctx: ShardContext, caches, index, kpos, write, attention="dense"):
         """One token. caches["k"/"v"] [NA, B, S, Hkv, hd] this rank's slots (this layer's: `index`); kpos
         [B, S] their positions (-1 empty, already including the new token); write = (owner rank, slot)
-        of the new token; `attention`: the method of kernels.attention.api.decode_attention."""
+        of the new token; `attention`: the method of kernels.attention.api.decode_attention_stacked."""
         q, k, v, gate = self._qkv(x, ctx.positions)
         caches = dict(caches, k=_write_slot(caches["k"], k, ctx, write, index),
                       v=_write_slot(caches["v"], v, ctx, write, index))
-        k_all, v_all = (jax.lax.dynamic_index_in_dim(caches[n], index, 0, keepdims=False) for n in ("k", "v"))
-        out, lse = decode_attention(q, k_all, v_all, ctx.positions, kpos, method=attention)
+        out, lse = decode_attention_stacked(q, caches["k"], caches["v"], index, ctx.positions, kpos,
+                                            used=write[1] + 1, method=attention)  # slots past `write` are empty
         if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
             out, _ = merge_stacked(ctx.all_gather(out), ctx.all_gather(lse))
         return self._out(out, gate, x), caches
@@ -460,7 +460,7 @@ class Qwen35(nnx.Module):
 
     def decode(self, ids, ctx: ShardContext, caches: dict, kpos, write, scan=True, attention="dense"):
         """ids [B, 1] the same on every rank. Returns (logits [B, V] fp32, updated caches). `attention`:
-        how attention layers read their cache (kernels.attention.api.decode_attention)."""
+        how attention layers read their cache (kernels.attention.api.decode_attention_stacked)."""
         x, caches = self._layers(self.embed_tokens(ids, ctx), caches,
                                  lambda layer, x, c, i: layer.decode(x, ctx, c, i, kpos, write, attention), scan)
         return self.head(x[:, 0], ctx), caches

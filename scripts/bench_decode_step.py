@@ -9,7 +9,9 @@ Per context: the cache is filled (`prefill`: a random prompt through Model.prefi
 cache shape with random K/V, GDN and conv states, positions 0..n-1, which skips compiling prefill
 programs), with room for every step run here. Variants (`Model.decode_attention`): "dense" (one softmax
 over the cache; the default), "split" and "split-sum" (split along the cache length, merged by
-log-sum-exp: pcp_jax/kernels/attention/decode.py). Each variant starts from its own copy of the same cache.
+log-sum-exp: pcp_jax/kernels/attention/decode.py), "pallas" (a Pallas kernel reading the layer's filled
+blocks of the stacked cache in place: kernels/attention/decode_pallas.py). Each variant starts from its own
+copy of the same cache.
 
 Correctness first: every variant's first-step logits against dense's, relative L2 error within 3e-2 (bf16:
 the paths round different intermediates; in fp32 they agree to 1e-5, tests/test_decode_fast.py); the run
@@ -45,7 +47,7 @@ import time
 
 import numpy as np
 
-METHODS = ("dense", "split", "split-sum")
+METHODS = ("dense", "split", "split-sum", "pallas")
 TOLERANCE = 3e-2
 
 

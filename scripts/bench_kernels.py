@@ -188,6 +188,29 @@ def section_check(args):
         ref = moe_ref.grouped_matmul(up(lhs), up(rhs), sizes)
     check("moe grouped_matmul bf16 (tokamax mosaic)", rel(out, ref), 1e-2)
     check("moe grouped_matmul unrouted rows are 0", float(jnp.abs(out[M - 300:].astype(jnp.float32)).max()), 0.0)
+    section_checkdecode(args)
+
+
+def section_checkdecode(args):
+    """The Pallas decode attention on the stacked cache (kernels/attention/decode_pallas.py) against the
+    fp32 slice-and-softmax reference: bf16 and fp32 caches, a layer inside the stack, empty slots past
+    `used`, a row with a hole; the 9B's head shapes (hd 256, 16 q / 4 kv heads)."""
+    from pcp_jax.kernels.attention import decode_pallas
+    N, B, S, Hkv, D, Hq = 4, 2, 4096, 4, 256, 16
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    k = jax.random.normal(ks[0], (N, B, S, Hkv, D), jnp.float32)
+    v = jax.random.normal(ks[1], (N, B, S, Hkv, D), jnp.float32)
+    q = jax.random.normal(ks[2], (B, 1, Hq, D), jnp.float32)
+    used = 3000
+    kpos = jnp.where(jnp.arange(S)[None] < used, jnp.arange(S)[None], -1).repeat(B, 0).astype(jnp.int32)
+    kpos = kpos.at[1, 100:300].set(-1)
+    q_pos = jnp.array([[used - 1], [2000]], jnp.int32)
+    want, want_lse = decode_pallas.reference(q, k, v, 2, q_pos, kpos)
+    for dt, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
+        f = jax.jit(lambda *a: decode_pallas.stacked_decode_attention(*a, used=used))
+        out, lse = f(q.astype(dt), k.astype(dt), v.astype(dt), 2, q_pos, kpos)
+        check(f"decode attention stacked {jnp.dtype(dt).name} out", rel(out, want), tol)
+        check(f"decode attention stacked {jnp.dtype(dt).name} lse", rel(lse, want_lse), tol)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 # step against its memory floor (scripts/bench_decode_step.py) and the 35B-A3B prefill before (.old/, the
 # tree before this work, carried) and after. PART=3: the last round (see below). PART=4: MoE tail tiles and
 # generate's queued decode loop; PART=5: GDN variants (fused forms timed); PART=6: the GDN default
-# against fp32 and FLA; PART=7: the 9B prefill before (.old) and after. Stage logs under $OUT.
+# against fp32 and FLA; PART=7: the 9B prefill before (.old) and after;
+# PART=8: decode attention from the stacked cache in place (not run yet). Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -38,6 +39,12 @@ for part in ${PART:-1 2}; do
     show prefill9_old 8
     stage prefill9_new "${T_PF:-150}" python scripts/bench_prefill.py --preset qwen3.5-9b --tokens 32768 --reps 3
     show prefill9_new 8
+  elif [ "$part" = 8 ]; then  # decode attention reading the stacked cache in place, with a profile at 128k
+    stage checkdecode 120 python scripts/bench_kernels.py --sections checkdecode --out "$OUT"
+    show checkdecode 8
+    stage decode_pallas "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --variants dense,pallas \
+      --profile "$OUT/decode_prof" --profile-context 131072 ${DECODE_ARGS:-}
+    show decode_pallas 60
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

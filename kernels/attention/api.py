@@ -11,6 +11,8 @@ import functools
 import logging
 
 from ..backend import use_gpu_kernels
+from jax import lax
+
 from . import decode, reference
 from .reference import merge_partials, merge_stacked  # noqa: F401  (part of the public surface)
 
@@ -48,7 +50,7 @@ def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, kernels="
     return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=causal)
 
 
-DECODE_METHODS = ("dense", "split", "split-sum")
+DECODE_METHODS = ("dense", "split", "split-sum", "pallas")
 
 
 def decode_attention(q, k, v, q_pos, k_pos, *, method="dense", block=None, scale=None):
@@ -58,11 +60,31 @@ def decode_attention(q, k, v, q_pos, k_pos, *, method="dense", block=None, scale
       "dense":     one softmax over all S slots (reference.attention_block);
       "split":     split along the cache in blocks of `block` slots (default decode.split_block(S)),
                    partials merged by log-sum-exp, products as einsums (decode.py);
-      "split-sum": the same split, products as multiply + sum reductions (decode.py)."""
-    if method not in DECODE_METHODS:
+      "split-sum": the same split, products as multiply + sum reductions (decode.py).
+    ("pallas" reads the stacked caches in place: `decode_attention_stacked`.)"""
+    if method not in DECODE_METHODS or method == "pallas":
         raise ValueError(f"method={method!r}; expected one of {DECODE_METHODS}")
     if method == "dense":
         return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=True)
     block = decode.split_block(k.shape[1]) if block is None else block
     return decode.split_attention(q, k, v, q_pos, k_pos, block=block, scale=scale, causal=True,
                                   form="dot" if method == "split" else "sum")
+
+
+def decode_attention_stacked(q, k_stack, v_stack, layer, q_pos, k_pos, *, used, method="dense", scale=None):
+    """`decode_attention` on layer `layer` of the stacked caches k_stack, v_stack [N, B, S, Hkv, D]; slots at
+    or past `used` (a scalar) are empty on every row. "pallas": decode_pallas.py's kernel, which reads the
+    layer's filled blocks in place (on a backend without GPU kernels through the Pallas interpreter, for
+    tests; unsupported shapes slice and run "dense"); the other methods slice the layer out first (XLA
+    copies it) and run `decode_attention`."""
+    if method == "pallas":
+        from . import decode_pallas
+
+        try:
+            return decode_pallas.stacked_decode_attention(q, k_stack, v_stack, layer, q_pos, k_pos, used=used,
+                                                          scale=scale, interpret=not use_gpu_kernels("auto"))
+        except NotImplementedError as e:
+            _log_fallback(str(e))
+            method = "dense"
+    k, v = (lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k_stack, v_stack))
+    return decode_attention(q, k, v, q_pos, k_pos, method=method, scale=scale)
