@@ -280,7 +280,12 @@ def main(argv=None) -> int:
         for v in args.variants:
             model.decode_attention = v
             t0 = time.perf_counter()
-            logits0, times, pipe, _ = time_variant(model, base, tok, args.steps)
+            try:
+                logits0, times, pipe, _ = time_variant(model, base, tok, args.steps)
+            except Exception as e:  # e.g. a kernel that does not compile here: report it, time the others
+                print(f"  {v}: failed: {str(e).splitlines()[0][:300]}", flush=True)
+                failed.append((n, v, float("nan")))
+                continue
             ref = logits0 if v == "dense" else ref
             err = float(np.linalg.norm(logits0 - ref) / np.linalg.norm(ref))
             ok = err <= TOLERANCE and np.isfinite(logits0).all()
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
                 print(f"\nprofile of {args.profile_steps} {v} steps at context {n} (trace under {out}):\n"
                       f"{profile_report(out, args.profile_steps, timed[v] * 1e3)}", flush=True)
     if failed:
-        print(f"FAIL: logits of {failed} differ from dense's by more than {TOLERANCE}")
+        print(f"FAIL (context, variant, logits' rel. err; nan: it did not run): {failed}; allowed {TOLERANCE}")
         return 1
     return 0
 
