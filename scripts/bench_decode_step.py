@@ -18,16 +18,16 @@ the paths round different intermediates; in fp32 they agree to 1e-5, tests/test_
 goes on after a failure, which is marked in the table and makes the exit status 1.
 
 Timing, median over --steps steps:
-  step       one `decode_step` + block_until_ready per step (what `pcp-jax bench --decode` reports);
+  step       one `decode_step` + block_until_ready per step (`pcp-jax bench --decode`: "decode step");
   pipelined  --steps steps dispatched back to back, one wait at the end, divided by --steps: the device
              time when the host keeps ahead (step - pipelined = host time per step the device waits on).
   generate   per new token of `Model.generate`'s decode loop (`Model._decode_loop`, greedy sampling on
              the device, each step queued before the host reads the sampled token) over --steps tokens.
   synced     the loop before 2026-11-30 (tokens to the host, then `decode_step`), for comparison.
-Floor = bytes one step must move / the HBM bandwidth measured here: "copy" a jitted x + 1 over --copy-mib
-MiB (read + write), "read" a jitted sum over the same array (read only; usually the higher one). Bytes: every parameter of the model once (summed over the model's arrays; of an untied
-embedding table only the one row looked up), the K/V cache up to the context (read), GDN recurrent and
-conv states (read + write).
+Floor = bytes one step must move / the HBM bandwidth measured here: "copy" a jitted x + 1 over --copy-mib MiB
+(read + write), "read" a jitted sum over the same array (read only; usually the higher one). Bytes: every
+parameter of the model once (summed over the model's arrays; of an untied embedding table only the one row
+looked up), the K/V cache up to the context (read), GDN recurrent and conv states (read + write).
 
 --profile DIR: after timing, traces --profile-steps steps of dense and of the fastest other variant at
 --profile-context, and prints per step the GPU kernels' busy time, count and idle time between them, and

@@ -308,13 +308,18 @@ def section_tune(args):
 
 
 # (column name, Tiling fields, other dv block). Priority order: under the time budget the later ones are
-# the first to go. "out"/"all": fuse="output"/"all"; sN: stages_fused=N, none given: `_fused_stages` picks
-# (3 in bf16 at dk = 128); bv*: the dv block that the launch-size rule does not pick (64 at Hv 32, 32 at
-# Hv 64). The blocked inverse alone measured slower (H200, 32k / 32 heads: 2.204 ms vs 2.080).
+# the first to go. "out"/"all": fuse="output"/"all"; wN: warps_state=N; bvN: bv_state=N; sN: stages_fused=N,
+# none given: `_fused_stages` picks (3 in bf16 at dk = 128); bv*: the dv block that the launch-size rule does
+# not pick (64 at Hv 32, 32 at Hv 64). The blocked inverse alone measured slower (H200, 32k / 32 heads: 2.204
+# ms vs 2.080). Run K7's results for the others: docs/runs/2026-11-30-gdnvar5.txt.
 GDNVAR = [
     ("base", dict(fuse="none"), False),  # the three stages (the default before run K5)
     ("out", dict(fuse="output"), False),
     ("all", dict(fuse="all"), False),
+    # Not yet run: the fused pass is latency-bound (docs/gpu_notes.md); narrower dv blocks give each SM two
+    # programs to interleave at 32 heads, more warps split each dependent dot of a chunk step.
+    ("all bv16", dict(fuse="all", bv_state=16), False),
+    ("all w8", dict(fuse="all", warps_state=8), False),
     ("out s2", dict(fuse="output", stages_fused=2), False),
     ("all s2", dict(fuse="all", stages_fused=2), False),
     ("all s1", dict(fuse="all", stages_fused=1), False),
