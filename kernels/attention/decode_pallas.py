@@ -1,12 +1,13 @@
 """Decode attention that reads the stacked KV cache in place: a Pallas kernel (Triton lowering) for GPUs.
 
 Why: the caches of all attention layers are one array per K and V, [N, B, S, Hkv, D] (model.empty_caches).
-Slicing layer i out of it for the jnp paths makes XLA copy that layer's whole K and V every decode step (a
-device-to-device copy of 2·B·S·Hkv·D elements per layer: 64 copies, 0.69 ms of a 6.5 ms step of the 9B at
-32k context on an H200, docs/gpu_notes.md), and they read all S slots of the capacity, filled or not. This
-kernel takes the whole stacked array and the layer index as a run-time scalar and loads only that layer's
-blocks, and only the blocks below `used` (slots at or past `used` are empty on every row: decode fills
-slots in order).
+The jnp paths slice layer i out of it, and the profile of a 9B step at 32k context on an H200 shows 64
+device-to-device copies per step (0.69 ms of 6.5 ms): two per layer, most likely these slices (K and V of
+the attention layers, state and conv of the GDN layers; inferred from the count, docs/gpu_notes.md). The
+jnp paths also read all S slots of the capacity, filled or not. This kernel takes the whole stacked array
+and the layer index as a run-time scalar and loads only that layer's blocks, and only the blocks below
+`used` (slots at or past `used` are empty on every row: decode fills slots in order). Not yet timed on a
+GPU: `Model(decode_attention="pallas")` is opt-in.
 
 Contract: as reference.attention_block for one query row, causal (keys visible where 0 <= k_pos <= q_pos):
   q [B, 1, Hq, D]; k_stack, v_stack [N, B, S, Hkv, D]; layer int scalar (traced or static); q_pos [B, 1],
