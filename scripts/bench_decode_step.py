@@ -75,14 +75,11 @@ def parse_args(argv=None):
     return args
 
 
-def _median_seconds(f, x, runs: int = 10) -> float:
-    f(x).block_until_ready()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_seconds(f, x) -> float:
+    """Median seconds of one call of f(x), each waited for (scripts/burst_timing.py, bursts of one call;
+    imported here: it imports jax, which must follow --xla-flags)."""
+    from burst_timing import bench
+    return bench(f, x, reps=10, inner=1)[0] / 1e3
 
 
 def hbm_bandwidth(mib: int) -> float:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 
-from ..backend import use_gpu_kernels
 from jax import lax
 
+from ..backend import use_gpu_kernels
 from . import decode, reference
 from .reference import merge_partials, merge_stacked  # noqa: F401  (part of the public surface)
 
@@ -62,7 +62,9 @@ def decode_attention(q, k, v, q_pos, k_pos, *, method="dense", block=None, scale
                    partials merged by log-sum-exp, products as einsums (decode.py);
       "split-sum": the same split, products as multiply + sum reductions (decode.py).
     ("pallas" reads the stacked caches in place: `decode_attention_stacked`.)"""
-    if method not in DECODE_METHODS or method == "pallas":
+    if method == "pallas":
+        raise ValueError("method='pallas' reads the stacked caches: call decode_attention_stacked")
+    if method not in DECODE_METHODS:
         raise ValueError(f"method={method!r}; expected one of {DECODE_METHODS}")
     if method == "dense":
         return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=True)
