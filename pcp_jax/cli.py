@@ -268,7 +268,8 @@ def cmd_generate(args) -> int:
     ids, tok = _prompt_ids(args)
     cache_dir = use_compile_cache(args.compile_cache)
     _check_mesh(args.model, args.cp, args.tp)
-    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels)
+    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels,
+                               decode_attention=args.decode_attention)
     if args.prefix_cache_mb:
         model.enable_prefix_cache(args.prefix_cache_mb << 20)
     if args.warmup:
@@ -299,7 +300,8 @@ def cmd_warmup(args) -> int:
     require_folder(args.model, "--model")
     cache_dir = use_compile_cache(args.compile_cache)
     _check_mesh(args.model, args.cp, args.tp)
-    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels)
+    model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels,
+                               decode_attention=args.decode_attention)
     try:
         stats = model.warmup(args.max_tokens, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
                              chunk_size=args.chunk_size, logits=args.logits, progress=not args.no_progress)
@@ -322,6 +324,8 @@ def _add_model_flags(p) -> None:
                    help="devices on the tensor-parallel axis (each holds 1/tp of the weights); --cp x --tp devices")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "dense", "split", "split-sum", "pallas"],
+                   help="how decode reads the KV cache ('auto': the Pallas kernel on GPUs, else 'dense')")
     p.add_argument("--cpu-devices", type=int_at_least(1),
                    help="virtual CPU devices (for --cp x --tp > 1 without accelerators)")
     p.add_argument("--chunk-size", type=chunk_size_arg, default="auto",

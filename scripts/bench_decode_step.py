@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -200,39 +199,14 @@ def jax_block(state):
     jax.block_until_ready((state.caches, state.kpos))
 
 
-def _kernel_group(name: str) -> str:
-    return re.sub(r"([_.]\d+)+$", "", name)[:70]
-
-
 def profile_report(log_dir: str, steps: int, timed_ms: float) -> str:
-    """Per traced step: busy/idle GPU time and kernel count; top 15 kernel groups by time."""
-    from pcp_jax.overlap import device_kernels, latest_xplane, merge_intervals
-    per_dev = device_kernels(latest_xplane(log_dir))
-    kernels = sorted(k for ks in per_dev.values() for k in ks) if per_dev else []
-    kernels = sorted(kernels, key=lambda k: k[1])
-    if not kernels:
-        return "  no GPU kernels in the trace (CPU run?)"
-    # The `steps` - 1 longest gaps between consecutive kernels are the host syncs between steps.
-    gaps = sorted(range(1, len(kernels)), key=lambda i: kernels[i][1] - kernels[i - 1][2], reverse=True)
-    cuts = sorted(gaps[:steps - 1])
-    bounds = [0] + cuts + [len(kernels)]
-    lines = [f"  timed step (command buffers on) {timed_ms:.2f} ms",
-             "  | traced step | kernels | busy (ms) | idle between kernels (ms) | span (ms) |", "  |---|---|---|---|---|"]
-    for i in range(len(bounds) - 1):
-        ks = kernels[bounds[i]:bounds[i + 1]]
-        busy = sum(e - s for s, e in merge_intervals([(s, e) for _, s, e in ks]))
-        span = max(e for _, _, e in ks) - ks[0][1]
-        lines.append(f"  | {i} | {len(ks)} | {busy / 1e6:.3f} | {(span - busy) / 1e6:.3f} | {span / 1e6:.3f} |")
-    groups: dict[str, list[int]] = {}
-    for name, s, e in kernels:
-        g = groups.setdefault(_kernel_group(name), [0, 0])
-        g[0] += e - s
-        g[1] += 1
-    total = sum(t for t, _ in groups.values())
-    lines += ["  | kernel (grouped) | per step | ms per step | share of busy |", "  |---|---|---|---|"]
-    for name, (t, c) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:15]:
-        lines.append(f"  | {name} | {c / steps:.1f} | {t / steps / 1e6:.3f} | {t / total:.1%} |")
-    return "\n".join(lines)
+    """The timed step, then per traced step busy/idle GPU time and kernel count, and the top 15 kernel groups by
+    time (scripts/trace_table.py); only trace_table's "no GPU kernels" line when the trace holds none."""
+    from trace_table import NO_KERNELS, kernel_table
+    report = kernel_table(log_dir, steps, unit="step")
+    if report == NO_KERNELS:
+        return report
+    return f"  timed step (command buffers on) {timed_ms:.2f} ms\n{report}"
 
 
 def main(argv=None) -> int:

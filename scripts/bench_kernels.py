@@ -8,6 +8,10 @@ Sections (run in the order given; each catches its own failure, logs it and goes
           (bf16 inputs: rel L2 err <= 1e-2; fp32 inputs: <= 1e-4).
   gdn   : chunked gated delta rule forward, B=1, T in {8k, 32k, 128k}, 16 qk heads, 32/64 v heads,
           dk = dv = 128, bf16, vs FLA `chunk_gated_delta_rule` (torch, same GPU, GVA, final state out).
+          --profile DIR: after timing --profile-case T:H (default: the largest --gdn-T, 64 value heads),
+          traces 3 calls of ours and 3 of FLA's (ours only when FLA does not run) under DIR/gdn_{ours,fla}_T*_Hv*
+          and prints per call the GPU kernels' count, busy and idle time, and the top kernel groups
+          (scripts/trace_table.py).
   tune  : GDN tiling sweep at 32k / 32 heads, plus the time of each of the three stages.
   gdnvar: GDN variants (`Tiling.fuse`, `stages_fused`, dv block): base (fp32 B2 T1000 Hv4 tol 1e-4) and
           base + the fused forms (bf16 T4096 Hv64 tol 1e-2) against the fp32 reference; every variant
@@ -48,6 +52,7 @@ from pcp_jax.kernels.gdn import reference as gdn_ref  # noqa: E402
 from pcp_jax.kernels.moe import api as moe_api  # noqa: E402
 from pcp_jax.kernels.moe import reference as moe_ref  # noqa: E402
 from burst_timing import bench  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from trace_table import profile_calls  # noqa: E402
 
 RESULTS: dict = {"rows": [], "checks": [], "errors": []}
 PEAK_TFLOPS = 799.0  # measured bf16 8192^3 matmul on this workplace's H100 (KINDS.md, 2026-11-13)
@@ -205,7 +210,8 @@ def section_checkdecode(args):
     kpos = jnp.where(jnp.arange(S)[None] < used, jnp.arange(S)[None], -1).repeat(B, 0).astype(jnp.int32)
     kpos = kpos.at[1, 100:300].set(-1)
     q_pos = jnp.array([[used - 1], [2000]], jnp.int32)
-    want, want_lse = decode_pallas.reference(q, k, v, 2, q_pos, kpos)
+    with jax.default_matmul_precision("highest"):  # not TF32 on the GPU
+        want, want_lse = decode_pallas.reference(q, k, v, 2, q_pos, kpos)
     for dt, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
         f = jax.jit(lambda *a: decode_pallas.stacked_decode_attention(*a, used=used))
         out, lse = f(q.astype(dt), k.astype(dt), v.astype(dt), 2, q_pos, kpos)
@@ -236,9 +242,37 @@ def _torch_time(run):
     return triton.testing.do_bench(run, warmup=100, rep=500, return_mode="median")
 
 
+def _profile_gdn(args, ours, q, k, v, g, beta):
+    """Logs the kernel tables of 3 traced calls of ours and 3 of FLA's on these inputs (under --profile); ours
+    only, saying why, when FLA does not run. Returns nothing; a failure is logged and kept in RESULTS."""
+    T, Hv = args.profile_case
+    try:
+        log(profile_calls(f"ours T={T} Hv={Hv}", os.path.join(args.profile, f"gdn_ours_T{T}_Hv{Hv}"),
+                          lambda: ours(q, k, v, g, beta)))
+    except Exception as e:  # a failed profile must not hide the timings that follow
+        RESULTS["errors"].append(f"profile ours T{T} Hv{Hv}: {e!r}")
+        log(f"  profile of ours failed: {e!r}")
+    try:
+        import torch
+
+        run = _fla_fn(q, k, v, g, beta)
+
+        def fla():
+            run()
+            torch.cuda.synchronize()
+
+        log(profile_calls(f"FLA chunk_gated_delta_rule T={T} Hv={Hv}",
+                          os.path.join(args.profile, f"gdn_fla_T{T}_Hv{Hv}"), fla))
+    except Exception as e:  # FLA missing or failing: ours is profiled alone
+        RESULTS["errors"].append(f"profile FLA T{T} Hv{Hv}: {e!r}")
+        log(f"  FLA not profiled (ours only): {e!r}")
+
+
 def section_gdn(args):
     log("== gdn: ours (Pallas, Triton lowering) vs FLA chunk_gated_delta_rule, bf16, B=1, Hk=16, dk=dv=128")
     ours = jax.jit(lambda q, k, v, g, b: pallas_gpu.chunk_gated_delta_rule(q, k, v, g, b))
+    if args.profile and (args.profile_case[0] not in args.gdn_T or args.profile_case[1] not in (32, 64)):
+        log(f"  --profile-case {args.profile_case} is not among --gdn-T {args.gdn_T} x Hv (32, 64): no profile")
     for T in args.gdn_T:
         for Hv in (32, 64):
             q, k, v, g, beta, _ = gdn_inputs(T + Hv, 1, T, 16, Hv // 16, 128, 128, jnp.bfloat16, False)
@@ -262,6 +296,8 @@ def section_gdn(args):
                 log(f"  FLA failed: {e!r}")
             row("gdn", f"T={T} Hv={Hv} ours", ms, spread_ms=f"{spread[0]:.3f}-{spread[1]:.3f}",
                 fla_ms=fla_ms, speedup_vs_fla=fla_ms / ms)
+            if args.profile and (T, Hv) == args.profile_case:
+                _profile_gdn(args, ours, q, k, v, g, beta)
             del q, k, v, g, beta
 
 
@@ -590,13 +626,27 @@ def section_moe(args):
         del x, xs, h, y
 
 
+def _profile_case(text, gdn_T):
+    """(T, Hv) of --profile-case "T:H"; (the largest of gdn_T, 64) when it is not given. ValueError otherwise."""
+    if not text:
+        return max(gdn_T), 64
+    T, Hv = (int(x) for x in text.split(":"))
+    return T, Hv
+
+
 def main():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--sections", default="check,gdn,tune,attn,moe")
     ap.add_argument("--gdn-T", default="8192,32768,131072")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", metavar="DIR", help="gdn section: trace --profile-case and print kernel tables")
+    ap.add_argument("--profile-case", metavar="T:H", help="gdn case to trace (default: the largest --gdn-T, 64)")
     args = ap.parse_args()
     args.gdn_T = [int(t) for t in args.gdn_T.split(",")]
+    try:
+        args.profile_case = _profile_case(args.profile_case, args.gdn_T)
+    except ValueError:
+        ap.error(f"--profile-case {args.profile_case!r}: want T:H, e.g. 131072:64")
     dev = jax.devices()[0]
     RESULTS["meta"] = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
                            argv=sys.argv)

@@ -2,12 +2,18 @@
 reference first (ragged groups, empty experts, unrouted padding rows), then a quick timing against tokamax's
 ragged_dot at the expert shapes of the MoE presets. The full comparison is scripts/bench_moe.py.
 
-    python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...]
+    python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...] [--profile DIR]
+
+--profile DIR: after each case's timings, traces 3 calls of our default SwiGLU (gate/up) stage and 3 of our
+default down stage (mg.SWIGLU_CONFIG and mg.MATMUL_CONFIG, the first configs of the sweeps) under
+DIR/<preset>_<tokens>/{swiglu,down}, and prints per call the GPU kernels' count, busy and idle time, and the
+top kernel groups (scripts/trace_table.py), after the case's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -19,6 +25,7 @@ from pcp_jax.kernels.moe import mosaic_gpu as mg
 from pcp_jax.kernels.moe import reference as ref
 from pcp_jax.kernels.moe import tokamax_gpu
 from burst_timing import bench  # scripts/ is on sys.path when a script runs
+from trace_table import profile_calls
 
 PEAK = 799.0
 
@@ -67,7 +74,24 @@ def check() -> bool:
     return ok
 
 
-def timings(presets, tokens):
+def profile_stages(out_dir, x, wg, wu, h, wd, gs):
+    """The kernel tables of 3 traced calls of our default SwiGLU stage and 3 of our default down stage, as text;
+    a stage that fails says so."""
+    stages = [("swiglu", f"ours swiglu {mg.SWIGLU_CONFIG}", jax.jit(mg.grouped_swiglu), (x, wg, wu, gs)),
+              ("down", f"ours down {mg.MATMUL_CONFIG}", jax.jit(mg.grouped_matmul), (h, wd, gs))]
+    parts = []
+    for stage, title, f, args in stages:
+        try:
+            parts.append(profile_calls(title, os.path.join(out_dir, stage), lambda f=f, args=args: f(*args)))
+        except Exception as e:  # noqa: BLE001
+            parts.append(f"\nprofile of {title} failed: {str(e)[:300]}")
+    return "".join(parts)
+
+
+def timings(presets, tokens, profile=None):
+    """Prints the timing table of every preset x token count; with `profile` (a folder), then the kernel tables
+    of `profile_stages` per case."""
+    profiles = []
     print("\n| preset | tokens | op | impl | config | ms | TFLOP/s | % of 799 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in presets:
@@ -105,6 +129,11 @@ def timings(presets, tokens):
                     row("down", "ours", c, timeit(f, h, wd, gs), f_d)
                 except Exception as e:  # noqa: BLE001
                     print(f"  matmul {c} failed: {str(e)[:200]}")
+            if profile:
+                text = profile_stages(os.path.join(profile, f"{name}_{T}"), x, wg, wu, h, wd, gs)
+                profiles.append(f"\n{name}, {T} tokens:{text}")
+    if profiles:
+        print("".join(profiles), flush=True)
 
 
 def main() -> int:
@@ -113,6 +142,7 @@ def main() -> int:
     ap.add_argument("--presets", default="qwen3.5-397b-a17b,qwen3.5-122b-a10b,qwen3.5-35b-a3b")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--cases", default="", help="preset:tokens,... instead of the --presets x --tokens product")
+    ap.add_argument("--profile", metavar="DIR", help="trace our default stages per case; print kernel tables")
     a = ap.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__)
     ok = check()
@@ -122,9 +152,9 @@ def main() -> int:
     if a.cases:
         for case in a.cases.split(","):
             name, tokens = case.split(":")
-            timings([name], [int(tokens)])
+            timings([name], [int(tokens)], a.profile)
     else:
-        timings(a.presets.split(","), [int(t) for t in a.tokens.split(",")])
+        timings(a.presets.split(","), [int(t) for t in a.tokens.split(",")], a.profile)
     return 0
 
 

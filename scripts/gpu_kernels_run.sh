@@ -5,7 +5,9 @@
 # tree before this work, carried) and after. PART=3: the last round (see below). PART=4: MoE tail tiles and
 # generate's queued decode loop; PART=5: GDN variants (fused forms timed); PART=6: the GDN default
 # against fp32 and FLA; PART=7: the 9B prefill before (.old) and after;
-# PART=8: decode attention from the stacked cache in place (not run yet). Stage logs under $OUT.
+# PART=8: decode attention from the stacked cache in place (not run yet); PART=9: trace profiles (kernel
+# tables, scripts/trace_table.py) of the GDN forward vs FLA at 128k / 64 heads and of the MoE stages at 8k
+# tokens. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -45,6 +47,13 @@ for part in ${PART:-1 2}; do
     stage decode_pallas "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --variants dense,pallas \
       --profile "$OUT/decode_prof" --profile-context 131072 ${DECODE_ARGS:-}
     show decode_pallas 60
+  elif [ "$part" = 9 ]; then  # profiles for the two missed goals: GDN forward vs FLA, MoE grouped matmul at 8k
+    stage prof_gdn "${T_GDN:-200}" python scripts/bench_kernels.py --sections gdn --gdn-T 32768,131072 \
+      --profile "$OUT/prof_gdn" --out "$OUT"
+    show prof_gdn 60
+    stage prof_moe "${T_MOE:-200}" python scripts/check_moe_kernel.py \
+      --cases qwen3.5-397b-a17b:8192,qwen3.5-35b-a3b:8192 --profile "$OUT/prof_moe"
+    show prof_moe 60
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

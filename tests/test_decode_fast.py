@@ -125,17 +125,18 @@ def test_split_block_divides_and_bounds():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config()
+    cfg = tiny_config(vocab_size=68)  # even: tp = 2 splits it
     return cfg, tiny_params(cfg, seed=3)
 
 
-@pytest.mark.parametrize("cp", [1, 2])
-def test_decode_methods_agree_with_dense(tiny, cp, monkeypatch):
+@pytest.mark.parametrize("cp,tp", [(1, 1), (2, 1), (1, 2)])
+def test_decode_methods_agree_with_dense(tiny, cp, tp, monkeypatch):
     """Greedy decode traces (tokens and every step's logits) of the split methods and of the Pallas kernel
-    (interpreted) equal the dense one's."""
+    (interpreted) equal the dense one's, also with the cache split over cp ranks or its kv heads over tp."""
     cfg, params = tiny
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 150))
-    model = Model(cfg, params, mesh=make_mesh(cp), dtype="float32", kernels="jnp")
+    model = Model(cfg, params, mesh=make_mesh(cp, tp), dtype="float32", kernels="jnp")
+    assert model.decode_attention == "dense"  # "auto" without GPU kernels
     want_toks, want_logits = decode_trace(model, ids, 6)
     calls = []
     kernel = decode_pallas.stacked_decode_attention
@@ -151,8 +152,18 @@ def test_decode_methods_agree_with_dense(tiny, cp, monkeypatch):
 
 def test_bad_decode_attention_is_refused(tiny):
     cfg, params = tiny
-    with pytest.raises(ValueError, match="decode_attention='flash'"):
+    with pytest.raises(ValueError, match="decode_attention='flash'; expected one of .'auto', 'dense'"):
         Model(cfg, params, cp=1, dtype="float32", decode_attention="flash")
+
+
+def test_cli_decode_attention_choices_are_the_models():
+    """`--decode-attention` offers exactly what Model accepts (the CLI lists them without importing JAX)."""
+    from pcp_jax.cli import build_parser
+    from pcp_jax.kernels.attention.api import DECODE_METHODS
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                  if a.dest == "decode_attention")
+    assert action.choices == ["auto", *DECODE_METHODS] and action.default == "auto"
 
 
 def test_decode_step_after_method_switch_continues_the_same_cache(tiny):
