@@ -5,9 +5,10 @@
 # tree before this work, carried) and after. PART=3: the last round (see below). PART=4: MoE tail tiles and
 # generate's queued decode loop; PART=5: GDN variants (fused forms timed); PART=6: the GDN default
 # against fp32 and FLA; PART=7: the 9B prefill before (.old) and after;
-# PART=8: decode attention from the stacked cache in place (not run yet); PART=9: trace profiles (kernel
+# PART=8: decode attention from the stacked cache in place (run K11); PART=9: trace profiles (kernel
 # tables, scripts/trace_table.py) of the GDN forward vs FLA at 128k / 64 heads and of the MoE stages at 8k
-# tokens. Stage logs under $OUT.
+# tokens; PART=10: Nsight Compute counters of one call of each (scripts/ncu_kernels.py). PART=4's
+# `--sweep tail` went with the tail tiles' revert (91d4ffb). Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -54,6 +55,17 @@ for part in ${PART:-1 2}; do
     stage prof_moe "${T_MOE:-200}" python scripts/check_moe_kernel.py \
       --cases qwen3.5-397b-a17b:8192,qwen3.5-35b-a3b:8192 --profile "$OUT/prof_moe"
     show prof_moe 60
+  elif [ "$part" = 10 ]; then  # Nsight Compute counters of one call of each kernel behind the missed goals
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for c in ${NCU_CASES:-moe:qwen3.5-397b-a17b:8192 moe:qwen3.5-35b-a3b:8192 gdn:32768:64 fla:32768:64}; do
+      n=ncu_${c//[:.]/_}
+      stage "$n" "${T_NCU:-150}" "$ncu" --profile-from-start off --clock-control none --csv --page details \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --log-file "$OUT/$n.csv" \
+        python scripts/ncu_kernels.py --cases "$c"
+      show "$n" 6
+      python scripts/ncu_kernels.py --summarize "$OUT/$n.csv" 2>&1 | tee "$OUT/$n.md" | head -40
+    done
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50
