@@ -8,7 +8,8 @@
 # PART=8: decode attention from the stacked cache in place (run K11); PART=9: trace profiles (kernel
 # tables, scripts/trace_table.py) of the GDN forward vs FLA at 128k / 64 heads and of the MoE stages at 8k
 # tokens; PART=10: Nsight Compute counters of one call of each (scripts/ncu_kernels.py). PART=4's
-# `--sweep tail` went with the tail tiles' revert (91d4ffb). Stage logs under $OUT.
+# `--sweep tail` went with the tail tiles' revert (91d4ffb). PART=11: MoE row tiles of 192/256 rows, and the
+# 35B MoE layer at 32k against transformers. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -58,14 +59,22 @@ for part in ${PART:-1 2}; do
   elif [ "$part" = 10 ]; then  # Nsight Compute counters of one call of each kernel behind the missed goals
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     for c in ${NCU_CASES:-moe:qwen3.5-397b-a17b:8192 moe:qwen3.5-35b-a3b:8192 gdn:32768:64 fla:32768:64}; do
-      n=ncu_${c//[:.]/_}
-      stage "$n" "${T_NCU:-150}" "$ncu" --profile-from-start off --clock-control none --csv --page details \
+      n=ncu_${c//[:.]/_}${NCU_TAG:-}
+      stage "$n" "${T_NCU:-150}" "$ncu" --profile-from-start off --clock-control none ${NCU_ARGS:-} --csv --page details \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --log-file "$OUT/$n.csv" \
         python scripts/ncu_kernels.py --cases "$c"
       show "$n" 6
       python scripts/ncu_kernels.py --summarize "$OUT/$n.csv" 2>&1 | tee "$OUT/$n.md" | head -40
     done
+  elif [ "$part" = 11 ]; then  # MoE row tiles of 192 and 256 rows (checked, then timed; trace profile per case),
+    # then the 35B's MoE layer at 32k tokens against transformers (the row run K2 did not reach)
+    stage moe_rows "${T_MOE:-300}" python scripts/check_moe_kernel.py --profile /tmp/prof_moe --cases \
+      qwen3.5-397b-a17b:8192,qwen3.5-122b-a10b:8192,qwen3.5-35b-a3b:8192,qwen3.5-397b-a17b:32768
+    show moe_rows 150
+    stage moe35_32k "${T_LAYER:-200}" python scripts/bench_moe.py --presets qwen3.5-35b-a3b --tokens 32768 --quick \
+      --budget-s 30 --out /tmp/moe35
+    show moe35_32k 40
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

@@ -35,11 +35,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch (FLA) s
 def profiled(fn) -> None:
     """fn() once to warm up, then once inside cuProfilerStart/Stop; both waited for."""
     fn()
+    print("  warm call done", flush=True)
     cuda = ctypes.CDLL("libcuda.so.1")
     if cuda.cuProfilerStart() != 0:
         raise RuntimeError("cuProfilerStart failed")
     fn()
     cuda.cuProfilerStop()
+    print("  profiled call done", flush=True)
 
 
 def moe_case(preset: str, T: int):

@@ -53,6 +53,7 @@ CASES = [  # rows, K, N, sizes (sum < rows: padding rows), config
     (300, 256, 512, [130, 0, 7, 90, 1, 60], mg.Config(64, 64, 64, 2, chain=True)),  # 20 items on 2 CTAs
     (64, 128, 256, [10, 20], mg.Config(64, 128, 64, 2, chain=True)),  # one CTA with a single real item
     (200, 128, 256, [70, 0, 100], mg.Config(64, 128, 64, 2, swizzle_out=True)),  # swizzled output rows
+    (400, 128, 256, [190, 0, 150, 3], mg.Config(192, 64, 64, 2)),  # 192-row tiles: three wgmma row blocks
 ]
 
 
@@ -71,23 +72,23 @@ def test_grouped_matmul_interpret(rows, K, N, sizes, cfg):
     assert _rel(out[: sum(sizes)], want[: sum(sizes)]) <= TOL
 
 
-def test_grouped_swiglu_interpret():
+@pytest.mark.parametrize("cfg", [mg.Config(64, 64, 64, 2), mg.Config(192, 64, 64, 2)])
+def test_grouped_swiglu_interpret(cfg):
     rng = np.random.default_rng(7)
-    rows, K, I, sizes = 90, 128, 128, [0, 33, 50, 0]
+    rows, K, I, sizes = 200, 128, 128, [0, 33, 150, 0]
     gs = jnp.asarray(sizes, jnp.int32)
     lhs = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16)
     wg = jnp.asarray(rng.standard_normal((4, K, I)) * K**-0.5, jnp.bfloat16)
     wu = jnp.asarray(rng.standard_normal((4, K, I)) * K**-0.5, jnp.bfloat16)
-    out = mg.grouped_swiglu(lhs, wg, wu, gs, config=mg.Config(64, 64, 64, 2),
-                            interpret=plgpu.InterpretGPUParams(detect_races=True))
+    out = mg.grouped_swiglu(lhs, wg, wu, gs, config=cfg, interpret=plgpu.InterpretGPUParams(detect_races=True))
     want = mg.swiglu_reference(lhs.astype(jnp.float32), wg, wu, gs)
     manual = jnp.concatenate([jax.nn.silu(lhs[:33].astype(jnp.float32) @ wg[1].astype(jnp.float32))
                               * (lhs[:33].astype(jnp.float32) @ wu[1].astype(jnp.float32)),
-                              jax.nn.silu(lhs[33:83].astype(jnp.float32) @ wg[2].astype(jnp.float32))
-                              * (lhs[33:83].astype(jnp.float32) @ wu[2].astype(jnp.float32))])
-    assert _rel(want[:83], manual) <= 1e-6  # the reference itself, against per-expert dense products
-    assert bool(jnp.all(out[83:] == 0))
-    assert _rel(out[:83], want[:83]) <= TOL
+                              jax.nn.silu(lhs[33:183].astype(jnp.float32) @ wg[2].astype(jnp.float32))
+                              * (lhs[33:183].astype(jnp.float32) @ wu[2].astype(jnp.float32))])
+    assert _rel(want[:183], manual) <= 1e-6  # the reference itself, against per-expert dense products
+    assert bool(jnp.all(out[183:] == 0))
+    assert _rel(out[:183], want[:183]) <= TOL
 
 
 def test_unsupported_shapes_are_refused():
@@ -103,7 +104,8 @@ def test_unsupported_shapes_are_refused():
                           config=mg.Config(128, 128, 64, 4))
 
 
-@pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG)])
+@pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG),
+                                        (False, mg.Config(192, 128, 64, 2)), (True, mg.Config(192, 64, 64, 3))])
 def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
     """The kernel goes through the Mosaic GPU lowering for a CUDA target (no GPU needed): errors the
     interpreter cannot see (layouts, wgmma operands) show here, before a GPU run."""
