@@ -5,7 +5,7 @@ ragged_dot at the expert shapes of the MoE presets. The full comparison is scrip
     python scripts/check_moe_kernel.py [--tokens 8192,32768] [--presets qwen3.5-397b-a17b,...] [--profile DIR]
 
 --profile DIR: after each case's timings, traces 3 calls of our default SwiGLU (gate/up) stage and 3 of our
-default down stage (mg.SWIGLU_CONFIG and mg.MATMUL_CONFIG, the first configs of the sweeps) under
+default down stage (mg.default_config for the case's rows and experts) under
 DIR/<preset>_<tokens>/{swiglu,down}, and prints per call the GPU kernels' count, busy and idle time, and the
 top kernel groups (scripts/trace_table.py), after the case's table.
 """
@@ -77,8 +77,9 @@ def check() -> bool:
 def profile_stages(out_dir, x, wg, wu, h, wd, gs):
     """The kernel tables of 3 traced calls of our default SwiGLU stage and 3 of our default down stage, as text;
     a stage that fails says so."""
-    stages = [("swiglu", f"ours swiglu {mg.SWIGLU_CONFIG}", jax.jit(mg.grouped_swiglu), (x, wg, wu, gs)),
-              ("down", f"ours down {mg.MATMUL_CONFIG}", jax.jit(mg.grouped_matmul), (h, wd, gs))]
+    M, E = x.shape[0], wg.shape[0]
+    stages = [("swiglu", f"ours swiglu {mg.default_config(M, E, True)}", jax.jit(mg.grouped_swiglu), (x, wg, wu, gs)),
+              ("down", f"ours down {mg.default_config(M, E, False)}", jax.jit(mg.grouped_matmul), (h, wd, gs))]
     parts = []
     for stage, title, f, args in stages:
         try:

@@ -9,7 +9,7 @@
 # tables, scripts/trace_table.py) of the GDN forward vs FLA at 128k / 64 heads and of the MoE stages at 8k
 # tokens; PART=10: Nsight Compute counters of one call of each (scripts/ncu_kernels.py). PART=4's
 # `--sweep tail` went with the tail tiles' revert (91d4ffb). PART=11: MoE row tiles of 192/256 rows, and the
-# 35B MoE layer at 32k against transformers. Stage logs under $OUT.
+# 35B MoE layer at 32k against transformers; PART=12: the 397B MoE layer at 8k. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -75,6 +75,10 @@ for part in ${PART:-1 2}; do
     stage moe35_32k "${T_LAYER:-200}" python scripts/bench_moe.py --presets qwen3.5-35b-a3b --tokens 32768 --quick \
       --budget-s 30 --out /tmp/moe35
     show moe35_32k 40
+  elif [ "$part" = 12 ]; then  # the 397B's MoE layer at 8k tokens with 192-row tiles (default_config), vs transformers
+    stage moe397_8k "${T_LAYER:-200}" python scripts/bench_moe.py --presets qwen3.5-397b-a17b --tokens 8192 --quick \
+      --budget-s 30 --out /tmp/moe397
+    show moe397_8k 40
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

@@ -5,8 +5,8 @@
     python scripts/ncu_kernels.py --summarize ncu.csv        (a table per case from ncu's CSV)
 
 Cases (comma-separated):
-  moe:PRESET:T   our default MoE expert stages (kernels/moe/mosaic_gpu.py: grouped_swiglu with SWIGLU_CONFIG,
-                 then grouped_matmul with MATMUL_CONFIG for the down projection) on T tokens routed by a
+  moe:PRESET:T   our default MoE expert stages (kernels/moe/mosaic_gpu.py: grouped_swiglu, then grouped_matmul
+                 for the down projection, each with its default_config) on T tokens routed by a
                  random softmax/top-k over the preset's experts (bf16, random weights);
   gdn:T:HV       our GDN chunked forward (kernels/gdn/pallas_gpu.py, default tiling) at B = 1, 16 qk heads,
                  HV value heads, dk = dv = 128, bf16;
@@ -73,7 +73,7 @@ def moe_case(preset: str, T: int):
         jax.block_until_ready(swiglu(x, wg, wu, sizes))
         jax.block_until_ready(down(h, wd, sizes))
 
-    return f"moe {preset} T={T} (swiglu {mg.SWIGLU_CONFIG}; down {mg.MATMUL_CONFIG})", run
+    return f"moe {preset} T={T} (swiglu {mg.default_config(M, E, True)}; down {mg.default_config(M, E, False)})", run
 
 
 def gdn_inputs(T: int, Hv: int):

@@ -105,7 +105,7 @@ def test_unsupported_shapes_are_refused():
 
 
 @pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG),
-                                        (False, mg.Config(192, 128, 64, 2)), (True, mg.Config(192, 64, 64, 3))])
+                                        (False, mg.WIDE_MATMUL_CONFIG), (True, mg.WIDE_SWIGLU_CONFIG)])
 def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
     """The kernel goes through the Mosaic GPU lowering for a CUDA target (no GPU needed): errors the
     interpreter cannot see (layouts, wgmma operands) show here, before a GPU run."""
@@ -119,3 +119,19 @@ def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
         fn = lambda a, b, c: mg.grouped_matmul(a, b, c, config=cfg)
     text = jax.jit(fn).trace(x, w, g).lower(lowering_platforms=("cuda",)).as_text()
     assert "wgmma" in text
+
+
+@pytest.mark.parametrize("rows,experts,wide", [
+    (8192 * 10, 512, True),  # the 397B at 8k tokens: 160 rows per expert
+    (8192 * 8, 256, False),  # 122B / 35B at 8k: 256
+    (32768 * 10, 512, False),  # 397B at 32k: 640
+    (4096 * 10, 512, False),  # 397B at 4k: 80 (fits one 128-row tile)
+    (120 * 64, 64, True),  # mean 120 + 11 expected > 128
+])
+def test_default_config_widens_tiles_only_where_one_192_row_tile_replaces_two(rows, experts, wide):
+    for swiglu, base, wider in ((False, mg.MATMUL_CONFIG, mg.WIDE_MATMUL_CONFIG),
+                                (True, mg.SWIGLU_CONFIG, mg.WIDE_SWIGLU_CONFIG)):
+        assert mg.default_config(rows, experts, swiglu) == (wider if wide else base)
+        spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        mg.check_supported(spec(rows, 1024), [spec(experts, 1024, 1024)] * (2 if swiglu else 1),
+                           mg.default_config(rows, experts, swiglu))

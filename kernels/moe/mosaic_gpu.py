@@ -19,6 +19,8 @@ How the work is cut:
   blocks and keeps two accumulators per warpgroup; the epilogue applies silu(g)·u.
 - The epilogue writes each warpgroup's [block_m, block_n] tile to shared memory and stores the tile's rows
   with TMA in power-of-two pieces (the row count is only known at run time).
+- Tile sizes (`default_config`, unless a config is given): 128-row tiles, or 192-row ones where the experts'
+  expected rows fit one 192-row tile but would take two of 128.
 
 Limits (NotImplementedError; kernels/moe/api.py then runs tokamax or the jnp reference): bf16/fp16 operands
 of one dtype, K a multiple of block_k, N (or I) a multiple of 2·block_n.
@@ -64,6 +66,22 @@ class Config:
 
 MATMUL_CONFIG = Config(block_m=128, block_n=128, block_k=64, stages=3)
 SWIGLU_CONFIG = Config(block_m=128, block_n=64, block_k=64, stages=4)
+# 192-row tiles, for experts expected to hold 129-192 rows (`default_config`).
+WIDE_MATMUL_CONFIG = Config(block_m=192, block_n=64, block_k=64, stages=4)
+WIDE_SWIGLU_CONFIG = Config(block_m=192, block_n=64, block_k=64, stages=3)
+
+
+def default_config(num_rows: int, num_groups: int, swiglu: bool) -> Config:
+    """The tiles for `num_rows` sorted rows over `num_groups` experts, from the static shapes (the sizes are
+    known on the device only): 192-row tiles where an expert's expected rows, the mean plus one Poisson
+    deviation, fit one of them but need two of 128 rows; else 128-row tiles. On an H200 (run K13) the 397B at
+    8k tokens (160 rows per expert) went from 3.85 to 3.05 ms in SwiGLU and 2.16 to 1.78 ms in down, while at
+    256 rows per expert (122B and 35B at 8k) and 640 (397B at 32k) the 192-row tiles were 6-17% slower."""
+    mean = num_rows / max(num_groups, 1)
+    if 128 < mean + mean**0.5 <= 192:
+        return WIDE_SWIGLU_CONFIG if swiglu else WIDE_MATMUL_CONFIG
+    return SWIGLU_CONFIG if swiglu else MATMUL_CONFIG
+
 
 # What the GPU benchmark sweeps (scripts/bench_moe.py): smaller row tiles waste less on experts with few rows.
 SWEEP = (
@@ -73,7 +91,7 @@ SWEEP = (
     Config(128, 64, 64, 6),
     Config(128, 64, 64, 6, swizzle_out=True),
     Config(128, 64, 64, 4, chain=True),
-    Config(192, 64, 64, 4),
+    WIDE_MATMUL_CONFIG,
     Config(192, 128, 64, 2),
     Config(256, 64, 64, 3),
 )
@@ -83,7 +101,7 @@ SWIGLU_SWEEP = (
     Config(128, 64, 64, 4, chain=True),
     Config(128, 64, 64, 4, chain=True, swizzle_out=True),
     Config(64, 64, 64, 5),
-    Config(192, 64, 64, 3),
+    WIDE_SWIGLU_CONFIG,
 )
 
 _MAX_ACC_ELEMS = 192 * 128  # fp32 accumulator elements per warpgroup: 192 registers per thread (of 232)
@@ -293,14 +311,16 @@ def _run(lhs, rhs_list, group_sizes, cfg: Config, interpret):
 
 def grouped_matmul(lhs, rhs, group_sizes, *, config: Config | None = None, interpret: bool = False):
     """lhs [M, K] sorted by group, rhs [E, K, N], group_sizes [E] -> [M, N] (contract: module docstring)."""
-    return _run(lhs, [rhs], group_sizes, config or MATMUL_CONFIG, interpret)
+    config = config or default_config(lhs.shape[0], rhs.shape[0], swiglu=False)
+    return _run(lhs, [rhs], group_sizes, config, interpret)
 
 
 def grouped_swiglu(lhs, w_gate, w_up, group_sizes, *, config: Config | None = None, interpret: bool = False):
     """lhs [M, K] sorted by group, w_gate/w_up [E, K, I] -> silu(lhs @ w_gate[e]) * (lhs @ w_up[e]) [M, I]."""
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} differ")
-    return _run(lhs, [w_gate, w_up], group_sizes, config or SWIGLU_CONFIG, interpret)
+    config = config or default_config(lhs.shape[0], w_gate.shape[0], swiglu=True)
+    return _run(lhs, [w_gate, w_up], group_sizes, config, interpret)
 
 
 def swiglu_reference(lhs, w_gate, w_up, group_sizes):
