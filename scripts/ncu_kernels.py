@@ -12,10 +12,11 @@ Cases (comma-separated):
                  HV value heads, dk = dv = 128, bf16;
   fla:T:HV       FLA's chunk_gated_delta_rule on the same inputs (torch through DLPack).
 Each case runs once untraced (compiles; FLA autotunes), then once between cuProfilerStart and cuProfilerStop
-(CUDA driver API through ctypes), so that under `--profile-from-start off` ncu profiles exactly one call's
-kernels, in order. The script prints a line per case before its profiled call (ncu's CSV goes to its own
-file with --log-file) and, for the MoE case, the bytes a single read of the weights and activations moves,
-to set against the DRAM bytes ncu counts.
+(CUDA driver API through ctypes; the MoE stages each in their own pair), so that under `--profile-from-start
+off` ncu profiles exactly one call's kernels, in order (under `--replay-mode range`, one range per stage).
+The script prints a line per case before its profiled call (ncu's CSV goes to its own file with --log-file)
+and, for the MoE case, the bytes a single read of the weights and activations moves, to set against the
+DRAM bytes ncu counts.
 
 --summarize reads the CSV that `ncu --csv --page details` wrote and prints, per kernel: duration, DRAM bytes
 read and written, DRAM and SM throughput (% of peak), L2 hit rate, registers per thread, grid and block.
@@ -32,16 +33,19 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch (FLA) shares the GPU
 
 
-def profiled(fn) -> None:
-    """fn() once to warm up, then once inside cuProfilerStart/Stop; both waited for."""
-    fn()
-    print("  warm call done", flush=True)
+def profiled(fns) -> None:
+    """Each of fns() once to warm up, then each once inside its own cuProfilerStart/Stop pair (one range per
+    fn under `--replay-mode range`); every call waited for."""
+    for fn in fns:
+        fn()
+    print("  warm calls done", flush=True)
     cuda = ctypes.CDLL("libcuda.so.1")
-    if cuda.cuProfilerStart() != 0:
-        raise RuntimeError("cuProfilerStart failed")
-    fn()
-    cuda.cuProfilerStop()
-    print("  profiled call done", flush=True)
+    for fn in fns:
+        if cuda.cuProfilerStart() != 0:
+            raise RuntimeError("cuProfilerStart failed")
+        fn()
+        cuda.cuProfilerStop()
+    print("  profiled calls done", flush=True)
 
 
 def moe_case(preset: str, T: int):
@@ -69,10 +73,7 @@ def moe_case(preset: str, T: int):
           f"of down weights {used * I * D * 2 / 1e9:.2f} GB, of h {M * I * 2 / 1e9:.3f} GB; "
           f"SwiGLU {4 * M * D * I / 1e12:.3f} TFLOP, down {2 * M * I * D / 1e12:.3f} TFLOP", flush=True)
 
-    def run():
-        jax.block_until_ready(swiglu(x, wg, wu, sizes))
-        jax.block_until_ready(down(h, wd, sizes))
-
+    run = [lambda: jax.block_until_ready(swiglu(x, wg, wu, sizes)), lambda: jax.block_until_ready(down(h, wd, sizes))]
     return f"moe {preset} T={T} (swiglu {mg.default_config(M, E, True)}; down {mg.default_config(M, E, False)})", run
 
 
@@ -97,7 +98,7 @@ def gdn_case(T: int, Hv: int):
 
     args = gdn_inputs(T, Hv)
     f = jax.jit(lambda *a: pallas_gpu.chunk_gated_delta_rule(*a))
-    return f"gdn ours T={T} Hv={Hv} ({pallas_gpu.Tiling()})", lambda: jax.block_until_ready(f(*args))
+    return f"gdn ours T={T} Hv={Hv} ({pallas_gpu.Tiling()})", [lambda: jax.block_until_ready(f(*args))]
 
 
 def fla_case(T: int, Hv: int):
@@ -110,7 +111,7 @@ def fla_case(T: int, Hv: int):
         chunk_gated_delta_rule(tq, tk, tv, tg, tb, output_final_state=True)
         torch.cuda.synchronize()
 
-    return f"FLA chunk_gated_delta_rule T={T} Hv={Hv}", run
+    return f"FLA chunk_gated_delta_rule T={T} Hv={Hv}", [run]
 
 
 def make_case(spec: str):
@@ -171,9 +172,9 @@ def main(argv=None) -> int:
         return 0
     for spec in filter(None, args.cases.split(",")):
         try:
-            title, fn = make_case(spec)
-            print(f"== {title}: profiled call next", flush=True)
-            profiled(fn)
+            title, fns = make_case(spec)
+            print(f"== {title}: warm calls next", flush=True)
+            profiled(fns)
         except Exception as e:  # one case failing (FLA absent, a kernel refusing) must not lose the others
             print(f"== {spec} failed: {e!r}", flush=True)
     return 0
