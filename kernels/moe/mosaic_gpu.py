@@ -162,7 +162,9 @@ def row_tiles(group_sizes, num_rows: int, block_m: int):
     nonempty = min(E, num_rows) + 1
     n = (num_rows + nonempty * (block_m + ALIGN - 2)) // block_m
     t = jnp.arange(n, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), E).astype(jnp.int32)
+    # One fused comparison of every tile with every group end ([n, E + 1]; under 10^7 at a million rows) instead
+    # of the default binary search, a loop of ~20 tiny kernels (0.1 ms busy plus launch gaps per call, run K15).
+    group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), E).astype(jnp.int32)
     window = first[group] + (t - (tile_end - per_group)[group]) * block_m
     lo = jnp.maximum(window, starts[group])
     hi = jnp.minimum(window + block_m, ends[group])
