@@ -9,7 +9,8 @@
 # tables, scripts/trace_table.py) of the GDN forward vs FLA at 128k / 64 heads and of the MoE stages at 8k
 # tokens; PART=10: Nsight Compute counters of one call of each (scripts/ncu_kernels.py). PART=4's
 # `--sweep tail` went with the tail tiles' revert (91d4ffb). PART=11: MoE row tiles of 192/256 rows, and the
-# 35B MoE layer at 32k against transformers; PART=12: the 397B MoE layer at 8k. Stage logs under $OUT.
+# 35B MoE layer at 32k against transformers; PART=12: the 397B MoE layer at 8k; PART=13: the row-tile lookup
+# before/after. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -79,6 +80,18 @@ for part in ${PART:-1 2}; do
     stage moe397_8k "${T_LAYER:-200}" python scripts/bench_moe.py --presets qwen3.5-397b-a17b --tokens 8192 --quick \
       --budget-s 30 --out /tmp/moe397
     show moe397_8k 40
+  elif [ "$part" = 13 ]; then  # the row-tile lookup as one comparison: MoE stages profiled, the 397B layer at 8k,
+    # and the 35B prefill at 32k before (.prev: `git archive 2086943` plus .old/run_old.py, carried) and after
+    stage moe_prof 130 python scripts/check_moe_kernel.py --profile /tmp/prof_moe --cases qwen3.5-397b-a17b:8192
+    show moe_prof 60
+    stage moe397_8k 120 python scripts/bench_moe.py --presets qwen3.5-397b-a17b --tokens 8192 --quick --budget-s 20 \
+      --out /tmp/moe397
+    show moe397_8k 12
+    stage prefill35_prev "${T_PF:-150}" bash -c "cd .prev && python run_old.py scripts/bench_prefill.py \
+      --preset qwen3.5-35b-a3b --tokens 32768 --reps 3"
+    show prefill35_prev 6
+    stage prefill35_new "${T_PF:-150}" python scripts/bench_prefill.py --preset qwen3.5-35b-a3b --tokens 32768 --reps 3
+    show prefill35_new 6
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50
