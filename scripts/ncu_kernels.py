@@ -133,7 +133,7 @@ METRICS = [  # (column, ncu metric name or section metric label, scale)
     ("regs", "Registers Per Thread", 1),
     ("occupancy %", "Achieved Occupancy", 1),
 ]
-UNIT_SCALE = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
+UNIT_SCALE = {"ns": 1, "us": 1e3, "ms": 1e6, "nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
               "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
 
 
