@@ -10,7 +10,7 @@
 # tokens; PART=10: Nsight Compute counters of one call of each (scripts/ncu_kernels.py). PART=4's
 # `--sweep tail` went with the tail tiles' revert (91d4ffb). PART=11: MoE row tiles of 192/256 rows, and the
 # 35B MoE layer at 32k against transformers; PART=12: the 397B MoE layer at 8k; PART=13: the row-tile lookup
-# before/after. Stage logs under $OUT.
+# before/after; PART=14: more MoE tile shapes at 8k. Stage logs under $OUT.
 source scripts/gpu_common.sh
 export JAX_LOG_COMPILES=0
 for part in ${PART:-1 2}; do
@@ -92,6 +92,10 @@ for part in ${PART:-1 2}; do
     show prefill35_prev 6
     stage prefill35_new "${T_PF:-150}" python scripts/bench_prefill.py --preset qwen3.5-35b-a3b --tokens 32768 --reps 3
     show prefill35_new 6
+  elif [ "$part" = 14 ]; then  # MoE tiles at 8k tokens: chained / swizzled 192-row tiles, block_k 128
+    stage moe_tiles "${T_MOE:-300}" python scripts/check_moe_kernel.py --cases \
+      qwen3.5-397b-a17b:8192,qwen3.5-122b-a10b:8192,qwen3.5-35b-a3b:8192
+    show moe_tiles 90
   else
     stage decode "${T_DEC:-300}" python scripts/bench_decode_step.py --fill random --profile "$OUT/decode_prof" ${DECODE_ARGS:-}
     show decode 50

@@ -94,6 +94,10 @@ SWEEP = (
     WIDE_MATMUL_CONFIG,
     Config(192, 128, 64, 2),
     Config(256, 64, 64, 3),
+    Config(192, 64, 64, 4, chain=True),
+    Config(192, 64, 64, 4, swizzle_out=True),
+    Config(128, 64, 128, 3),  # block_k 128: half the pipeline steps where K is short (the 35B's down: K = 512)
+    Config(192, 64, 128, 2),
 )
 SWIGLU_SWEEP = (
     Config(128, 64, 64, 4),
@@ -102,6 +106,8 @@ SWIGLU_SWEEP = (
     Config(128, 64, 64, 4, chain=True, swizzle_out=True),
     Config(64, 64, 64, 5),
     WIDE_SWIGLU_CONFIG,
+    Config(192, 64, 64, 2, chain=True),
+    Config(128, 64, 128, 2),
 )
 
 _MAX_ACC_ELEMS = 192 * 128  # fp32 accumulator elements per warpgroup: 192 registers per thread (of 232)
