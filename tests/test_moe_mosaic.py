@@ -54,6 +54,7 @@ CASES = [  # rows, K, N, sizes (sum < rows: padding rows), config
     (64, 128, 256, [10, 20], mg.Config(64, 128, 64, 2, chain=True)),  # one CTA with a single real item
     (200, 128, 256, [70, 0, 100], mg.Config(64, 128, 64, 2, swizzle_out=True)),  # swizzled output rows
     (400, 128, 256, [190, 0, 150, 3], mg.Config(192, 64, 64, 2)),  # 192-row tiles: three wgmma row blocks
+    (400, 256, 256, [190, 0, 150, 3], mg.Config(192, 64, 64, 2, chain=True)),  # ... chained across items
 ]
 
 
@@ -105,7 +106,8 @@ def test_unsupported_shapes_are_refused():
 
 
 @pytest.mark.parametrize("swiglu,cfg", [(False, mg.MATMUL_CONFIG), (True, mg.SWIGLU_CONFIG),
-                                        (False, mg.WIDE_MATMUL_CONFIG), (True, mg.WIDE_SWIGLU_CONFIG)])
+                                        (False, mg.WIDE_MATMUL_CONFIG), (False, mg.WIDE_MATMUL_CHAINED),
+                                        (True, mg.WIDE_SWIGLU_CONFIG)])
 def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
     """The kernel goes through the Mosaic GPU lowering for a CUDA target (no GPU needed): errors the
     interpreter cannot see (layouts, wgmma operands) show here, before a GPU run."""
@@ -129,9 +131,11 @@ def test_kernel_lowers_for_hopper(monkeypatch, swiglu, cfg):
     (120 * 64, 64, True),  # mean 120 + 11 expected > 128
 ])
 def test_default_config_widens_tiles_only_where_one_192_row_tile_replaces_two(rows, experts, wide):
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     for swiglu, base, wider in ((False, mg.MATMUL_CONFIG, mg.WIDE_MATMUL_CONFIG),
                                 (True, mg.SWIGLU_CONFIG, mg.WIDE_SWIGLU_CONFIG)):
         assert mg.default_config(rows, experts, swiglu) == (wider if wide else base)
-        spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-        mg.check_supported(spec(rows, 1024), [spec(experts, 1024, 1024)] * (2 if swiglu else 1),
-                           mg.default_config(rows, experts, swiglu))
+        for K in (1024, 640):  # 16 contraction steps (a multiple of the stages: chained when wide), 10
+            cfg = mg.default_config(rows, experts, swiglu, contraction=K)
+            assert cfg.chain == (wide and not swiglu and K == 1024)
+            mg.check_supported(spec(rows, K), [spec(experts, K, 1024)] * (2 if swiglu else 1), cfg)
