@@ -352,8 +352,9 @@ GDNVAR = [
     ("base", dict(fuse="none"), False),  # the three stages (the default before run K5)
     ("out", dict(fuse="output"), False),
     ("all", dict(fuse="all"), False),
-    # Not yet run: the fused pass is latency-bound (docs/gpu_notes.md); narrower dv blocks give each SM two
-    # programs to interleave at 32 heads, more warps split each dependent dot of a chunk step.
+    # The fused pass is latency-bound (docs/gpu_notes.md): narrower dv blocks give each SM two programs to
+    # interleave at 32 heads, more warps split each dependent dot of a chunk step. Run K14: both slower
+    # (0.59-0.89x FLA against 1.02-1.16x for "all"; docs/runs/2026-11-30-gdnvar-k14.txt).
     ("all bv16", dict(fuse="all", bv_state=16), False),
     ("all w8", dict(fuse="all", warps_state=8), False),
     ("out s2", dict(fuse="output", stages_fused=2), False),

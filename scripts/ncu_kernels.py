@@ -56,11 +56,12 @@ def moe_case(preset: str, T: int):
     from pcp_jax.config import PRESETS
     from pcp_jax.kernels.moe import mosaic_gpu as mg
 
+    from check_moe_kernel import routing
+
     cfg = PRESETS[preset]
     D, E, k, I = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
-    _, experts = jax.lax.top_k(jax.random.normal(ks[0], (T, E)), k)
-    sizes = jnp.bincount(experts.reshape(-1), length=E).astype(jnp.int32)
+    sizes = routing(ks[0], T, E, k)
     M = T * k
     x = jax.random.normal(ks[1], (M, D), jnp.bfloat16)
     wg, wu = (jax.random.normal(kk, (E, D, I), jnp.bfloat16) for kk in ks[2:4])
@@ -78,17 +79,11 @@ def moe_case(preset: str, T: int):
 
 
 def gdn_inputs(T: int, Hv: int):
-    import jax
+    """q, k, v, g, beta as bench_kernels.py's gdn section makes them for (T, Hv): B = 1, 16 qk heads, bf16."""
     import jax.numpy as jnp
+    from bench_kernels import gdn_inputs as make
 
-    ks = jax.random.split(jax.random.PRNGKey(T + Hv), 5)
-    unit = lambda a: (a / jnp.linalg.norm(a, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    q = unit(jax.random.normal(ks[0], (1, T, 16, 128)))
-    k = unit(jax.random.normal(ks[1], (1, T, 16, 128)))
-    v = jax.random.normal(ks[2], (1, T, Hv, 128)).astype(jnp.bfloat16)
-    g = -jax.nn.softplus(jax.random.normal(ks[3], (1, T, Hv)) - 2.0)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, T, Hv)))
-    return q, k, v, g, beta
+    return make(T + Hv, 1, T, 16, Hv // 16, 128, 128, jnp.bfloat16, False)[:5]
 
 
 def gdn_case(T: int, Hv: int):

@@ -59,7 +59,6 @@ def table(kernels: list[tuple[str, int, int]], calls: int, top: int = 15, unit: 
     NO_KERNELS when `kernels` is empty."""
     if not kernels:
         return NO_KERNELS
-    kernels = sorted(sorted(kernels), key=lambda k: k[1])
     lines = [f"  | traced {unit} | kernels | busy (ms) | idle between kernels (ms) | span (ms) |",
              "  |---|---|---|---|---|"]
     for i, ks in enumerate(split_calls(kernels, calls)):
