@@ -2,7 +2,8 @@
 parallelism over a `tp` mesh axis."""
 
 from pcp_jax.config import PRESETS, ModelConfig, preset
-from pcp_jax.engine import Model, PrefillResult, make_mesh
+from pcp_jax.engine import Model, PrefillResult
+from pcp_jax.sharding import make_mesh
 
 __all__ = ["PRESETS", "Model", "ModelConfig", "PrefillResult", "load_model", "make_mesh", "preset"]
 

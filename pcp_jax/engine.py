@@ -40,29 +40,7 @@ from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.zigzag import local_positions, rank_index, token_permutation
 from pcp_jax.sharding import CACHES, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS
 from pcp_jax.sharding import CP_AXIS as AXIS
-from pcp_jax.sharding import TP_AXIS
-
-
-def make_mesh(cp: int, tp: int = 1, devices=None) -> Mesh:
-    """A mesh with axes ("cp", "tp") over the first cp·tp devices (of all processes); the `tp` ranks of one
-    `cp` rank are consecutive devices (on one host, the closest ones)."""
-    devices = jax.devices() if devices is None else list(devices)
-    for name, v in (("cp", cp), ("tp", tp)):
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
-    if cp * tp > len(devices):
-        raise ValueError(f"cp={cp}{f' x tp={tp}' if tp > 1 else ''} needs {cp * tp} devices but only {len(devices)} are visible "
-                         f"({jax.process_count()} process(es), backend {jax.default_backend()!r})")
-    return Mesh(np.asarray(devices[:cp * tp]).reshape(cp, tp), (AXIS, TP_AXIS))
-
-
-def _with_tp_axis(mesh: Mesh) -> Mesh:
-    """A mesh given with only a `cp` axis gains a `tp` axis of size 1 (same devices)."""
-    if TP_AXIS in mesh.axis_names:
-        return mesh
-    if mesh.axis_names != (AXIS,):
-        raise ValueError(f"mesh axes {mesh.axis_names}; expected ({AXIS!r},) or ({AXIS!r}, {TP_AXIS!r})")
-    return Mesh(mesh.devices.reshape(-1, 1), (AXIS, TP_AXIS))
+from pcp_jax.sharding import TP_AXIS, make_mesh, with_tp_axis
 
 
 @dataclasses.dataclass
@@ -116,10 +94,8 @@ class Model:
         resolve_strategy(gdn_strategy, 0, 1)  # validates the name
         if mesh is None:
             mesh = make_mesh(cp, tp)
-        elif AXIS not in mesh.axis_names:
-            raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis")
         else:
-            mesh = _with_tp_axis(mesh)
+            mesh = with_tp_axis(mesh)
             for name, v in (("cp", cp), ("tp", tp)):
                 if v not in (1, mesh.shape[name]):
                     raise ValueError(f"{name}={v} disagrees with the mesh's {name!r} axis of size {mesh.shape[name]}")

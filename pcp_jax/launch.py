@@ -477,37 +477,13 @@ def agree(args, check_inputs):
 
 # The run ------------------------------------------------------------------------------------------
 def global_mesh(cp: int | None, tp: int = 1):
-    """A (`cp`, `tp`) mesh over cp·tp / num_processes devices of every process, in process order (the `tp`
-    ranks of one `cp` rank are consecutive devices, so they share a process whenever tp divides its share)."""
-    import jax
-    import pcp_jax
-
-    devices = jax.devices()
-    nproc = jax.process_count()
-    by_proc: dict[int, list] = {}
-    for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
-        by_proc.setdefault(d.process_index, []).append(d)
-    where = (f"the job has {len(devices)} {jax.default_backend()} device(s) over {nproc} process(es) "
-             f"({', '.join(str(len(by_proc.get(p, []))) for p in range(nproc))} per process)")
-    if cp is None and tp > len(devices):
-        raise UsageError(f"--tp={tp} needs {tp} devices but {where}")
-    cp = len(devices) // tp if cp is None else cp
-    total = cp * tp
-    flags = f"--cp={cp}" if tp == 1 else f"--cp={cp} x --tp={tp}"
-    if total > len(devices):
-        raise UsageError(f"{flags} needs {total} devices but {where}")
-    if total % nproc:
-        raise UsageError(f"{flags} must be a multiple of the number of processes ({nproc}) so that every "
-                         f"process holds an equal share of the {'sequence' if tp == 1 else 'mesh'}; {where}")
-    per = total // nproc
-    short = [p for p in range(nproc) if len(by_proc.get(p, [])) < per]
-    if short:
-        raise UsageError(f"{flags} needs {per} device(s) on every process but process {short[0]} has "
-                         f"{len(by_proc.get(short[0], []))}; {where}")
+    """The job's mesh (pcp_jax.sharding.make_mesh over every process's devices); a mesh the devices cannot
+    make is a bad flag."""
+    from pcp_jax.sharding import make_mesh
     try:
-        return pcp_jax.make_mesh(cp, tp=tp, devices=[d for p in range(nproc) for d in by_proc[p][:per]])
+        return make_mesh(cp, tp)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--cp/--tp: {e}") from None
 
 
 def _read_prompts(args) -> tuple[list[list[int]], object]:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcp_jax.engine import Model, make_mesh, to_host
+from pcp_jax.engine import Model, to_host
+from pcp_jax.sharding import make_mesh
 from pcp_jax.kernels.attention import reference
 from pcp_jax.kernels.attention.api import decode_attention
 from pcp_jax.kernels.attention import decode_pallas

@@ -296,9 +296,9 @@ def test_launch_mesh(monkeypatch):
     assert mesh.devices.reshape(-1).tolist() == sorted(jax.devices(), key=lambda d: d.id)
     assert dict(launch.global_mesh(2, 4).shape) == {"cp": 2, "tp": 4}
     assert dict(launch.global_mesh(None).shape) == {"cp": 8, "tp": 1}
-    for cp, tp, message in [(4, 4, "--cp=4 x --tp=4 needs 16 devices but the job has 8 cpu device(s)"),
-                            (None, 16, "--tp=16 needs 16 devices but the job has 8"),
-                            (16, 1, "--cp=16 needs 16 devices")]:
+    for cp, tp, message in [(4, 4, "cp=4 x tp=4 needs 16 devices but 8 cpu device(s) are visible"),
+                            (None, 16, "tp=16 needs 16 devices but 8 cpu"),
+                            (16, 1, "cp=16 needs 16 devices")]:
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
             launch.global_mesh(cp, tp)
     args = launch.build_parser().parse_args(["--preset", "demo", "--ids", "1", "--tp", "3"])

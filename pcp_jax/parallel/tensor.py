@@ -29,8 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pcp_jax.config import ModelConfig, param_shapes
-
-TP_AXIS = "tp"
+from pcp_jax.sharding import TP_AXIS
 
 # Which axis of a contract tensor is split over `tp`, by its name after `layers.{i}.` (None: replicated).
 SPLIT_AXIS = {
