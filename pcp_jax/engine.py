@@ -512,6 +512,27 @@ class Model:
             out[b, lengths[b]: lengths[b] + max_new_tokens] = new[b]
         return out
 
+    def decode(self, state: PrefillResult, max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               eos_token_id: int | Sequence[int] | None = None,
+               callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """`max_new_tokens` new tokens per row after a prefill's result `state` (made with room for them:
+        `prefill(..., max_new_tokens=...)`), which is updated in place: np.ndarray [B, max_new_tokens] int32.
+        `generate` is `prefill` then this; call it yourself to keep the prefill's next-token logits
+        (`state.logits`) beside the tokens without a second prefill. Sampling and EOS as in `generate`."""
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        room = (state.slots_per_rank - state.prefill_slots) * self.cp
+        if max_new_tokens > room:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the room this prefill reserved for "
+                             f"{room} new tokens (prefill(..., max_new_tokens=...))")
+        temperature, top_k, top_p, seed = _sampling_args(temperature, top_k, top_p, seed, self.cfg.vocab_size)
+        eos = _eos_set(eos_token_id, self.cfg.vocab_size)
+        if max_new_tokens == 0:
+            return np.zeros((len(state.lengths), 0), np.int32)
+        return self._decode_loop(state, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed, eos=eos, callback=callback)
+
     def _decode_loop(self, state: PrefillResult, max_new_tokens: int, *, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                      eos: set[int] = frozenset(), callback=None) -> np.ndarray:

@@ -223,3 +223,14 @@ def test_decode_room_follows_max_new_tokens_not_the_prompt(moe_setup):
         model.decode_step(state, np.zeros(1, np.int32), 2 * 256)
     assert model.prefill(np.zeros((1, 2048), np.int32), max_new_tokens=600).slots_per_rank == 1024 + 512
     assert model.prefill(np.zeros((1, 2048), np.int32)).slots_per_rank == 1024
+
+
+def test_decode_after_prefill_equals_generate_and_refuses_beyond_its_room():
+    """`Model.decode` continues a prefill's result: the same tokens as `generate` from one prefill."""
+    cfg = tiny_config()
+    model = Model(cfg, tiny_params(cfg, seed=21), cp=2, dtype="float32")
+    ids = np.random.default_rng(21).integers(0, cfg.vocab_size, (2, 50))
+    state = model.prefill(ids, max_new_tokens=5)
+    np.testing.assert_array_equal(model.decode(state, 5), model.generate(ids, 5)[:, 50:])
+    with pytest.raises(ValueError, match="exceeds the room this prefill reserved"):
+        model.decode(model.prefill(ids, max_new_tokens=1), 10**6)
