@@ -179,18 +179,19 @@ def _want_cpu_devices(n: int) -> None:
 
 
 def use_compile_cache(path: str | None) -> str | None:
-    """JAX's persistent compilation cache (pcp_jax.compile_cache): in `path`, or "off", or by default in
+    """The compile-cache folder (pcp_jax.compile_cache): `path`, or "off", or by default
     $PCP_JAX_COMPILE_CACHE / $XDG_CACHE_HOME/pcp_jax/xla. A bad folder is a bad flag."""
     from pcp_jax import compile_cache
     try:
-        return compile_cache.enable(path)
+        return compile_cache.folder(path)
     except ValueError as e:
         raise UsageError(f"--compile-cache={path!r}: {e}") from None
 
 
-def compile_cache_report() -> str:
-    from pcp_jax import compile_cache
-    return compile_cache.report()
+def compile_cache_report(model) -> str:
+    s = model.compile_status()
+    where = f"in {s['store']}" if s["store"] else "none kept on disk"
+    return f"[compiled programs: {s['loaded']} loaded, {s['compiled']} compiled ({s['stored']} stored), {where}]"
 
 
 def chunk_size_arg(text: str):
@@ -269,7 +270,7 @@ def cmd_generate(args) -> int:
     cache_dir = use_compile_cache(args.compile_cache)
     _check_mesh(args.model, args.cp, args.tp)
     model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels,
-                               decode_attention=args.decode_attention)
+                               decode_attention=args.decode_attention, compile_cache_dir=cache_dir or "off")
     if args.prefix_cache_mb:
         model.enable_prefix_cache(args.prefix_cache_mb << 20)
     if args.warmup:
@@ -290,7 +291,7 @@ def cmd_generate(args) -> int:
     if args.prefix_cache_mb:
         print(f"[prefix cache: {model.prefix_cache_stats()}]", file=sys.stderr)
     if cache_dir:
-        print(compile_cache_report(), file=sys.stderr)
+        print(compile_cache_report(model), file=sys.stderr)
     return 0
 
 
@@ -301,7 +302,7 @@ def cmd_warmup(args) -> int:
     cache_dir = use_compile_cache(args.compile_cache)
     _check_mesh(args.model, args.cp, args.tp)
     model = pcp_jax.load_model(args.model, cp=args.cp, tp=args.tp, dtype=args.dtype, kernels=args.kernels,
-                               decode_attention=args.decode_attention)
+                               decode_attention=args.decode_attention, compile_cache_dir=cache_dir or "off")
     try:
         stats = model.warmup(args.max_tokens, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
                              chunk_size=args.chunk_size, logits=args.logits, progress=not args.no_progress)
@@ -309,10 +310,9 @@ def cmd_warmup(args) -> int:
         raise UsageError(str(e)) from e
     print(f"compiled {stats['programs']} programs in {stats['seconds']:.1f} s (prompts up to {args.max_tokens} "
           f"tokens, batch sizes {list(args.batch_sizes)}, cp={model.cp}, tp={model.tp})")
-    if cache_dir:
-        print(compile_cache_report())
-    else:
-        print("the persistent compilation cache is off: these programs last only as long as this process")
+    print(compile_cache_report(model))
+    if not cache_dir:
+        print("the compile cache is off: these programs last only as long as this process")
     return 0
 
 

@@ -216,7 +216,7 @@ def memory_report(model, budget_bytes: int | None = None) -> dict:
     _check_budget(budget_bytes)
     if budget_bytes is None:
         budget_bytes = device_memory_limit(model.mesh)
-    return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model._state), budget_bytes,
+    return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model.weights), budget_bytes,
                    model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps, getattr(model, "tp", 1))
 
 

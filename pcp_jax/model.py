@@ -132,8 +132,8 @@ class GatedAttention(nnx.Module):
         [B, S] their positions (-1 empty, already including the new token); write = (owner rank, slot)
         of the new token; `attention`: the method of kernels.attention.api.decode_attention_stacked."""
         q, k, v, gate = self._qkv(x, ctx.positions)
-        caches = dict(caches, k=_write_slot(caches["k"], k, ctx, write, index),
-                      v=_write_slot(caches["v"], v, ctx, write, index))
+        caches = dict(caches, k=write_slot(caches["k"], k, ctx, write, index),
+                      v=write_slot(caches["v"], v, ctx, write, index))
         out, lse = decode_attention_stacked(q, caches["k"], caches["v"], index, ctx.positions, kpos,
                                             used=write[1] + 1, method=attention)  # slots past `write` are empty
         if ctx.cp > 1:  # one collective: gather every rank's partial, merge locally
@@ -141,7 +141,7 @@ class GatedAttention(nnx.Module):
         return self._out(out, gate, x), caches
 
 
-def _write_slot(buf, new, ctx: ShardContext, write, index=None):
+def write_slot(buf, new, ctx: ShardContext, write, index=None):
     """Put `new` [B, 1, ...] into slot `write[1]` of buf [B, S, ...] (or of buf[index] when buf is stacked
     [N, B, S, ...]) on rank `write[0]` only, in place."""
     owner, slot = write

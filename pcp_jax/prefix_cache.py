@@ -5,8 +5,9 @@ holds piece p's KV slots of every attention layer (the per-rank shards, still sp
 slot positions, the GDN conv + recurrent states after piece p, and the next-token logits there. A prompt
 hashes its pieces in a chain (h_p = H(h_{p-1}, tokens of piece p)), so boundary p matches only if every
 earlier token matches; restoring boundary p copies the blocks of pieces 0..p back into the slots.
-The chain starts from a key of the model's weights fingerprint, dtype, cp, tp, piece size and padded
-piece length, so a different model, dtype or cp x tp layout never hits. Entries are evicted least recently
+The chain starts from a key of the model's fingerprint (`fingerprint`: its config and weights), dtype, devices,
+cp, tp, piece size, padded piece length and batch, so a different model, dtype, device set or cp x tp layout
+never hits. Entries are evicted least recently
 used first to stay within `max_bytes`; using an entry refreshes its whole chain.
 """
 
@@ -15,12 +16,41 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import numbers
+import weakref
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pcp_jax.sharding import REPLICATED
+from pcp_jax.programs import CopyBlock, CopyStates, RestoreBlock
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fingerprint(model) -> bytes:
+    """A collision-resistant key of a model's config and weights, for keys that must not cross models:
+    sha256 of the config and of the weights' digest (the one stored at conversion when the model was loaded
+    from a converted folder, else a sha256 of every weight's name, dtype, shape and bytes, computed once per
+    model, one block at a time, on first use)."""
+    if model not in _FINGERPRINTS:
+        from pcp_jax.loading import weights_digest
+        weights = model.weights_digest or weights_digest(_distinct_blocks(model.weights))
+        _FINGERPRINTS[model] = hashlib.sha256(repr(model.cfg).encode() + weights).digest()
+    return _FINGERPRINTS[model]
+
+
+def _distinct_blocks(state) -> dict:
+    """{name: device array} of every distinct addressable block of every leaf: a leaf held whole is named by
+    its path, a split one by its path and the block's index."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = jax.tree_util.keystr(path)
+        if leaf.is_fully_replicated:
+            out[name] = leaf.addressable_shards[0].data
+            continue
+        for shard in leaf.addressable_shards:
+            out.setdefault(f"{name}{[(s.start, s.stop) for s in shard.index]}", shard.data)
+    return out
 
 
 @dataclasses.dataclass
@@ -34,8 +64,8 @@ class _Entry:
 
 class PrefixCache:
     def __init__(self, max_bytes: int):
-        if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
-            raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer")
+        if not isinstance(max_bytes, numbers.Integral) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer (bytes)")
         self.max_bytes = int(max_bytes)
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
         self._bytes = 0
@@ -48,8 +78,9 @@ class PrefixCache:
     @staticmethod
     def _root(model, piece: int, n_pad: int, batch: int) -> bytes:
         h = hashlib.sha256()
-        h.update(model.fingerprint())
-        h.update(repr((model.dtype_name, model.cp, model.tp, piece, n_pad, batch)).encode())
+        h.update(fingerprint(model))
+        devices = [d.id for d in model.mesh.devices.flat]
+        h.update(repr((model.dtype_name, devices, model.cp, model.tp, piece, n_pad, batch)).encode())
         return h.digest()
 
     def chain(self, model, ids, lengths, piece, n_pad) -> list[tuple[int, bytes]]:
@@ -66,12 +97,12 @@ class PrefixCache:
         """Keep boundary p (the end of piece p) of a prompt whose keys are `chain`."""
         if p >= len(chain) or chain[p][1] in self._entries:
             return
-        block = n_pad // model.cp
-        k, v, kp = model._slot_block_fn(block, kpos.shape[1] // model.cp)(
-            caches["k"], caches["v"], kpos, model._place(np.int32(p * block), REPLICATED))
-        gdn = {n: jnp.copy(caches[n]) for n in ("conv", "state")}
-        entry = _Entry((k, v), kp, gdn, jnp.copy(logits), 0)
-        entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((entry.kv, kp, gdn, entry.logits)))
+        block, batch, slots = n_pad // model.cp, kpos.shape[0], kpos.shape[1] // model.cp
+        k, v, kp = model.programs.get(CopyBlock(batch, block, slots))(
+            caches["k"], caches["v"], kpos, model.to_device(np.int32(p * block)))
+        conv, state, logits = model.programs.get(CopyStates(batch))(caches["conv"], caches["state"], logits)
+        entry = _Entry((k, v), kp, {"conv": conv, "state": state}, logits, 0)
+        entry.nbytes = sum(a.nbytes for a in jax.tree.leaves((entry.kv, kp, entry.gdn, entry.logits)))
         if entry.nbytes > self.max_bytes:
             return
         self._entries[chain[p][1]] = entry
@@ -94,13 +125,13 @@ class PrefixCache:
             return 0, None
         self._stats["hits"] += 1
         self._stats["tokens_reused"] += found * piece * kpos.shape[0]
-        block = n_pad // model.cp
-        put = model._slot_restore_fn(block, kpos.shape[1] // model.cp)
+        block, batch, slots = n_pad // model.cp, kpos.shape[0], kpos.shape[1] // model.cp
+        put = model.programs.get(RestoreBlock(batch, block, slots))
         k, v = caches["k"], caches["v"]
         for p, key in chain[:found]:
             self._entries.move_to_end(key)
             entry = self._entries[key]
-            k, v, kpos = put(k, v, kpos, *entry.kv, entry.kpos, model._place(np.int32(p * block), REPLICATED))
+            k, v, kpos = put(k, v, kpos, *entry.kv, entry.kpos, model.to_device(np.int32(p * block)))
         last = self._entries[chain[found - 1][1]]
-        caches = {"k": k, "v": v, **{n: jnp.copy(a) for n, a in last.gdn.items()}}
-        return found, (caches, kpos, last.logits)
+        conv, state, logits = model.programs.get(CopyStates(batch))(last.gdn["conv"], last.gdn["state"], last.logits)
+        return found, ({"k": k, "v": v, "conv": conv, "state": state}, kpos, logits)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pcp_jax.engine import Model, to_host
+from pcp_jax.prefix_cache import fingerprint
 from hf_models import rel_err
 from tiny import tiny_config, tiny_params
 
@@ -24,13 +25,13 @@ def test_logits_are_complete_with_the_prefix_cache_on(tiny):
     cfg, params, _ = tiny
     model = Model(cfg, params, cp=2, dtype="float32")
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, cfg.vocab_size, (1, 80))
-    whole = rng.integers(0, cfg.vocab_size, (1, 128))  # two whole 64-token pieces: a full hit the second time
-    cold = {80: model.logits(ids, chunk_size=64), 128: model.logits(whole, chunk_size=64)}
+    ids = rng.integers(0, cfg.vocab_size, (1, 160))
+    whole = rng.integers(0, cfg.vocab_size, (1, 256))  # two whole 128-token pieces: a full hit the second time
+    cold = {160: model.logits(ids, chunk_size=128), 256: model.logits(whole, chunk_size=128)}
     model.enable_prefix_cache(1 << 30)
     for x in (ids, ids, whole, whole):
-        model.prefill(x, chunk_size=64)  # fills the cache, then hits it
-        got = model.logits(x, chunk_size=64)
+        model.prefill(x, chunk_size=128)  # fills the cache, then hits it
+        got = model.logits(x, chunk_size=128)
         assert got.shape == (1, x.shape[1], cfg.vocab_size)
         np.testing.assert_allclose(got, cold[x.shape[1]], rtol=0, atol=1e-6)
     assert model.prefix_cache_stats()["hits"] >= 2
@@ -45,13 +46,13 @@ def test_prefix_cache_keys_differ_for_permuted_weights(tiny):
     emb[[3, 5]] = emb[[5, 3]]
     swapped["embed"] = emb
     a, b = Model(cfg, params, cp=2, dtype="float32"), Model(cfg, swapped, cp=2, dtype="float32")
-    assert a.fingerprint() != b.fingerprint()
-    ids = np.tile(np.arange(3, 7), 32)[None]  # uses both swapped rows
-    cold_b = to_host(b.prefill(ids, chunk_size=64).logits)
+    assert fingerprint(a) != fingerprint(b)
+    ids = np.tile(np.arange(3, 7), 64)[None]  # uses both swapped rows
+    cold_b = to_host(b.prefill(ids, chunk_size=128).logits)
     cache = a.enable_prefix_cache(1 << 30)
     b.enable_prefix_cache(cache=cache)
-    a.prefill(ids, chunk_size=64)
-    np.testing.assert_array_equal(to_host(b.prefill(ids, chunk_size=64).logits), cold_b)
+    a.prefill(ids, chunk_size=128)
+    np.testing.assert_array_equal(to_host(b.prefill(ids, chunk_size=128).logits), cold_b)
     assert cache.stats()["hits"] == 0
 
 

@@ -36,7 +36,7 @@ def test_greedy_generation_under_cp_matches_transformers(cp, tmp_path):
     np.testing.assert_array_equal(got, hf_generate(hf, ids, 16))
 
 
-@pytest.mark.parametrize("cp,chunks", [(1, (64, 100)), (4, (128, 200))])
+@pytest.mark.parametrize("cp,chunks", [(1, (64, 100)), (4, (256, 300))])
 def test_chunked_prefill_equals_one_shot(moe_setup, cp, chunks):
     cfg, params = moe_setup
     model = Model(cfg, params, cp=cp, dtype="float32")
@@ -72,54 +72,54 @@ def test_no_device_holds_the_whole_kv_cache(moe_setup):
 def test_prefix_cache_hits_partial_hits_eviction_and_keys(moe_setup):
     cfg, params = moe_setup
     rng = np.random.default_rng(9)
-    a = rng.integers(0, cfg.vocab_size, (1, 300))
+    a = rng.integers(0, cfg.vocab_size, (1, 384))
     b = a.copy()
-    b[0, 250:] = rng.integers(0, cfg.vocab_size, 50)  # shares two 100-token pieces with a
+    b[0, 320:] = rng.integers(0, cfg.vocab_size, 64)  # shares two 128-token pieces with a
     c = a.copy()
-    c[0, 50:] = rng.integers(0, cfg.vocab_size, 250)  # shares less than one piece
+    c[0, 50:] = rng.integers(0, cfg.vocab_size, 334)  # shares less than one piece
     model = Model(cfg, params, cp=2, dtype="float32")
-    cold = {k: to_host(model.prefill(x, chunk_size=100).logits) for k, x in (("a", a), ("b", b), ("c", c))}
+    cold = {k: to_host(model.prefill(x, chunk_size=128).logits) for k, x in (("a", a), ("b", b), ("c", c))}
     cache = model.enable_prefix_cache(1 << 30)
     assert model.prefix_cache_stats() == dict(hits=0, misses=0, tokens_reused=0, evictions=0, bytes_held=0, entries=0)
-    warm = lambda x: to_host(model.prefill(x, chunk_size=100, max_new_tokens=2).logits)
+    warm = lambda x: to_host(model.prefill(x, chunk_size=128, max_new_tokens=2).logits)
     np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # miss, stores 3 boundaries
     stats = model.prefix_cache_stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (0, 1, 3)
     np.testing.assert_allclose(warm(b), cold["b"], rtol=0, atol=1e-6)  # partial hit: 2 pieces
-    assert model.prefix_cache_stats()["tokens_reused"] == 200
+    assert model.prefix_cache_stats()["tokens_reused"] == 256
     np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # full hit
     stats = model.prefix_cache_stats()
-    assert (stats["hits"], stats["tokens_reused"]) == (2, 500)
+    assert (stats["hits"], stats["tokens_reused"]) == (2, 640)
     np.testing.assert_allclose(warm(c), cold["c"], rtol=0, atol=1e-6)  # miss
     assert model.prefix_cache_stats()["misses"] == 2
     # A prompt that ends exactly on a cached boundary is restored whole, logits included.
-    cold_200 = to_host(Model(cfg, params, cp=2, dtype="float32").prefill(a[:, :200], chunk_size=100).logits)
-    np.testing.assert_allclose(warm(a[:, :200]), cold_200, rtol=0, atol=1e-6)
+    cold_256 = to_host(Model(cfg, params, cp=2, dtype="float32").prefill(a[:, :256], chunk_size=128).logits)
+    np.testing.assert_allclose(warm(a[:, :256]), cold_256, rtol=0, atol=1e-6)
     stats = model.prefix_cache_stats()
-    assert (stats["hits"], stats["tokens_reused"]) == (3, 700)
+    assert (stats["hits"], stats["tokens_reused"]) == (3, 896)
     held = model.prefix_cache_stats()["bytes_held"]
     assert held == sum(e.nbytes for e in cache._entries.values()) > 0
     # A model with another dtype, another cp, or another piece size never hits the same entries.
     other = Model(cfg, params, cp=2, dtype="bfloat16")
     other.enable_prefix_cache(cache=cache)
-    other.prefill(a, chunk_size=100)
-    other_cp = Model(cfg, params, cp=4, dtype="float32")
+    other.prefill(a, chunk_size=128)
+    other_cp = Model(cfg, params, cp=1, dtype="float32")
     other_cp.enable_prefix_cache(cache=cache)
-    other_cp.prefill(a, chunk_size=100)
-    model.prefill(a, chunk_size=128)
+    other_cp.prefill(a, chunk_size=128)
+    model.prefill(a, chunk_size=256)
     other_weights = Model(cfg, tiny_params(cfg, seed=5), cp=2, dtype="float32")
     other_weights.enable_prefix_cache(cache=cache)
-    other_weights.prefill(a, chunk_size=100)
+    other_weights.prefill(a, chunk_size=128)
     assert cache.stats()["hits"] == 3
     # Eviction keeps the budget: room for about two entries.
     small = Model(cfg, params, cp=2, dtype="float32")
     budget = 2 * held // 6 + 1
     small.enable_prefix_cache(budget)
     for x in (a, b, c):
-        small.prefill(x, chunk_size=100)
+        small.prefill(x, chunk_size=128)
         assert small.prefix_cache_stats()["bytes_held"] <= budget
     assert small.prefix_cache_stats()["evictions"] > 0
-    np.testing.assert_allclose(to_host(small.prefill(b, chunk_size=100).logits), cold["b"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(to_host(small.prefill(b, chunk_size=128).logits), cold["b"], rtol=0, atol=1e-6)
 
 
 def test_ragged_batch_with_eos_and_streaming(moe_setup):
@@ -204,10 +204,10 @@ def test_chunked_prefill_with_batch_strategy_and_ragged_rows():
     prompts = [np.random.default_rng(i).integers(0, cfg.vocab_size, n) for i, n in enumerate((300, 257, 64, 5))]
     ref = Model(cfg, params, cp=1, dtype="float32")
     model = Model(cfg, params, cp=4, dtype="float32", gdn_strategy="batch")
-    want, got = ref.logits(prompts), model.logits(prompts, chunk_size=128)
+    want, got = ref.logits(prompts), model.logits(prompts, chunk_size=256)
     for b, p in enumerate(prompts):
         assert rel_err(got[b, :len(p)], want[b, :len(p)]) <= 1e-5, b
-    np.testing.assert_array_equal(model.generate(prompts, 6, chunk_size=128), ref.generate(prompts, 6))
+    np.testing.assert_array_equal(model.generate(prompts, 6, chunk_size=256), ref.generate(prompts, 6))
 
 
 def test_decode_room_follows_max_new_tokens_not_the_prompt(moe_setup):

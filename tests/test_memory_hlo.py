@@ -3,11 +3,10 @@ long prompt, and K/V move with collective-permute (no all-gather of sequence-siz
 
 import re
 
-import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from pcp_jax.engine import Model
+from pcp_jax.programs import Prefill
 from tiny import tiny_config, tiny_params
 
 N = 4096
@@ -17,14 +16,7 @@ def compiled_prefill(cp, strategy="sequence"):
     cfg = tiny_config(hidden_size=64, intermediate_size=128)
     model = Model(cfg, tiny_params(cfg), cp=cp, dtype="float32", gdn_strategy=strategy)
     B = 1 if strategy == "sequence" else cp
-    slots = N // cp
-    fn = model._prefill_fn(B, N, slots, False, False)
-    ids = model._place(np.zeros((B, N), np.int32), P(None, "cp"))
-    lengths = model._place(np.full((B,), N, np.int32), P())
-    zero, n = model._place(np.int32(0), P()), model._place(np.int32(N), P())
-    logits = model._place(np.zeros((B, cfg.vocab_size), np.float32), P())
-    caches, kpos = model._alloc_fn(B, slots)()
-    return fn.lower(model._state, ids, lengths, zero, n, zero, logits, caches, kpos).compile()
+    return model.programs.lower(Prefill(B, N, N // cp, False, False)).compile()
 
 
 def test_per_device_memory_falls_as_one_over_cp():
@@ -57,14 +49,7 @@ def test_chunked_prefill_memory_follows_the_piece_not_the_prompt(cp):
     S = 1024
     temp = {}
     for pieces in (4, 64):
-        slots = pieces * S // cp
-        fn = model._prefill_fn(1, S, slots, False, True)
-        ids = model._place(np.zeros((1, S), np.int32), P(None, "cp"))
-        lengths = model._place(np.array([pieces * S], np.int32), P())
-        zero, n = model._place(np.int32(0), P()), model._place(np.int32(S), P())
-        logits = model._place(np.zeros((1, cfg.vocab_size), np.float32), P())
-        caches, kpos = model._alloc_fn(1, slots)()
-        compiled = fn.lower(model._state, ids, lengths, zero, n, zero, logits, caches, kpos).compile()
+        compiled = model.programs.lower(Prefill(1, S, pieces * S // cp, False, True)).compile()
         temp[pieces] = compiled.memory_analysis().temp_size_in_bytes
     cache_growth = 60 * S // cp * 2 * len(cfg.attention_layers) * cfg.num_kv_heads * cfg.head_dim * 4
     assert temp[64] - temp[4] < 0.05 * cache_growth, (temp, cache_growth)

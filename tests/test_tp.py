@@ -68,10 +68,10 @@ def moe_tiny():
 def test_strategies_chunked_decode_under_cp_tp(moe_tiny, strategy):
     cfg, params, reference = moe_tiny
     model = Model(cfg, params, cp=2, tp=2, dtype="float32", gdn_strategy=strategy)
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 150))
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 300))
     assert rel_err(model.logits(ids), reference.logits(ids)) <= TOL
     ref_tok, ref_trace = decode_trace(reference, ids, 6)
-    for chunk in (None, 64):  # one shot, then chunked prefill (three pieces) before the decode steps
+    for chunk in (None, 128):  # one shot, then chunked prefill (three pieces) before the decode steps
         tok, trace = decode_trace(model, ids, 6, chunk_size=chunk)
         np.testing.assert_array_equal(tok, ref_tok)
         assert rel_err(trace, ref_trace) <= TOL, chunk
@@ -82,12 +82,12 @@ def test_prefix_cache_under_cp_tp(moe_tiny):
     model = Model(cfg, params, cp=2, tp=2, dtype="float32")
     model.enable_prefix_cache(1 << 26)
     rng = np.random.default_rng(5)
-    shared = rng.integers(0, cfg.vocab_size, 130)
+    shared = rng.integers(0, cfg.vocab_size, 260)
     first = np.concatenate([shared, rng.integers(0, cfg.vocab_size, 20)])[None]
     second = np.concatenate([shared, rng.integers(0, cfg.vocab_size, 33)])[None]
     for ids in (first, second):
-        got = model.generate(ids, 6, chunk_size=64)
-        np.testing.assert_array_equal(got, reference.generate(ids, 6, chunk_size=64))
+        got = model.generate(ids, 6, chunk_size=128)
+        np.testing.assert_array_equal(got, reference.generate(ids, 6, chunk_size=128))
     assert model.prefix_cache_stats()["hits"] >= 1
 
 

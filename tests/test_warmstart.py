@@ -20,6 +20,7 @@ import pcp_jax.memory
 from pcp_jax.buckets import Pieces, ladder, ladder_up, plan_pieces
 from pcp_jax.engine import Model, to_host
 from pcp_jax.model import LayerPlan
+from pcp_jax.programs import Prefill
 from hf_models import build, hf_generate, hf_logits, rel_err
 from tiny import tiny_config, tiny_params
 
@@ -108,8 +109,7 @@ def test_non_periodic_layout_runs_unrolled_and_exact(tmp_path):
 def _hlo_instructions(layers: int) -> int:
     cfg = tiny_config(num_layers=layers, layer_types=(L, L, L, F) * (layers // 4))
     model = Model(cfg, tiny_params(cfg), cp=2, dtype="float32")
-    (key, args), = [p for p in model._programs_for(1, Pieces(512, 512, 1), 0, False) if p[0][0] == "prefill"]
-    text = model._jit_for(key).lower(*args).compile().as_text()
+    text = model.programs.lower(Prefill(1, 512, 256, False, False)).compile().as_text()
     return sum(" = " in line for line in text.splitlines())
 
 
