@@ -342,7 +342,8 @@ def test_cli(dense, tmp_path, capsys):
     _, path = dense
     assert main_convert([path, str(tmp_path / "out"), "--dtype", "float32", "--no-progress"]) == 0
     assert is_orbax_dir(tmp_path / "out")
-    assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 1
+    # a non-empty OUT_DIR is a rejected command line (docs/errors.md), found before HF_DIR is read
+    assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pcp-jax: error: ") and "output folder" in err[0], err
     assert main_convert([path, str(tmp_path / "out2"), "--no-prog"]) == 2  # the CLI's parser: no abbreviations
