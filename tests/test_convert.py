@@ -496,6 +496,19 @@ def test_non_finite_weights_are_refused_naming_the_tensor(dense, tmp_path, value
     assert source.read("layers.1.gdn.out_proj", (slice(0, 4),)).shape[0] == 4  # blocks without it still load
 
 
+def test_all_finite_reads_the_exponent_bits_exactly():
+    from pcp_jax.convert.hf_loader import all_finite
+    patterns = np.arange(2**16, dtype=np.uint16).view(ml_dtypes.bfloat16)  # every bfloat16 value
+    got = np.array([all_finite(patterns[i:i + 1]) for i in range(patterns.size)])
+    np.testing.assert_array_equal(got, np.isfinite(patterns.astype(np.float32)))
+    edges = np.array([0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000,
+                      0xFF800000, 0x7F800001, 0x7FC00000, 0xFFFFFFFF, 0x7FFFFFFF], np.uint32).view(np.float32)
+    for value in edges:
+        block = np.zeros((3, 5), np.float32)
+        block[2, 4] = value
+        assert all_finite(block) == bool(np.isfinite(value)), hex(int(np.float32(value).view(np.uint32)))
+
+
 def test_save_orbax_refuses_non_finite_tensors(dense, tmp_path):
     cfg = cfg_of(dense[1])
     params = read_hf_params(dense[1], dtype="float32")
