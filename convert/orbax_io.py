@@ -105,8 +105,9 @@ def save_orbax(out_dir: str | os.PathLike, cfg: ModelConfig, params_iter: Iterab
     `extra_files` maps a file name inside the folder to a source path to copy (tokenizer files).
     `out_dir` must be absent or empty. Raises ConvertError naming unexpected, duplicate, misplaced,
     missing or wrongly shaped tensors, a tensor holding NaN or infinite values in `dtype` (so a converted
-    folder holds finite weights, which its digests then vouch for), and any failure to write (disk full, ...); ConvertInterrupted on
-    SIGINT/SIGTERM. On any failure the partial folder is removed and `out_dir` is left as it was.
+    folder holds finite weights, which its digests then vouch for), and any failure to write (disk full,
+    ...); ConvertInterrupted on SIGINT/SIGTERM. On any failure the partial folder is removed and `out_dir` is
+    left as it was.
     Permissions, interruption and the cleanup of folders left by killed runs: `workdir`'s docstring.
     """
     out_dir = check_out_dir(out_dir)

@@ -169,7 +169,7 @@ class ModelConfig:
         if self.rope_type == "default":
             used = [f"{n}={getattr(self, n)!r}" for n, unused in _YARN_UNUSED.items() if getattr(self, n) != unused]
             if used:
-                raise ValueError(f"{', '.join(used)} only apply to rope_type 'yarn', but rope_type is 'default'")
+                raise ValueError(f"rope_type is 'default' but YaRN fields are set: {', '.join(used)}")
             return
         if self.rope_factor < 1:
             raise ValueError(f"rope_factor={self.rope_factor} must be at least 1 for rope_type 'yarn'")
@@ -272,7 +272,8 @@ class ModelConfig:
         max_positions = opt_int("max_position_embeddings", 0)
         rope = _hf_rope(where, text, max_positions)
         if rope["rope_type"] == "yarn":  # YaRN serves factor x the pretrained positions
-            max_positions = max(max_positions, int(rope["rope_factor"] * rope["rope_original_max_position_embeddings"]))
+            extended = int(rope["rope_factor"] * rope["rope_original_max_position_embeddings"])
+            max_positions = max(max_positions, extended)
         hidden = need("hidden_size")
         num_heads = need("num_attention_heads")
         if num_heads <= 0:  # checked here because head_dim may be derived from it

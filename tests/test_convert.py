@@ -459,7 +459,8 @@ QUANTIZED = {
 @pytest.mark.parametrize("case", list(QUANTIZED))
 def test_quantized_checkpoints_are_refused_by_name(dense, tmp_path, case):
     layout, declared, message = QUANTIZED[case]
-    path = _broken_copy(dense[1], tmp_path, _quantize(layout)) if layout else shutil.copytree(dense[1], tmp_path / "hf")
+    path = (_broken_copy(dense[1], tmp_path, _quantize(layout)) if layout
+            else shutil.copytree(dense[1], tmp_path / "hf"))
     if declared is not None:
         config = json.loads((tmp_path / "hf" / "config.json").read_text())
         config["quantization_config"] = declared

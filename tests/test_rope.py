@@ -119,7 +119,7 @@ def test_multimodal_config_reads_rope_from_text_config_only():
 
 @pytest.mark.parametrize("change,message", [
     (dict(rope_type="linear"), "rope_type 'linear' is not supported"),
-    (dict(rope_factor=4.0), "rope_factor=4.0 only apply to rope_type 'yarn'"),
+    (dict(rope_factor=4.0), "rope_type is 'default' but YaRN fields are set: rope_factor=4.0"),
     (dict(rope_type="yarn", rope_factor=2.0), "rope_original_max_position_embeddings=0: rope_type 'yarn' needs"),
     (dict(rope_type="yarn", rope_original_max_position_embeddings=64, rope_beta_fast=0.0),
      "rope_beta_fast=0.0 must be a positive finite number"),
@@ -132,9 +132,9 @@ def test_model_config_checks_its_rope_fields(change, message):
 def test_presets_keep_plain_rope():
     for name, cfg in pcp_jax.PRESETS.items():
         inv_freq, scale = rope_frequencies(cfg)
-        rot = cfg.rotary_dim
+        exponents = np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim
         assert cfg.rope_type == "default" and scale == 1.0, name
-        np.testing.assert_array_equal(inv_freq, 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot)))
+        np.testing.assert_array_equal(inv_freq, 1.0 / (cfg.rope_theta ** exponents))
 
 
 def test_yarn_logits_match_transformers(tmp_path):
