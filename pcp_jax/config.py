@@ -149,10 +149,6 @@ class ModelConfig:
         if self.conv_kernel > MAX_CONV_KERNEL:
             raise ValueError(f"conv_kernel={self.conv_kernel} is not supported; expected at most {MAX_CONV_KERNEL} "
                              f"(the GDN conv reads its K-1 preceding tokens from one 64-token chunk)")
-        bad_eos = [t for t in _eos_ids(self.eos_token_id) if t >= self.vocab_size]
-        if bad_eos:
-            raise ValueError(f"eos_token_id={self.eos_token_id!r} is outside the vocabulary: every id must be in "
-                             f"[0, vocab_size={self.vocab_size})")
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(
@@ -176,6 +172,15 @@ class ModelConfig:
         if not self.rope_original_max_position_embeddings:
             raise ValueError("rope_original_max_position_embeddings=0: rope_type 'yarn' needs the positions the model "
                              "was pretrained for")
+
+    def _check_eos_in_vocabulary(self) -> "ModelConfig":
+        """Self, if every eos id is a token of the vocabulary. Checked where a whole model's config is read
+        (`from_hf`, `from_dict`), not in __post_init__: a tensor-parallel shard's config (parallel.tensor.
+        local_config) counts only its share of the vocabulary, while eos ids stay global."""
+        if any(t >= self.vocab_size for t in _eos_ids(self.eos_token_id)):
+            raise ValueError(f"eos_token_id={self.eos_token_id!r} is outside the vocabulary: every id must be in "
+                             f"[0, vocab_size={self.vocab_size})")
+        return self
 
     # Derived shapes -------------------------------------------------------------------------------
     @property
@@ -227,7 +232,7 @@ class ModelConfig:
             d["layer_types"] = tuple(d["layer_types"])
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
-        return cls(**d)
+        return cls(**d)._check_eos_in_vocabulary()
 
     # Hugging Face config.json ---------------------------------------------------------------------
     @classmethod
@@ -317,7 +322,7 @@ class ModelConfig:
                                  f"top-k router weights (transformers ignores the flag)")
         elif kwargs["intermediate_size"] <= 0:
             raise ValueError(f"{where} is missing required field 'intermediate_size'")
-        return cls(**kwargs)
+        return cls(**kwargs)._check_eos_in_vocabulary()
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":

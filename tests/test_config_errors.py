@@ -105,6 +105,15 @@ def test_eos_outside_the_vocabulary_is_refused_when_the_config_is_read(eos):
     assert ModelConfig.from_hf(_hf(eos_token_id=[0, 9])).eos_token_id == (0, 9)
 
 
+def test_a_tp_shard_config_keeps_the_global_eos():
+    """A shard's config counts its share of the vocabulary; its eos ids stay global (Qwen3.5: 248046 of 248320)."""
+    from pcp_jax.config import PRESETS
+    from pcp_jax.parallel.tensor import local_config
+    cfg = PRESETS["qwen3.5-9b"]
+    assert local_config(cfg, 8).eos_token_id == cfg.eos_token_id >= local_config(cfg, 8).vocab_size
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
 @pytest.mark.parametrize("hf,message", [
     # bool("false") is True: a quoted flag used to tie the embeddings silently
     (_hf(tie_word_embeddings="false"), "field 'tie_word_embeddings' is 'false'; expected true or false"),
