@@ -16,21 +16,22 @@ Flat params: `{name: np.ndarray}`, input-major, names and shapes in `hf_names` (
     weights_digest(params) -> bytes             (sha256 of flat params: convert/digest.py)
     main_convert(argv) -> int                   (the `pcp-jax convert` command)
 
-Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong; SIGINT or
+Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong (a
+`ConvertArgumentError` when an argument itself is unusable, e.g. a non-empty OUT_DIR); SIGINT or
 SIGTERM during a conversion raise `ConvertInterrupted` (a KeyboardInterrupt) after the partial output is
 removed. Guarantees: docs/errors.md.
 """
 
 from .converter import convert, main_convert
 from .digest import weights_digest
-from .errors import ConvertError, ConvertInterrupted
+from .errors import ConvertArgumentError, ConvertError, ConvertInterrupted
 from .hf_loader import iter_hf_params, load_hf_config, read_hf_params
 from .hf_names import expected_shapes
 from .orbax_io import is_orbax_dir, load_orbax, read_orbax_config, save_orbax, stored_weights_digest
 from .sources import OrbaxSource, SafetensorsSource
 
 __all__ = [
-    "ConvertError", "ConvertInterrupted", "OrbaxSource", "SafetensorsSource", "convert", "expected_shapes",
-    "is_orbax_dir", "iter_hf_params", "load_hf_config", "load_orbax", "main_convert", "read_hf_params",
-    "read_orbax_config", "save_orbax", "stored_weights_digest", "weights_digest",
+    "ConvertArgumentError", "ConvertError", "ConvertInterrupted", "OrbaxSource", "SafetensorsSource", "convert",
+    "expected_shapes", "is_orbax_dir", "iter_hf_params", "load_hf_config", "load_orbax", "main_convert",
+    "read_hf_params", "read_orbax_config", "save_orbax", "stored_weights_digest", "weights_digest",
 ]

@@ -1,13 +1,15 @@
 """`convert(hf_dir, out_dir, dtype)`: a Hugging Face Qwen3.5 folder -> our Orbax folder, streamed.
 
 Order of work, so that every input error surfaces before anything is written:
-1. the dtype and OUT_DIR are checked (OUT_DIR must be absent or an empty directory);
+1. the dtype and OUT_DIR are checked (OUT_DIR must be absent in an existing folder, or an empty directory;
+   a ConvertArgumentError otherwise, which the CLI reports as a bad command line);
 2. config.json and every safetensors header are read and matched against the config (`hf_names.plan`):
-   unexpected, missing, wrongly shaped or non-float tensors, corrupt/truncated files and missing shards
-   all fail here, naming what is wrong;
+   a quantized checkpoint (`quantization`), unexpected, missing, wrongly shaped or non-float tensors,
+   corrupt/truncated files and missing shards all fail here, naming what is wrong;
 3. tensors are streamed one by one (`iter_hf_params`) into one Orbax checkpoint per layer/top-level tensor
-   (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success; SIGINT/SIGTERM remove
-   it (ConvertInterrupted), and a later conversion removes the ones killed runs left (`workdir`).
+   (`save_orbax`), in a temporary sibling folder renamed to OUT_DIR only on success; a tensor holding NaN or
+   infinite values stops the conversion, naming it; SIGINT/SIGTERM remove the folder (ConvertInterrupted),
+   and a later conversion removes the ones killed runs left (`workdir`).
 
 Peak host memory is about the largest unit (one layer's tensors, or the embedding / lm_head, in the
 output dtype), which Orbax writes without copying, plus the mapped pages of the one HF tensor being

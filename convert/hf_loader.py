@@ -8,14 +8,18 @@ Arrays are float32 or ml_dtypes.bfloat16, C-contiguous and owned (no view into t
 exact copies of the HF tensors, except float32 -> bfloat16 which rounds to nearest even, as torch's
 `.to(torch.bfloat16)` does.
 
-The whole checkpoint (every header, the name mapping, every shape and dtype) is validated when
+The whole checkpoint (every header, the name mapping, every shape and dtype, and the quantization
+config.json declares against the tensors' dtypes: `quantization.checkpoint_quantization`) is validated when
 `iter_hf_params` is called, before the first tensor is read; a tied `lm_head.weight` stored in the file is
-compared with the embedding then. While streaming, memory holds one of our tensors (a stacked expert
+compared with the embedding then. Every tensor is checked to hold only finite values once copied into the
+output dtype (`all_finite`; a float32 value beyond bfloat16's range becomes infinite there): NaN weights
+used to load and generate token 0. While streaming, memory holds one of our tensors (a stacked expert
 array is filled expert by expert) plus the mapped pages of the HF tensor being copied.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -25,8 +29,9 @@ import numpy as np
 
 from pcp_jax.config import ModelConfig
 
-from .errors import ConvertError
+from .errors import ConvertArgumentError, ConvertError
 from .hf_names import Plan, Source, plan
+from .quantization import checkpoint_quantization
 from .safetensors_io import SafetensorsCheckpoint
 
 logger = logging.getLogger("pcp_jax.convert")
@@ -39,13 +44,19 @@ _TRANSPOSE_BLOCK = 16
 # Rows of the embedding compared at a time when checking a stored tied lm_head (bounds the temporaries).
 _TIE_CHECK_ROWS = 4096
 
+# IEEE layouts of the output dtypes: (signed and unsigned integer views, exponent mask). A value is NaN or
+# infinite exactly when its exponent bits are all ones: a positive one is, as a signed integer, >= the mask (and
+# no negative value is); a negative one is, as an unsigned integer, >= sign bit | mask (and no other value is).
+_FLOAT_BITS = {DTYPES["bfloat16"]: (np.int16, np.uint16, 0x7F80),
+               DTYPES["float32"]: (np.int32, np.uint32, 0x7F800000)}
+
 
 def resolve_dtype(dtype) -> np.dtype:
     """"float32" | "bfloat16" (or the numpy dtypes themselves) -> np.dtype; anything else is a ConvertError."""
     for name, dt in DTYPES.items():
         if dtype == name or (not isinstance(dtype, str) and _same_dtype(dtype, dt)):
             return dt
-    raise ConvertError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
+    raise ConvertArgumentError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
 
 
 def dtype_name(dtype) -> str:
@@ -61,25 +72,43 @@ def _same_dtype(a, b) -> bool:
         return False
 
 
-def load_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
+def read_config_json(hf_dir: str | os.PathLike):
+    """The parsed config.json of an HF folder (any JSON value), or a ConvertError naming the folder or file."""
     path = os.path.join(os.fspath(hf_dir), "config.json")
     if not os.path.isdir(hf_dir):
         raise ConvertError(f"{hf_dir} is not a directory; expected a Hugging Face model folder")
     if not os.path.isfile(path):
         raise ConvertError(f"{hf_dir} has no config.json; expected a Hugging Face model folder")
     try:
-        return ModelConfig.from_hf_file(path)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConvertError(f"cannot read {path}: {e}") from None
+    except ValueError as e:  # invalid JSON or invalid UTF-8
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
+    return _model_config(hf_dir, read_config_json(hf_dir))
+
+
+def _model_config(hf_dir, hf_json) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf_json)
     except ValueError as e:
-        raise ConvertError(f"{path}: {e}") from None
+        raise ConvertError(f"{os.path.join(os.fspath(hf_dir), 'config.json')}: {e}") from None
 
 
 def open_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None
                        ) -> tuple[ModelConfig, SafetensorsCheckpoint, Plan]:
     """Read config (unless given), every safetensors header, and match them; no tensor data is read
-    except a stored tied lm_head, which must equal the embedding."""
+    except a stored tied lm_head, which must equal the embedding. A quantized checkpoint is refused here
+    (`quantization.checkpoint_quantization`), before the tensors are matched."""
     hf_dir = os.fspath(hf_dir)
-    cfg = cfg if cfg is not None else load_hf_config(hf_dir)
+    hf_json = read_config_json(hf_dir)
+    cfg = cfg if cfg is not None else _model_config(hf_dir, hf_json)
     ckpt = SafetensorsCheckpoint(hf_dir)
+    checkpoint_quantization(hf_dir, hf_json if isinstance(hf_json, dict) else {}, ckpt.tensors)
     try:
         the_plan = plan(cfg, ckpt.tensors)
     except ConvertError as e:
@@ -113,8 +142,32 @@ def materialise(ckpt: SafetensorsCheckpoint, source: Source, dtype: np.dtype) ->
     out = np.empty(source.shape, dtype)
     for piece in source.pieces:
         view = piece.transform.apply(ckpt.read(piece.hf_name))
-        copy_into(out if piece.expert is None else out[piece.expert], view)
+        target = out if piece.expert is None else out[piece.expert]
+        copy_into(target, view)
+        check_finite(target, f"{ckpt.folder}: tensor {piece.hf_name}")
     return out
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every element of the float array `a` is finite (neither NaN nor infinite). For bfloat16 and
+    float32 two integer max-reductions over views of its bits: no temporary array (the HF reader allocates
+    nothing beyond the block it returns), about 6 GiB/s (float32) and 12 GiB/s (bfloat16) on one core of this
+    project's CPU machine, where np.isfinite on bfloat16 runs at 3 GiB/s and allocates a bool per element."""
+    layout = _FLOAT_BITS.get(a.dtype)
+    if layout is None:
+        return bool(np.isfinite(a).all())
+    if a.size == 0:
+        return True
+    signed, unsigned, exponent = layout
+    flat = np.ascontiguousarray(a).reshape(-1)
+    sign = 1 << (8 * a.dtype.itemsize - 1)
+    return int(flat.view(signed).max()) < exponent and int(flat.view(unsigned).max()) < sign | exponent
+
+
+def check_finite(a: np.ndarray, what: str) -> None:
+    """ConvertError naming `what` (the tensor, with its folder) unless every value of `a` is finite."""
+    if not all_finite(a):
+        raise ConvertError(f"{what} holds NaN or infinite values in {a.dtype.name}; expected finite weights")
 
 
 def copy_into(out: np.ndarray, view: np.ndarray) -> None:

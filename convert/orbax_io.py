@@ -1,8 +1,8 @@
 """Our converted checkpoint: one Orbax PyTree checkpoint per storage unit, plus `pcp_config.json`.
 
-Layout of a converted folder (format version 2):
+Layout of a converted folder (format version 3):
 
-    pcp_config.json        {"format": "pcp_jax.orbax", "format_version": 2, "dtype": "bfloat16",
+    pcp_config.json        {"format": "pcp_jax.orbax", "format_version": 3, "dtype": "bfloat16",
                             "config": ModelConfig.to_dict(), "units": ["embed", "layers.0", ...],
                             "weights_digest": sha256 hex of the weights (digest.weights_digest),
                             "integrity": {"algorithm": "sha256",
@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from pcp_jax.config import ModelConfig
 
 from .digest import combine_digests, file_digests, file_sha256, tensor_digest, verify_files
-from .errors import ConvertError
-from .hf_loader import DTYPES, dtype_name, resolve_dtype
+from .errors import ConvertArgumentError, ConvertError
+from .hf_loader import DTYPES, check_finite, dtype_name, resolve_dtype
 from .hf_names import expected_shapes, unit_of
 from .workdir import (InterruptGuard, copy_file, current_umask, existing_dir_mode, make_partial_dir,
                       remove_stale_partials, remove_tree)
@@ -52,8 +52,9 @@ from .workdir import (InterruptGuard, copy_file, current_umask, existing_dir_mod
 FORMAT = "pcp_jax.orbax"
 logger = logging.getLogger("pcp_jax.convert")
 
-# Version 2 added the integrity digests and the weights digest.
-FORMAT_VERSION = 2
+# Version 2 added the integrity digests and the weights digest; version 3 the RoPE variant fields of the config
+# (a version-2 folder converted from a YaRN config.json holds plain RoPE: it must be converted again).
+FORMAT_VERSION = 3
 CONFIG_NAME = "pcp_config.json"
 PARAMS_DIR = "params"
 SKIP_VERIFY_ENV = "PCP_JAX_SKIP_VERIFY"
@@ -79,13 +80,18 @@ def is_orbax_dir(path: str | os.PathLike) -> bool:
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> str:
-    """The absolute path of `out_dir` if it is absent or an empty directory; else a ConvertError."""
+    """The absolute path of `out_dir` if it is absent (in an existing folder) or an empty directory; else a
+    ConvertArgumentError."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-            raise ConvertError(f"output path {out_dir} exists and is not a directory; give a new folder")
+            raise ConvertArgumentError(f"output path {out_dir} exists and is not a directory; give a new folder")
         if os.listdir(out_dir):
-            raise ConvertError(f"output folder {out_dir} exists and is not empty; remove it or give a new folder")
+            raise ConvertArgumentError(f"output folder {out_dir} exists and is not empty; remove it or give a new "
+                                       f"folder")
+    elif not os.path.isdir(os.path.dirname(out_dir)):
+        raise ConvertArgumentError(f"output folder {out_dir} cannot be made: its parent {os.path.dirname(out_dir)} "
+                                   f"is not an existing folder; create it first")
     return out_dir
 
 
@@ -98,8 +104,10 @@ def save_orbax(out_dir: str | os.PathLike, cfg: ModelConfig, params_iter: Iterab
     tensors consecutively (any order within a unit). Arrays (numpy or jax) are cast to `dtype`.
     `extra_files` maps a file name inside the folder to a source path to copy (tokenizer files).
     `out_dir` must be absent or empty. Raises ConvertError naming unexpected, duplicate, misplaced,
-    missing or wrongly shaped tensors, and any failure to write (disk full, ...); ConvertInterrupted on
-    SIGINT/SIGTERM. On any failure the partial folder is removed and `out_dir` is left as it was.
+    missing or wrongly shaped tensors, a tensor holding NaN or infinite values in `dtype` (so a converted
+    folder holds finite weights, which its digests then vouch for), and any failure to write (disk full,
+    ...); ConvertInterrupted on SIGINT/SIGTERM. On any failure the partial folder is removed and `out_dir` is
+    left as it was.
     Permissions, interruption and the cleanup of folders left by killed runs: `workdir`'s docstring.
     """
     out_dir = check_out_dir(out_dir)
@@ -196,6 +204,7 @@ def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], par
                 flush()
             seen.add(name)
             buffer[name] = array.astype(np_dtype, copy=False)
+            check_finite(buffer[name], f"tensor {name!r}")
             digests[name] = tensor_digest(name, buffer[name])
         if buffer:
             flush()

@@ -11,7 +11,8 @@ shard from them, so a process reads only the blocks its own devices hold and nev
 
 SafetensorsSource: every block equals `read_hf_params(hf_dir, cfg, dtype)[name][slices]` bit for bit (same
 casts). The folder is checked as `read_hf_params` checks it, from the headers, when the source is made (a
-stored tied lm_head is compared with the embedding then, in blocks). A read maps the HF tensor's bytes and
+stored tied lm_head is compared with the embedding then, in blocks), and every block read must hold finite
+values only (a ConvertError names the HF tensor otherwise). A read maps the HF tensor's bytes and
 copies only the block out of the mapping, through the same view the converter takes (transpose, the gate or
 up half of a fused gate_up_proj, the conv reshape); for experts stored one tensor per expert only the
 experts of the block are mapped. Host memory: the block, plus the mapped file pages the block touches.
@@ -26,7 +27,8 @@ ones are one chunk, decoded whole for a block, transiently). Integrity as `load_
 checked when the source is made; the files of a unit are compared with their recorded sha256 before any of
 its tensors is opened (unless verify=False or PCP_JAX_SKIP_VERIFY=1), and the unit's names and shapes with
 the stored config. `weights_digest` is the digest recorded at conversion (weights in the stored dtype).
-Reads are in the stored dtype unless `dtype` asks for a cast.
+Reads are in the stored dtype unless `dtype` asks for a cast. Values are not checked for NaN here: a
+conversion refuses non-finite weights, and the digests prove the files are what it wrote.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pcp_jax.config import ModelConfig
 
 from .digest import verify_files
 from .errors import ConvertError
-from .hf_loader import copy_into, open_hf_checkpoint, resolve_dtype
+from .hf_loader import check_finite, copy_into, open_hf_checkpoint, resolve_dtype
 from .hf_names import expected_shapes, unit_of
 from .orbax_io import PARAMS_DIR, _read_meta, one_line, verify_default
 from .safetensors_io import read_tensor
@@ -77,10 +79,12 @@ class SafetensorsSource:
         if source.pieces[0].expert is None:  # one HF tensor (fused experts included)
             piece = source.pieces[0]
             copy_into(out, piece.transform.apply(self._map(piece.hf_name))[index])
+            check_finite(out, f"{self._ckpt.folder}: tensor {piece.hf_name}")
             return out
         for k, expert in enumerate(range(len(source.pieces))[index[0]]):  # only the experts of the block
             piece = source.pieces[expert]
             copy_into(out[k], piece.transform.apply(self._map(piece.hf_name))[index[1:]])
+            check_finite(out[k], f"{self._ckpt.folder}: tensor {piece.hf_name}")
         return out
 
     def _source(self, name: str):

@@ -212,10 +212,12 @@ def read_tokenizer(path: str):
 
 # Commands -----------------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from pcp_jax.convert import convert
+    from pcp_jax.convert import ConvertArgumentError, convert
     require_folder(args.hf_dir, "HF_DIR")
     try:
         path = convert(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.no_progress)
+    except ConvertArgumentError as e:  # OUT_DIR not absent or empty, checked before HF_DIR is read
+        raise UsageError(str(e)) from None
     except KeyboardInterrupt as e:  # the converter removed its partial output before raising
         e.add_note(f"nothing was written to {args.out_dir}")
         raise

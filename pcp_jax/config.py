@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 from typing import Any
@@ -19,19 +20,39 @@ LINEAR_ATTENTION = "linear_attention"
 _LAYER_TYPES = (FULL_ATTENTION, LINEAR_ATTENTION)
 _MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
+# RoPE variants the model implements (`pcp_jax.model.rope_frequencies`): plain RoPE (released Qwen3.5 configs say
+# "default", with M-RoPE sections that equal 1-D RoPE on text) and YaRN (the context extension Qwen's model cards
+# describe). Every other `rope_type` is refused.
+ROPE_TYPES = ("default", "yarn")
+# The YaRN fields and the values that mean "not used" (required of configs whose rope_type is "default").
+_YARN_UNUSED = dict(rope_factor=1.0, rope_original_max_position_embeddings=0, rope_attention_factor=1.0,
+                    rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=True)
+# A GDN layer's causal conv reads the K-1 tokens before each zigzag chunk from the neighbouring chunk alone, and
+# chunks hold whole 64-token GDN chunks (pcp_jax.buckets): a longer kernel would need tokens of two chunks.
+MAX_CONV_KERNEL = 65
+# Keys of an HF text config that set RoPE (a multimodal config must hold them in text_config).
+_ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "partial_rotary_factor")
+
 
 # Field groups of ModelConfig by the values they accept (checked in __post_init__, before any arithmetic).
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                   "conv_kernel")
 _NON_NEGATIVE_INTS = ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                      "shared_expert_intermediate_size", "max_position_embeddings")
-_POSITIVE_FLOATS = ("rope_theta", "partial_rotary_factor")
-_BOOLS = ("tie_word_embeddings", "norm_topk_prob")
+                      "shared_expert_intermediate_size", "max_position_embeddings",
+                      "rope_original_max_position_embeddings")
+_POSITIVE_FLOATS = ("rope_theta", "partial_rotary_factor", "rope_factor", "rope_attention_factor", "rope_beta_fast",
+                    "rope_beta_slow")
+_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "rope_truncate")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _eos_ids(eos) -> tuple:
+    """The ids of an `eos_token_id` field (None, one id or a list of ids)."""
+    return tuple(eos) if isinstance(eos, (tuple, list)) else (() if eos is None else (eos,))
 
 
 def _check_field_types(cfg: "ModelConfig") -> None:
@@ -45,20 +66,21 @@ def _check_field_types(cfg: "ModelConfig") -> None:
             raise ValueError(f"{name}={v!r} must be a non-negative integer")
     for name in _POSITIVE_FLOATS:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
-            raise ValueError(f"{name}={v!r} must be a positive number")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+            raise ValueError(f"{name}={v!r} must be a positive finite number")
     eps = cfg.rms_norm_eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"rms_norm_eps={eps!r} must be a non-negative number")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f"rms_norm_eps={eps!r} must be a non-negative finite number")
     for name in _BOOLS:
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be true or false")
     if not isinstance(cfg.layer_types, (tuple, list)) or not all(isinstance(t, str) for t in cfg.layer_types):
         raise ValueError(f"layer_types={cfg.layer_types!r} must be a list of layer type names {list(_LAYER_TYPES)}")
     eos = cfg.eos_token_id
-    ids = eos if isinstance(eos, (tuple, list)) else (() if eos is None else (eos,))
-    if not all(_is_int(t) and t >= 0 for t in ids):
+    if not all(_is_int(t) and t >= 0 for t in _eos_ids(eos)):
         raise ValueError(f"eos_token_id={eos!r} must be null, a non-negative integer or a list of them")
+    if not isinstance(cfg.rope_type, str):
+        raise ValueError(f"rope_type={cfg.rope_type!r} must be one of {list(ROPE_TYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +105,16 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0
     partial_rotary_factor: float = 0.25
+    # RoPE variant (ROPE_TYPES); the rope_* fields below are YaRN's (transformers' names without the prefix):
+    # inverse frequencies blended between interpolated (/ factor) and original by a ramp over the rotary dims set
+    # by beta_fast/beta_slow at `original_max_position_embeddings`; cos/sin scaled by `attention_factor`.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int = 0
+    rope_attention_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
     tie_word_embeddings: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -113,6 +145,10 @@ class ModelConfig:
             raise ValueError(
                 f"partial_rotary_factor={self.partial_rotary_factor} with head_dim={self.head_dim} gives a rotary "
                 f"dimension of {self.rotary_dim}; it must be a positive even number")
+        self._check_rope_variant()
+        if self.conv_kernel > MAX_CONV_KERNEL:
+            raise ValueError(f"conv_kernel={self.conv_kernel} is not supported; expected at most {MAX_CONV_KERNEL} "
+                             f"(the GDN conv reads its K-1 preceding tokens from one 64-token chunk)")
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(
@@ -122,6 +158,29 @@ class ModelConfig:
         elif self.intermediate_size <= 0:
             raise ValueError(f"intermediate_size={self.intermediate_size} must be positive for a dense model "
                              f"(num_experts=0)")
+
+    def _check_rope_variant(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; expected one of {list(ROPE_TYPES)}")
+        if self.rope_type == "default":
+            used = [f"{n}={getattr(self, n)!r}" for n, unused in _YARN_UNUSED.items() if getattr(self, n) != unused]
+            if used:
+                raise ValueError(f"rope_type is 'default' but YaRN fields are set: {', '.join(used)}")
+            return
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_factor={self.rope_factor} must be at least 1 for rope_type 'yarn'")
+        if not self.rope_original_max_position_embeddings:
+            raise ValueError("rope_original_max_position_embeddings=0: rope_type 'yarn' needs the positions the model "
+                             "was pretrained for")
+
+    def _check_eos_in_vocabulary(self) -> "ModelConfig":
+        """Self, if every eos id is a token of the vocabulary. Checked where a whole model's config is read
+        (`from_hf`, `from_dict`), not in __post_init__: a tensor-parallel shard's config (parallel.tensor.
+        local_config) counts only its share of the vocabulary, while eos ids stay global."""
+        if any(t >= self.vocab_size for t in _eos_ids(self.eos_token_id)):
+            raise ValueError(f"eos_token_id={self.eos_token_id!r} is outside the vocabulary: every id must be in "
+                             f"[0, vocab_size={self.vocab_size})")
+        return self
 
     # Derived shapes -------------------------------------------------------------------------------
     @property
@@ -173,7 +232,7 @@ class ModelConfig:
             d["layer_types"] = tuple(d["layer_types"])
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
-        return cls(**d)
+        return cls(**d)._check_eos_in_vocabulary()
 
     # Hugging Face config.json ---------------------------------------------------------------------
     @classmethod
@@ -192,6 +251,10 @@ class ModelConfig:
                 raise ValueError(f"model_type {model_type!r} config has no 'text_config'")
             text = dict(_hf_object(where, "text_config", hf["text_config"]))
             text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+            stray = [k for k in _ROPE_KEYS if hf.get(k) is not None]
+            if stray:  # transformers reads RoPE from text_config only: these would be ignored silently
+                raise ValueError(f"{where}: RoPE fields {stray} at the top level are not read; RoPE is read from "
+                                 f"text_config, so move them there")
         is_moe = model_type.startswith("qwen3_5_moe")
 
         def need(name):
@@ -202,11 +265,6 @@ class ModelConfig:
         def opt_int(name, default):
             return _hf_int(where, name, text.get(name) or default)
 
-        def opt_float(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}: field {name!r} is {value!r}; expected a number")
-            return float(value)
-
         num_layers = need("num_hidden_layers")
         layer_types = text.get("layer_types")
         if layer_types is None:
@@ -216,12 +274,11 @@ class ModelConfig:
             layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(num_layers)]
         elif not isinstance(layer_types, list):
             raise ValueError(f"{where}: field 'layer_types' is {layer_types!r}; expected a list of layer types")
-        rope = _hf_object(where, "rope_parameters", text.get("rope_parameters") or {})
-        rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
-        prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' (plain/M-RoPE on text)")
+        max_positions = opt_int("max_position_embeddings", 0)
+        rope = _hf_rope(where, text, max_positions)
+        if rope["rope_type"] == "yarn":  # YaRN serves factor x the pretrained positions
+            extended = int(rope["rope_factor"] * rope["rope_original_max_position_embeddings"])
+            max_positions = max(max_positions, extended)
         hidden = need("hidden_size")
         num_heads = need("num_attention_heads")
         if num_heads <= 0:  # checked here because head_dim may be derived from it
@@ -240,12 +297,11 @@ class ModelConfig:
             linear_key_head_dim=need("linear_key_head_dim"),
             linear_value_head_dim=need("linear_value_head_dim"),
             conv_kernel=opt_int("linear_conv_kernel_dim", 4),
-            rms_norm_eps=opt_float("rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
-            rope_theta=opt_float("rope_theta", rope_theta),
-            partial_rotary_factor=opt_float("partial_rotary_factor", prf),
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            rms_norm_eps=_hf_number(where, "rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=_hf_bool(where, "tie_word_embeddings", text.get("tie_word_embeddings", False)),
             eos_token_id=_eos(where, hf.get("eos_token_id", text.get("eos_token_id"))),
-            max_position_embeddings=opt_int("max_position_embeddings", 0),
+            max_position_embeddings=max_positions,
+            **rope,
         )
         if text.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {text.get('hidden_act')!r} is not supported; expected 'silu'")
@@ -257,11 +313,16 @@ class ModelConfig:
                 num_experts_per_tok=need("num_experts_per_tok"),
                 moe_intermediate_size=need("moe_intermediate_size"),
                 shared_expert_intermediate_size=opt_int("shared_expert_intermediate_size", 0),
-                norm_topk_prob=bool(text.get("norm_topk_prob", True)),
+                norm_topk_prob=_hf_bool(where, "norm_topk_prob", text.get("norm_topk_prob", True)),
             )
+            if not kwargs["norm_topk_prob"]:
+                # transformers' qwen3_5_moe renormalises the top-k router weights whatever the flag says, other
+                # implementations honour it: which one the checkpoint was trained with is not known.
+                raise ValueError(f"{where}: norm_topk_prob=false is not supported; Qwen3.5 MoE renormalises the "
+                                 f"top-k router weights (transformers ignores the flag)")
         elif kwargs["intermediate_size"] <= 0:
             raise ValueError(f"{where} is missing required field 'intermediate_size'")
-        return cls(**kwargs)
+        return cls(**kwargs)._check_eos_in_vocabulary()
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -325,6 +386,82 @@ def _hf_int(where: str, name: str, value) -> int:
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
         raise ValueError(f"{where}: field {name!r} is {value!r}; expected an integer")
     return int(value)
+
+
+def _hf_number(where: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field {name!r} is {value!r}; expected a number")
+    return float(value)
+
+
+def _hf_bool(where: str, name: str, value) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True: a quoted flag must not flip the model
+        raise ValueError(f"{where}: field {name!r} is {value!r}; expected true or false")
+    return value
+
+
+def _hf_rope(where: str, text: dict, max_positions: int) -> dict[str, Any]:
+    """The RoPE fields of ModelConfig from an HF text config, read as transformers' `qwen3_5` / `qwen3_5_moe`
+    read them (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` and `standardize_rope_params`, then
+    `_compute_yarn_parameters` when the model is built):
+    - a non-empty legacy `rope_scaling` replaces `rope_parameters` whole;
+    - in the dict that wins, its own `rope_theta` / `partial_rotary_factor` win over the text config's keys of the
+      same name (defaults 10000 and 0.25), and `rope_type` over the legacy `type` (default "default");
+    - YaRN: `factor` is required (null means max_position_embeddings / original); a text-level
+      `original_max_position_embeddings` wins over the dict's, which defaults to max_position_embeddings;
+      `attention_factor` defaults to 0.1 ln(factor) + 1, or to the ratio of that form with `mscale` and with
+      `mscale_all_dim` when both are set; `beta_fast` / `beta_slow` default (also when 0) to 32 / 1, `truncate`
+      to true.
+    Keys transformers does not use for these types (`mrope_section`, `mrope_interleaved`: on text M-RoPE is 1-D
+    RoPE) are ignored as it ignores them. Any other rope_type, or a dict per layer type, is refused."""
+    scaling, params = text.get("rope_scaling"), text.get("rope_parameters")
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is not None:
+            _hf_object(where, name, value)
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
+    nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
+    if nested:
+        raise ValueError(f"{where}: {key} holds entries per layer type {nested}; expected one set of RoPE parameters")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where}: {key} has rope_type {rope_type!r}, which is not supported; expected one of "
+                         f"{list(ROPE_TYPES)}")
+    out = dict(rope_type=rope_type,
+               rope_theta=_hf_number(where, "rope_theta", rope.get("rope_theta", text.get("rope_theta", 10_000.0))),
+               partial_rotary_factor=_hf_number(where, "partial_rotary_factor", rope.get(
+                   "partial_rotary_factor", text.get("partial_rotary_factor", 0.25))))
+    if rope_type == "default":
+        return out
+    if "factor" not in rope:
+        raise ValueError(f"{where}: {key} with rope_type 'yarn' needs 'factor'")
+    if "original_max_position_embeddings" in text:
+        original = _hf_int(where, "original_max_position_embeddings", text["original_max_position_embeddings"])
+    elif "original_max_position_embeddings" in rope:
+        original = _hf_int(where, f"{key}.original_max_position_embeddings", rope["original_max_position_embeddings"])
+    else:
+        original = max_positions
+    if original <= 0:
+        raise ValueError(f"{where}: rope_type 'yarn' needs original_max_position_embeddings (or "
+                         f"max_position_embeddings), the positions the model was pretrained for; got {original}")
+    factor = rope["factor"]
+    factor = max_positions / original if factor is None and max_positions else _hf_number(where, "factor", factor)
+    attention = rope.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = (None if rope.get(n) is None else _hf_number(where, n, rope[n])
+                                  for n in ("mscale", "mscale_all_dim"))
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                     else _yarn_mscale(factor))
+    out.update(rope_factor=factor, rope_original_max_position_embeddings=original,
+               rope_attention_factor=_hf_number(where, "attention_factor", attention),
+               rope_beta_fast=_hf_number(where, "beta_fast", rope.get("beta_fast") or 32),
+               rope_beta_slow=_hf_number(where, "beta_slow", rope.get("beta_slow") or 1),
+               rope_truncate=_hf_bool(where, "truncate", rope.get("truncate", True)))
+    return out
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term: 0.1 mscale ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _hf_object(where: str, name: str, value) -> dict:

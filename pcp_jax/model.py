@@ -27,6 +27,7 @@ Numerics (DESIGN.md §2): zero-centred RMSNorm in fp32, softmax/router/GDN gates
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,14 +62,44 @@ def rms_norm(x, w, eps, zero_centred=True):
     return (y * ((1.0 + wf) if zero_centred else wf)).astype(x.dtype)
 
 
-def rope(x, positions, cfg: ModelConfig):
-    """Partial rotary embedding on the first `rotary_dim` dims (rotate_half form). x [B, T, H, hd];
-    positions [B, T]. Text-only M-RoPE equals this 1-D RoPE."""
+def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [rotary_dim / 2] float32, scale of cos and sin) of `cfg`'s RoPE, computed as
+    transformers computes them in float32 (`compute_default_rope_parameters`, `_compute_yarn_parameters`).
+    YaRN keeps the original frequencies of the dims that turn more than `beta_fast` times over the pretrained
+    positions, divides by `factor` those that turn fewer than `beta_slow` times, and blends linearly between."""
     rot = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    pos_freqs = cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot)
+    if cfg.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+
+    def correction_dim(rotations):  # the rotary dim whose wavelength fits `rotations` times in the positions
+        return rot * math.log(cfg.rope_original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(rot // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # weight of the original (extrapolated) frequency
+    inv_freq = 1.0 / (cfg.rope_factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq.astype(np.float32), float(cfg.rope_attention_factor)
+
+
+def rope(x, positions, cfg: ModelConfig):
+    """Partial rotary embedding on the first `rotary_dim` dims (rotate_half form), with the frequencies and
+    cos/sin scale of `rope_frequencies`. x [B, T, H, hd]; positions [B, T]. Text-only M-RoPE equals this 1-D
+    RoPE."""
+    rot = cfg.rotary_dim
+    inv_freq, scale = rope_frequencies(cfg)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     xr, xp = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)

@@ -143,7 +143,7 @@ def test_config_from_hf_variants():
     (dict(linear_num_key_heads=2, linear_num_value_heads=3), "linear_num_value_heads=3 is not a multiple"),
     (dict(layer_types=["full_attention"]), "layer_types has 1 entries"),
     (dict(layer_types=["full_attention", "mamba", "full_attention", "full_attention"]), "unknown layer_types"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_type 'yarn'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "rope_type 'linear'"),
     (dict(model_type="qwen3_5_moe_text"), "missing required field 'num_experts'"),
     (dict(hidden_act="gelu"), "hidden_act"),
 ])

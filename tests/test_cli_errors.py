@@ -35,6 +35,13 @@ def files(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text("[1, 2]")
+    (root / "bad_eos").mkdir()  # an eos outside the vocabulary used to load; generate then blamed the command line
+    (root / "bad_eos" / "config.json").write_text(json.dumps(dict(
+        model_type="qwen3_5_text", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, intermediate_size=128, linear_num_key_heads=1, linear_num_value_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, eos_token_id=600)))
+    (root / "not_empty").mkdir()
+    (root / "not_empty" / "keep.txt").write_text("mine")
     return root
 
 
@@ -52,6 +59,11 @@ def _cases(f):
         (["convert", str(f / "empty"), str(f / "out"), "--dtype", "int8"], 2, "argument --dtype: invalid choice"),
         (["convert", str(f / "hf"), str(f / "out2"), "--no-progres"], 2, "unrecognized arguments: --no-progres"),
         (["convert", str(f / "hf"), str(f / "out3"), "--no-progress"], 1, "config.json"),
+        # OUT_DIR is checked before HF_DIR is read: a bad destination is a bad command line (it used to exit 1)
+        (["convert", str(f / "hf"), str(f / "not_empty")], 2, "exists and is not empty"),
+        (["convert", str(f / "hf"), str(f / "a_file")], 2, "exists and is not a directory"),
+        (["convert", str(f / "hf"), str(f / "missing" / "out")], 2, "is not an existing folder; create it first"),
+        (["convert", str(f / "bad_eos"), str(f / "out5")], 1, "eos_token_id=600 is outside the vocabulary"),
         # generate
         (["generate", "--ids", "1"], 2, "required: --model"),
         (["generate", "--model", str(f / "missing"), "--ids", "1"], 2, "--model="),
@@ -67,6 +79,8 @@ def _cases(f):
         (gen + ["--cp", "64"], 2, "--cp=64 needs 64 devices"),
         (["generate", "--model", str(f / "model"), "--prompt", "hi"], 1, "cannot read the tokenizer"),
         (gen, 1, "config.json"),  # a folder without a model: the flag was fine, loading failed
+        (["generate", "--model", str(f / "bad_eos"), "--ids", "1,2"], 1,
+         "eos_token_id=600 is outside the vocabulary: every id must be in [0, vocab_size=512)"),
         (gen + ["--chunk-size", "0"], 2, "argument --chunk-size: expected an integer >= 1, got 0"),
         (gen + ["--warmup", "-3"], 2, "argument --warmup: expected an integer >= 1, got -3"),
         # warmup

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
 from pcp_jax.config import ModelConfig
-from pcp_jax.convert import (ConvertError, convert, expected_shapes, is_orbax_dir, iter_hf_params, load_orbax,
-                             main_convert, read_hf_params, save_orbax)
+from pcp_jax.convert import (ConvertError, SafetensorsSource, convert, expected_shapes, is_orbax_dir, iter_hf_params,
+                             load_orbax, main_convert, read_hf_params, save_orbax)
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -342,7 +342,8 @@ def test_cli(dense, tmp_path, capsys):
     _, path = dense
     assert main_convert([path, str(tmp_path / "out"), "--dtype", "float32", "--no-progress"]) == 0
     assert is_orbax_dir(tmp_path / "out")
-    assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 1
+    # a non-empty OUT_DIR is a rejected command line (docs/errors.md), found before HF_DIR is read
+    assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pcp-jax: error: ") and "output folder" in err[0], err
     assert main_convert([path, str(tmp_path / "out2"), "--no-prog"]) == 2  # the CLI's parser: no abbreviations
@@ -374,7 +375,10 @@ BAD_TENSORS = {
     "wrong shape": (_set("model.layers.3.self_attn.q_norm.weight", lambda t: torch.ones(9)),
                     ["wrong shapes (1)", "model.layers.3.self_attn.q_norm.weight: shape (9,), expected (8,)"]),
     "int8 weight": (_set("model.layers.2.mlp.up_proj.weight", lambda t: torch.ones(48, 32, dtype=torch.int8)),
-                    ["unsupported dtypes", "model.layers.2.mlp.up_proj.weight: I8"]),
+                    ["tensor model.layers.2.mlp.up_proj.weight has dtype I8, but config.json declares no "
+                     "quantization"]),
+    "int64 weight": (_set("model.layers.2.mlp.up_proj.weight", lambda t: torch.ones(48, 32, dtype=torch.int64)),
+                     ["unsupported dtypes", "model.layers.2.mlp.up_proj.weight: I64"]),
 }
 
 
@@ -403,6 +407,117 @@ def _assert_fails_cleanly(hf_dir, tmp_path, messages, dtype="bfloat16"):
 def test_bad_tensors(dense, tmp_path, case):
     edit, messages = BAD_TENSORS[case]
     _assert_fails_cleanly(_broken_copy(dense[1], tmp_path, edit), tmp_path, messages)
+
+
+# Quantized checkpoints (issue 28, item 14): one line naming the method or the tensor, instead of the "does not
+# match its config.json" cascade; a float checkpoint declaring fp8 used to convert and load silently.
+def _quantize(layout):
+    """An edit turning every projection weight of the text model into `layout`'s tensors."""
+    def edit(tensors):
+        for name in [n for n in tensors if n.endswith("proj.weight") and tensors[n].ndim == 2]:
+            w, base = tensors.pop(name), name[: -len(".weight")]
+            rows, cols = w.shape
+            if layout == "fp8":  # the released FP8 layout: e4m3 weights, 128x128 blocks of inverse scales
+                tensors[name] = w.to(torch.float8_e4m3fn)
+                tensors[base + ".weight_scale_inv"] = torch.ones(-(-rows // 128), -(-cols // 128))
+            elif layout in ("gptq", "awq"):  # 4-bit weights packed 8 to an int32, group scales and zero points
+                tensors[base + ".qweight"] = torch.zeros(cols // 8, rows, dtype=torch.int32)
+                tensors[base + ".qzeros"] = torch.zeros(1, rows // 8, dtype=torch.int32)
+                tensors[base + ".scales"] = torch.ones(1, rows, dtype=torch.float16)
+            elif layout == "nf4":  # bitsandbytes 4-bit: packed uint8 weights and their quantization state
+                tensors[name] = torch.zeros(rows * cols // 2, 1, dtype=torch.uint8)
+                tensors[name + ".absmax"] = torch.ones(rows * cols // 64)
+                tensors[name + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+            elif layout == "compressed-tensors":
+                tensors[base + ".weight_packed"] = torch.zeros(rows, cols // 8, dtype=torch.int32)
+                tensors[base + ".weight_scale"] = torch.ones(rows, 1)
+                tensors[base + ".weight_shape"] = torch.tensor([rows, cols], dtype=torch.int32)
+            elif layout == "scales only":  # float weights, plus a scale tensor a quantizer left behind
+                tensors[name] = w
+                tensors[base + ".weight_scale_inv"] = torch.ones(1, 1)
+    return edit
+
+
+QUANTIZED = {
+    "fp8": ("fp8", {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]},
+            "quantized checkpoints are not supported: config.json declares quant_method 'fp8' (tensor "),
+    "gptq": ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method 'gptq'"),
+    "awq": ("awq", {"quant_method": "awq", "bits": 4, "version": "gemm"}, "quant_method 'awq'"),
+    "nf4": ("nf4", {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+            "quant_method 'bitsandbytes (nf4)'"),
+    "compressed-tensors": ("compressed-tensors", {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+                           "quant_method 'compressed-tensors'"),
+    "float weights declaring fp8": (None, {"quant_method": "fp8"},
+                                    "declares quantization_config quant_method 'fp8', but no tensor is quantized"),
+    "fp8 weights declaring nothing": ("fp8", None, "has dtype F8_E4M3, but config.json declares no quantization"),
+    "a scale tensor declaring nothing": ("scales only", None, "weight_scale_inv is a quantization tensor"),
+    "malformed quantization_config": (None, ["fp8"], "field 'quantization_config' is ['fp8']; expected an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED))
+def test_quantized_checkpoints_are_refused_by_name(dense, tmp_path, case):
+    layout, declared, message = QUANTIZED[case]
+    path = (_broken_copy(dense[1], tmp_path, _quantize(layout)) if layout
+            else shutil.copytree(dense[1], tmp_path / "hf"))
+    if declared is not None:
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        config["quantization_config"] = declared
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    error = _assert_fails_cleanly(str(path), tmp_path, [message])
+    assert len(error.splitlines()) == 1, error
+    with pytest.raises(ConvertError, match=re.escape(message)):
+        read_hf_params(path)  # the loaders' path (load_model reads the same headers through open_hf_checkpoint)
+
+
+# Non-finite weights (issue 28, item 17): they used to load and generate token 0 -------------------------------
+@pytest.mark.parametrize("value,dtype,finite", [(float("nan"), "float32", False), (float("-inf"), "bfloat16", False),
+                                                (3.4e38, "bfloat16", False), (3.4e38, "float32", True)])
+def test_non_finite_weights_are_refused_naming_the_tensor(dense, tmp_path, value, dtype, finite):
+    """3.4e38 is a finite float32 beyond bfloat16's range: infinite once converted, fine in float32."""
+    name = "model.layers.1.linear_attn.out_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][3, 5] = value
+    path = _broken_copy(dense[1], tmp_path, poison)
+    message = f"tensor {name} holds NaN or infinite values in {dtype}; expected finite weights"
+    source = SafetensorsSource(path, dtype=dtype)  # the blocks load_model places
+    if finite:
+        assert read_hf_params(path, dtype=dtype)["layers.1.gdn.out_proj"][5, 3] == np.float32(value)
+        assert np.isfinite(source.read("layers.1.gdn.out_proj", (slice(4, 6),))).all()
+        return
+    error = _assert_fails_cleanly(path, tmp_path, [message], dtype=dtype)
+    assert len(error.splitlines()) == 1, error
+    with pytest.raises(ConvertError, match=re.escape(message)):
+        read_hf_params(path, dtype=dtype)
+    with pytest.raises(ConvertError, match=re.escape(message)):
+        source.read("layers.1.gdn.out_proj", (slice(4, 6),))
+    assert source.read("layers.1.gdn.out_proj", (slice(0, 4),)).shape[0] == 4  # blocks without it still load
+
+
+def test_all_finite_reads_the_exponent_bits_exactly():
+    from pcp_jax.convert.hf_loader import all_finite
+    patterns = np.arange(2**16, dtype=np.uint16).view(ml_dtypes.bfloat16)  # every bfloat16 value
+    got = np.array([all_finite(patterns[i:i + 1]) for i in range(patterns.size)])
+    np.testing.assert_array_equal(got, np.isfinite(patterns.astype(np.float32)))
+    edges = np.array([0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000,
+                      0xFF800000, 0x7F800001, 0x7FC00000, 0xFFFFFFFF, 0x7FFFFFFF], np.uint32).view(np.float32)
+    for value in edges:
+        block = np.zeros((3, 5), np.float32)
+        block[2, 4] = value
+        assert all_finite(block) == bool(np.isfinite(value)), hex(int(np.float32(value).view(np.uint32)))
+
+
+def test_save_orbax_refuses_non_finite_tensors(dense, tmp_path):
+    cfg = cfg_of(dense[1])
+    params = read_hf_params(dense[1], dtype="float32")
+    params["final_norm"] = params["final_norm"].copy()
+    params["final_norm"][0] = np.nan
+    with pytest.raises(ConvertError, match="tensor 'final_norm' holds NaN or infinite values in float32"):
+        save_orbax(tmp_path / "out", cfg, params.items(), "float32")
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_and_conflicting_experts(moe, tmp_path):
