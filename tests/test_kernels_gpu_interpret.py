@@ -256,7 +256,7 @@ def test_gpu_backend_preload_runs_before_tracing_and_keeps_jit_caches(monkeypatc
 def test_model_prefill_traces_once_across_calls():
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
 
     cfg = PRESETS["demo"]
     model = Model(cfg, random_params(cfg, seed=3, dtype=jnp.float32), dtype="float32")
