@@ -11,7 +11,8 @@ Every figure is in bytes on ONE device of the ("cp", "tp") mesh (cp·tp devices;
   dtype) and recurrent state (value heads / tp x dk x dv, fp32), replicated over cp;
 - activations: `activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
   of the piece held by this device (piece tokens / cp).
-Per-rank counts come from `pcp_jax.parallel.tensor.local_config` (one shard's config).
+Per-rank counts come from `pcp_jax.parallel.tensor.local_config` (one shard's config), so every function here
+refuses a `tp` that does not split the model, with the message loading gives (`check_tp`).
 
 `memory_report(model)` reads a built model (its actual weights, piece size and bucket ladder);
 `memory_estimate(cfg, ...)` computes the same from a ModelConfig alone, before any weight is allocated, with
@@ -24,14 +25,14 @@ buffers and fragmentation, and the decode room a `warmup` reserves, so leave som
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig
-from pcp_jax.parallel.tensor import device_shapes, local_config
+from pcp_jax.parallel.tensor import check_tp, device_shapes, local_config
 from pcp_jax.weights import declare, device_itemsize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
@@ -158,10 +159,13 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
     }
 
 
-def _check_budget(budget_bytes) -> None:
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer))
-                                     or budget_bytes <= 0):
+def _check_budget(budget_bytes) -> int | None:
+    """`budget_bytes` as a Python int (None stays None); ValueError unless a positive integer or None."""
+    if budget_bytes is None:
+        return None
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes={budget_bytes!r} must be a positive integer (bytes per device) or None")
+    return int(budget_bytes)
 
 
 def device_memory_stats(mesh) -> dict | None:
@@ -182,7 +186,7 @@ def memory_report(model, budget_bytes: int | None = None) -> dict:
     """Memory per device of a built `engine.Model` (keys and units: `memory_estimate`). Weights are the bytes
     of the model's state on one device; `budget_bytes` defaults to the device's memory limit where the
     backend reports it. A model without a `tp` attribute runs at tp = 1."""
-    _check_budget(budget_bytes)
+    budget_bytes = _check_budget(budget_bytes)
     if budget_bytes is None:
         budget_bytes = device_memory_limit(model.mesh)
     return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model._state), budget_bytes,
@@ -193,18 +197,24 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
                     tp: int = 1) -> dict:
     """Memory per device of `cfg` on a ("cp", "tp") mesh of cp·tp devices, from the config alone (nothing is
     allocated), for a `Model` with default settings on devices of `budget_bytes` memory each (None: unknown, as
-    on CPU). `tp` is assumed valid for `cfg` (not checked here). Returns: cp, tp, devices (cp·tp), dtype;
+    on CPU). A `tp` that does not split `cfg` is refused as `load_model` refuses it (`check_tp`). Returns: cp,
+    tp, devices (cp·tp), dtype;
     weights_bytes (on one device); model_weights_bytes (one whole copy of the model); kv_heads_per_device;
     gdn_value_heads_per_device; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
     activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
     (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
     (None without a budget). All sizes are bytes per device unless named otherwise."""
-    for name, value in (("cp", cp), ("tp", tp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={cfg!r:.80} must be a ModelConfig (pcp_jax.preset(name) or "
+                         f"ModelConfig.from_hf_file(path))")
+    for name, value in (("cp", cp), ("tp", tp)):  # numpy integers too, as Model takes them
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if dtype not in DTYPES:
+    cp, tp = int(cp), int(tp)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    _check_budget(budget_bytes)
+    budget_bytes = _check_budget(budget_bytes)
+    check_tp(cfg, tp)
     b = jnp.dtype(DTYPES[dtype]).itemsize
     weights = weights_bytes_per_device(cfg, tp, b)
     prefill_budget = default_prefill_budget(weights, budget_bytes)
@@ -214,6 +224,9 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
 
 def format_memory_report(report: dict) -> str:
     """A short table of a `memory_report` / `memory_estimate` result, sizes in GiB (MiB below 1 GiB)."""
+    if not isinstance(report, dict) or "weights_bytes" not in report:
+        raise ValueError(f"report={report!r:.80} must be the dict of memory_report or memory_estimate")
+
     def size(n) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 

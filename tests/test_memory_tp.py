@@ -7,12 +7,13 @@ import importlib.util
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 from pcp_jax.config import PRESETS, preset
 from pcp_jax.memory import (format_memory_report, gdn_state_bytes, kv_bytes_per_token, memory_estimate,
                             weights_bytes_per_device)
-from pcp_jax.parallel.tensor import device_shapes, placements
+from pcp_jax.parallel.tensor import check_tp, device_shapes, placements
 from pcp_jax.weights import declare, param_shapes
 
 LARGE = ("qwen3.5-27b", "qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b")
@@ -154,3 +155,36 @@ def test_the_cp_tp_volumes_reduce_to_the_cp_only_formulas(name, monkeypatch):
     assert v["ring_attention"] == 1 * n // 2 * 2 * 1 * cfg.head_dim * 2
     assert v["tp_allreduce"] == 2 * 2 * 3 / 4 * (n // 2) * cfg.hidden_size * 2
 
+
+@pytest.mark.parametrize("tp", [3, 64])
+def test_an_estimate_refuses_a_tp_that_loading_refuses(tp):
+    """tp = 3 does not divide the 9B's heads; tp = 64 would leave 0 GDN value heads per device. Loading
+    refuses both before reading a weight (check_tp); the estimate gave figures for them."""
+    cfg = preset("qwen3.5-9b")
+    with pytest.raises(ValueError) as loading:
+        check_tp(cfg, tp)
+    with pytest.raises(ValueError, match=f"tp={tp} does not split this model") as estimate:
+        memory_estimate(cfg, tp=tp, budget_bytes=80 << 30)
+    assert str(estimate.value) == str(loading.value)
+    with pytest.raises(ValueError, match=f"tp={tp} does not split"):
+        weights_bytes_per_device(cfg, tp, 2)
+
+
+def test_an_estimate_takes_numpy_integers_as_model_does():
+    cfg = preset("qwen3.5-9b")
+    got = memory_estimate(cfg, cp=np.int64(2), tp=np.int32(2), budget_bytes=np.int64(80 << 30))
+    assert got == memory_estimate(cfg, cp=2, tp=2, budget_bytes=80 << 30)
+    assert all(type(got[k]) is int for k in ("cp", "tp", "devices", "budget_bytes"))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: memory_estimate(None), "cfg=None must be a ModelConfig"),
+    (lambda: memory_estimate("qwen3.5-9b"), "cfg='qwen3.5-9b' must be a ModelConfig"),
+    (lambda: memory_estimate(preset("demo"), dtype=["bfloat16"]), r"dtype=\['bfloat16'\]; expected one of"),
+    (lambda: memory_estimate(preset("demo"), cp=2.0), "cp=2.0 must be a positive integer"),
+    (lambda: format_memory_report(None), "report=None must be the dict of memory_report or memory_estimate"),
+])
+def test_wrong_arguments_are_one_line_value_errors(call, message):
+    with pytest.raises(ValueError, match=message) as e:
+        call()
+    assert "\n" not in str(e.value)

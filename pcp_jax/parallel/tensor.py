@@ -24,6 +24,7 @@ of layers j, p+j, 2p+j, ... of a `LayerPlan`) are built here too, so stacking ne
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterable
 
 import jax
@@ -37,7 +38,7 @@ from pcp_jax.weights import declare, param_shapes
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError, naming every field at fault, if `cfg` cannot be split over `tp` ranks."""
-    if not (isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1):
+    if not (isinstance(tp, numbers.Integral) and not isinstance(tp, bool) and tp >= 1):
         raise ValueError(f"tp={tp!r} must be a positive integer")
     if tp == 1:
         return
