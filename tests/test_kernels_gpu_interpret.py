@@ -9,7 +9,7 @@
   (power-of-two tiles, unsupported primitives) that the interpreter does not.
 - The position analysis of the tokamax attention wrapper (which mask form describes the visible keys) is
   pure jnp and is checked against the reference's visibility rule. The tokamax kernels themselves need a
-  Hopper GPU: scripts/bench_kernels.py checks them there.
+  Hopper GPU: benchmarks/attention.py checks them there.
 """
 
 from __future__ import annotations
