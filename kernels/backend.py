@@ -41,10 +41,12 @@ def first_that_runs(op: str, kernels: str, implementations: Sequence[tuple[str, 
                     reference: Callable[[], T]) -> T:
     """The result of the first of `implementations` (name, thunk) that takes its inputs, else of `reference`.
 
-    A thunk that raises NotImplementedError does not take them: under kernels="gpu" the next one is tried and,
-    when none is left, NotImplementedError names `op` and every reason; otherwise the reason is logged once
-    (per op, implementation and reason) and the next one runs, the reference last. Other errors propagate.
-    Callers list GPU implementations only where `use_gpu_kernels(kernels)`; an empty table runs the reference.
+    A thunk that raises NotImplementedError does not take them: its reason is logged once (per op,
+    implementation and reason) and the next one runs, the reference last; except under kernels="gpu", where
+    the reference never runs: when no implementation is left, NotImplementedError names `op` and every reason.
+    Other errors propagate.
+    Callers list GPU implementations only where `use_gpu_kernels(kernels)`, so "jnp" (or no GPU) runs the
+    reference at once.
     """
     reasons = []
     for i, (name, run) in enumerate(implementations):
@@ -52,10 +54,9 @@ def first_that_runs(op: str, kernels: str, implementations: Sequence[tuple[str, 
             return run()
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
-            if kernels != "gpu":
-                later = implementations[i + 1:]
-                then = f"trying {later[0][0]}" if later else "running the jnp reference"
-                _log_unavailable(op, name, str(e), then)
+            later = implementations[i + 1:]
+            if later or kernels != "gpu":  # something else runs next
+                _log_unavailable(op, name, str(e), f"trying {later[0][0]}" if later else "running the jnp reference")
     if kernels == "gpu":
         raise NotImplementedError(f"{op} with kernels='gpu': no GPU implementation takes these inputs: "
                                   + "; ".join(reasons))
