@@ -26,9 +26,9 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(VENV)/bin/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
 
-# GPU benchmarks run on a CUDA machine (see docs/BENCHMARKS.md for the exact commands and results):
-#   python scripts/bench_kernels.py        kernels vs FLA / cuDNN, correctness first
-#   bash scripts/gpu_prefill_run.sh        end-to-end prefill: GPU-vs-jnp check, qwen3.5-9b, transformers + FLA
+# GPU benchmarks run on a CUDA machine (benchmarks/, not installed; results in docs/BENCHMARKS.md):
+#   bash benchmarks/run.sh kernels         GDN vs FLA, attention vs cuDNN, MoE vs tokamax / transformers, checks first
+#   bash benchmarks/run.sh prefill         end-to-end prefill: GPU-vs-jnp check, qwen3.5-9b, transformers + FLA
 #   pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp N]
 # On a CPU-only machine `make bench` runs the prefill benchmark of the demo preset at cp=1 and cp=4
 # (virtual devices sharing the same cores: it exercises the code, it does not show a speed-up).

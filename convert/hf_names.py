@@ -35,7 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
-from pcp_jax.config import ModelConfig, param_shapes
+from pcp_jax.config import ModelConfig
+from pcp_jax.weights import param_shapes
 
 from .errors import ConvertError
 
@@ -46,7 +47,7 @@ FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 SKIPPED_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
 
 
-# The flat-param contract (names, shapes, streaming order) is the config's; the converter's name for it:
+# The flat-param contract (names, shapes, streaming order), declared in pcp_jax.weights; the converter's name for it:
 expected_shapes = param_shapes
 
 

@@ -336,51 +336,6 @@ class ModelConfig:
         return cls.from_hf(data)
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every flat parameter of `cfg` (the checkpoint contract: docs/convert.md) with its shape, input-major
-    (y = x @ W), in streaming order: embed, layers 0..L-1, final_norm, lm_head."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"embed": (V, D)}
-    for i, kind in enumerate(cfg.layer_types):
-        p = f"layers.{i}."
-        shapes[p + "input_norm"] = (D,)
-        if kind == FULL_ATTENTION:
-            hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-            shapes.update({
-                p + "attn.q_proj": (D, hq * 2 * hd), p + "attn.k_proj": (D, hkv * hd),
-                p + "attn.v_proj": (D, hkv * hd), p + "attn.o_proj": (hq * hd, D),
-                p + "attn.q_norm": (hd,), p + "attn.k_norm": (hd,),
-            })
-        else:
-            hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-            shapes.update({
-                p + "gdn.in_proj_qkv": (D, cfg.conv_dim), p + "gdn.in_proj_z": (D, hv * dv),
-                p + "gdn.in_proj_b": (D, hv), p + "gdn.in_proj_a": (D, hv),
-                p + "gdn.conv_weight": (cfg.conv_kernel, cfg.conv_dim),
-                p + "gdn.A_log": (hv,), p + "gdn.dt_bias": (hv,), p + "gdn.norm": (dv,),
-                p + "gdn.out_proj": (hv * dv, D),
-            })
-        shapes[p + "post_norm"] = (D,)
-        if cfg.is_moe:
-            E, Fe, Fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-            shapes.update({
-                p + "moe.router": (D, E), p + "moe.gate_proj": (E, D, Fe), p + "moe.up_proj": (E, D, Fe),
-                p + "moe.down_proj": (E, Fe, D),
-            })
-            if Fs > 0:
-                shapes.update({
-                    p + "moe.shared.gate_proj": (D, Fs), p + "moe.shared.up_proj": (D, Fs),
-                    p + "moe.shared.down_proj": (Fs, D), p + "moe.shared_gate": (D, 1),
-                })
-        else:
-            F = cfg.intermediate_size
-            shapes.update({p + "mlp.gate_proj": (D, F), p + "mlp.up_proj": (D, F), p + "mlp.down_proj": (F, D)})
-    shapes["final_norm"] = (D,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
 def _hf_int(where: str, name: str, value) -> int:
     """An integer field of an HF config (JSON may spell it 4 or 4.0), or a ValueError naming it."""
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):

@@ -1,17 +1,18 @@
 """Memory per device: weights, KV cache, GDN state, prefill activations, and the longest prompt that fits.
 
 Every figure is in bytes on ONE device of the ("cp", "tp") mesh (cp·tp devices; tp = 1 is the plain cp mesh):
-- weights: replicated over `cp`; over `tp`, split Megatron-style by the table `TP_SPLIT_AXIS` (heads,
-  intermediate, experts, vocabulary; norms, router and shared_gate replicated). KV heads and GDN key heads
-  fewer than tp are replicated so that each rank holds one (`heads_per_device`);
+- weights: replicated over `cp`; over `tp`, each tensor as pcp_jax.weights declares it (heads, intermediate,
+  experts, vocabulary split; norms, router and shared_gate replicated; KV heads and GDN key heads fewer than
+  tp repeated so that each rank holds one): its shape on one rank is `parallel.tensor.device_shapes`;
 - KV cache: full-attention layers keep K and V of `num_kv_heads` heads of `head_dim` per token; prompt tokens
-  are split over `cp` and heads over `tp`, so a device holds
-  2 · n_attention · heads_per_device(num_kv_heads, tp) · head_dim · dtype bytes / cp per prompt token;
+  are split over `cp` and heads over `tp`, so a device holds 2 · n_attention · (KV heads of one rank:
+  `local_config(cfg, tp).num_kv_heads`) · head_dim · dtype bytes / cp per prompt token;
 - GDN state: per sequence, every GDN layer's conv window (K-1 tokens of the rank's conv channels, in the model
   dtype) and recurrent state (value heads / tp x dk x dv, fp32), replicated over cp;
 - activations: `activation_bytes_per_token` (a bound on one prefill piece's temporaries) per token
   of the piece held by this device (piece tokens / cp).
-These functions do not check that `tp` divides the shapes (`pcp_jax.parallel.tensor` does); they assume it.
+Per-rank counts come from `pcp_jax.parallel.tensor.local_config` (one shard's config), so every function here
+refuses a `tp` that does not split the model, with the message loading gives (`check_tp`).
 
 `memory_report(model)` reads a built model (its actual weights, piece size and bucket ladder);
 `memory_estimate(cfg, ...)` computes the same from a ModelConfig alone, before any weight is allocated, with
@@ -24,59 +25,29 @@ buffers and fragmentation, and the decode room a `warmup` reserves, so leave som
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
-from pcp_jax.config import ModelConfig, param_shapes
-from pcp_jax.parallel.tensor import SPLIT_AXIS, TOP_SPLIT_AXIS, heads_per_device
+from pcp_jax.config import ModelConfig
+from pcp_jax.parallel.tensor import check_tp, device_shapes, local_config
+from pcp_jax.weights import declare, device_itemsize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
 CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
 
-# How tensor parallelism lays out each tensor of the checkpoint contract: the axis split over tp, or None where
-# every tp rank holds it whole (the table the loader uses: pcp_jax.parallel.tensor).
-TP_SPLIT_AXIS: dict[str, int | None] = {**TOP_SPLIT_AXIS, **SPLIT_AXIS}
-
-
-def conv_channels_per_device(cfg: ModelConfig, tp: int) -> int:
-    """GDN conv channels ([q|k|v] columns of in_proj_qkv and conv_weight) one tp rank holds:
-    (2 · max(Hk, tp) · dk + Hv · dv) / tp."""
-    return 2 * heads_per_device(cfg.linear_num_key_heads, tp) * cfg.linear_key_head_dim \
-        + cfg.linear_num_value_heads // tp * cfg.linear_value_head_dim
-
-
-def tp_rule(name: str) -> str:
-    """The key of `TP_SPLIT_AXIS` for a contract tensor name ("layers.3.attn.q_proj" -> "attn.q_proj")."""
-    return name.split(".", 2)[2] if name.startswith("layers.") else name
-
-
-def local_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """The shape of contract tensor `name` (full shape `shape`) on one tp rank: its split axis divided by tp,
-    except k/v_proj (KV heads, replicated below tp) and in_proj_qkv/conv_weight (conv channels, key heads
-    replicated below tp)."""
-    rule = tp_rule(name)
-    axis = TP_SPLIT_AXIS[rule]
-    if axis is None or tp == 1:
-        return shape
-    if rule in ("attn.k_proj", "attn.v_proj"):
-        width = heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim
-    elif rule in ("gdn.in_proj_qkv", "gdn.conv_weight"):
-        width = conv_channels_per_device(cfg, tp)
-    else:
-        width = shape[axis] // tp
-    return shape[:axis] + (width,) + shape[axis + 1:]
-
 
 def weights_bytes_per_device(cfg: ModelConfig, tp: int, dtype_bytes: int) -> int:
-    """Bytes of the parameters one device holds under tensor parallelism `tp` (every tensor's `local_shape`),
-    in one dtype (all weights are cast to the model dtype at load). tp = 1: the whole model."""
-    return sum(math.prod(local_shape(cfg, name, shape, tp)) for name, shape in param_shapes(cfg).items()) \
-        * dtype_bytes
+    """Bytes of the parameters one device holds under tensor parallelism `tp` (every tensor's shape on one rank,
+    `device_shapes`), weights declared in the model dtype taking `dtype_bytes` each (pcp_jax.weights). tp = 1:
+    the whole model."""
+    weights = declare(cfg)
+    return sum(math.prod(shape) * device_itemsize(weights[name], dtype_bytes)
+               for name, shape in device_shapes(cfg, tp).items())
 
 
 def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
@@ -85,33 +56,32 @@ def activation_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) 
     are extra. Under tp the head- and intermediate-wide arrays are the rank's share; the D-wide ones (residual,
     block outputs before their all-reduce) and the routed-expert rows are not divided: every rank routes all its
     tokens and how many (token, expert) pairs land on its experts depends on the data, up to all k."""
-    b, D = dtype_bytes, cfg.hidden_size
-    H, dk, dv = cfg.linear_num_value_heads // tp, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    key_dim = heads_per_device(cfg.linear_num_key_heads, tp) * dk
-    gdn = 2 * conv_channels_per_device(cfg, tp) * b + 2 * key_dim * 4 + H * (dv + dk) * (b + 4) \
+    b, D, local = dtype_bytes, cfg.hidden_size, local_config(cfg, tp)
+    H, dk, dv = local.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    gdn = 2 * local.conv_dim * b + 2 * local.linear_key_dim * 4 + H * (dv + dk) * (b + 4) \
         + H * dv * (4 + b) + 2 * H * 4
-    hq, hkv = cfg.num_heads // tp, heads_per_device(cfg.num_kv_heads, tp)
-    attn = (2 * hq + 2 * hkv) * cfg.head_dim * b + 3 * hq * cfg.head_dim * 4
+    attn = (2 * local.num_heads + 2 * local.num_kv_heads) * cfg.head_dim * b + 3 * local.num_heads * cfg.head_dim * 4
     if cfg.is_moe:
         k = cfg.num_experts_per_tok
         mlp = k * (2 * D + 3 * cfg.moe_intermediate_size) * b + cfg.num_experts * 4 \
-            + 3 * (cfg.shared_expert_intermediate_size // tp) * b
+            + 3 * local.shared_expert_intermediate_size * b
     else:
-        mlp = 3 * (cfg.intermediate_size // tp) * b
+        mlp = 3 * local.intermediate_size * b
     return 2 * (4 * D * b + max(gdn, attn, mlp))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, cp: int, dtype_bytes: int, tp: int = 1) -> float:
     """KV-cache bytes one device holds per prompt token (K and V of every full-attention layer: the rank's
-    `heads_per_device(num_kv_heads, tp)` heads, 1/cp of the tokens)."""
-    return 2 * len(cfg.attention_layers) * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * dtype_bytes / cp
+    KV heads, 1/cp of the tokens)."""
+    return 2 * len(cfg.attention_layers) * local_config(cfg, tp).num_kv_heads * cfg.head_dim * dtype_bytes / cp
 
 
 def gdn_state_bytes(cfg: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
     """Bytes of one sequence's GDN state on each device: conv windows of the rank's conv channels (model
     dtype) + fp32 recurrent states of its Hv/tp value heads, every GDN layer (replicated over cp)."""
-    conv = (cfg.conv_kernel - 1) * conv_channels_per_device(cfg, tp) * dtype_bytes
-    recurrent = cfg.linear_num_value_heads // tp * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    local = local_config(cfg, tp)
+    conv = (cfg.conv_kernel - 1) * local.conv_dim * dtype_bytes
+    recurrent = local.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
     return len(cfg.gdn_layers) * (conv + recurrent)
 
 
@@ -144,7 +114,7 @@ def prompt_bytes(cfg: ModelConfig, cp: int, dtype_bytes: int, n: int, piece_toke
     plan = lambda tokens: plan_pieces(tokens, cp, "auto", piece_tokens, steps=bucket_steps)
     pieces = plan(n)
     slots = capacity(pieces.count * pieces.n_pad // cp)
-    kv = 2 * len(cfg.attention_layers) * slots * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * dtype_bytes
+    kv = 2 * len(cfg.attention_layers) * slots * local_config(cfg, tp).num_kv_heads * cfg.head_dim * dtype_bytes
     active = pieces.n_pad if pieces.count == 1 else plan(piece_tokens).n_pad
     return kv + gdn_state_bytes(cfg, dtype_bytes, tp) + activation_bytes_per_token(cfg, dtype_bytes, tp) * active // cp
 
@@ -175,8 +145,8 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
         "dtype": dtype,
         "weights_bytes": weights_bytes,
         "model_weights_bytes": weights_bytes_per_device(cfg, 1, b),
-        "kv_heads_per_device": heads_per_device(cfg.num_kv_heads, tp),
-        "gdn_value_heads_per_device": cfg.linear_num_value_heads // tp,
+        "kv_heads_per_device": local_config(cfg, tp).num_kv_heads,
+        "gdn_value_heads_per_device": local_config(cfg, tp).linear_num_value_heads,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b, tp),
         "gdn_state_bytes_per_sequence": gdn_state_bytes(cfg, b, tp),
         "activation_bytes_per_local_token": per_local_token,
@@ -189,10 +159,13 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
     }
 
 
-def _check_budget(budget_bytes) -> None:
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer))
-                                     or budget_bytes <= 0):
+def _check_budget(budget_bytes) -> int | None:
+    """`budget_bytes` as a Python int (None stays None); ValueError unless a positive integer or None."""
+    if budget_bytes is None:
+        return None
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes={budget_bytes!r} must be a positive integer (bytes per device) or None")
+    return int(budget_bytes)
 
 
 def device_memory_stats(mesh) -> dict | None:
@@ -213,7 +186,7 @@ def memory_report(model, budget_bytes: int | None = None) -> dict:
     """Memory per device of a built `engine.Model` (keys and units: `memory_estimate`). Weights are the bytes
     of the model's state on one device; `budget_bytes` defaults to the device's memory limit where the
     backend reports it. A model without a `tp` attribute runs at tp = 1."""
-    _check_budget(budget_bytes)
+    budget_bytes = _check_budget(budget_bytes)
     if budget_bytes is None:
         budget_bytes = device_memory_limit(model.mesh)
     return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model.weights), budget_bytes,
@@ -224,18 +197,24 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
                     tp: int = 1) -> dict:
     """Memory per device of `cfg` on a ("cp", "tp") mesh of cp·tp devices, from the config alone (nothing is
     allocated), for a `Model` with default settings on devices of `budget_bytes` memory each (None: unknown, as
-    on CPU). `tp` is assumed valid for `cfg` (not checked here). Returns: cp, tp, devices (cp·tp), dtype;
+    on CPU). A `tp` that does not split `cfg` is refused as `load_model` refuses it (`check_tp`). Returns: cp,
+    tp, devices (cp·tp), dtype;
     weights_bytes (on one device); model_weights_bytes (one whole copy of the model); kv_heads_per_device;
     gdn_value_heads_per_device; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
     activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
     (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
     (None without a budget). All sizes are bytes per device unless named otherwise."""
-    for name, value in (("cp", cp), ("tp", tp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={cfg!r:.80} must be a ModelConfig (pcp_jax.preset(name) or "
+                         f"ModelConfig.from_hf_file(path))")
+    for name, value in (("cp", cp), ("tp", tp)):  # numpy integers too, as Model takes them
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if dtype not in DTYPES:
+    cp, tp = int(cp), int(tp)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    _check_budget(budget_bytes)
+    budget_bytes = _check_budget(budget_bytes)
+    check_tp(cfg, tp)
     b = jnp.dtype(DTYPES[dtype]).itemsize
     weights = weights_bytes_per_device(cfg, tp, b)
     prefill_budget = default_prefill_budget(weights, budget_bytes)
@@ -245,6 +224,9 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
 
 def format_memory_report(report: dict) -> str:
     """A short table of a `memory_report` / `memory_estimate` result, sizes in GiB (MiB below 1 GiB)."""
+    if not isinstance(report, dict) or "weights_bytes" not in report:
+        raise ValueError(f"report={report!r:.80} must be the dict of memory_report or memory_estimate")
+
     def size(n) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 

@@ -34,13 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pcp_jax.config import FULL_ATTENTION, ModelConfig, param_shapes
+from pcp_jax.config import FULL_ATTENTION, ModelConfig
 from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, grouped_swiglu, merge_partials, merge_stacked
 from pcp_jax.kernels.attention.api import decode_attention_stacked
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import causal_conv, gdn_batch, gdn_sequence, split_heads
 from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
 from pcp_jax.parallel.tensor import local_config
+# Random weights live beside their declaration (pcp_jax.weights); launch.py, bench.py and demo.py still import
+# them from here until they import pcp_jax.weights (issue 26).
+from pcp_jax.weights import RandomSource, random_params  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,52 +516,3 @@ def empty_caches(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict:
             "conv": jnp.zeros((ng, batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
             "state": jnp.zeros((ng, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                 cfg.linear_value_head_dim), jnp.float32)}
-
-
-def _random_leaf(leaf: str, key, shape, fan_in: int, dtype):
-    """Random values for a parameter named `leaf` with sane scales: identity norms, A_log in log[1, 16], unit
-    dt_bias, conv taps N(0, 0.25), matrices N(0, 1/fan_in), the embedding N(0, 1)."""
-    if leaf in ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm"):
-        return jnp.zeros(shape, dtype)  # zero-centred: weight 0 is the identity scale
-    if leaf in ("norm", "dt_bias"):
-        return jnp.ones(shape, dtype)
-    if leaf == "A_log":
-        return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
-    scale = 0.5 if leaf == "conv_weight" else 1.0 if leaf == "embed" else fan_in**-0.5
-    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
-
-
-def _fan_in(shape) -> int:
-    return shape[-2] if len(shape) >= 2 else shape[-1]
-
-
-def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
-    """Random weights with sane scales (for the demo and benchmarks; never a substitute for real ones)."""
-    key = jax.random.key(seed)
-    return {name: _random_leaf(name.rsplit(".", 1)[-1], jax.random.fold_in(key, i), shape, _fan_in(shape), dtype)
-            for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items()))}
-
-
-class RandomSource:
-    """Random weights (the scales of `random_params`) generated on the devices, each device parameter by one
-    program straight into its sharding: no host copy, so benchmarks can build models larger than host memory.
-    A TensorSource for `Model(cfg, RandomSource(cfg), ...)`. Repeated KV / GDN key heads (tp above their
-    count) get independent values: the timing is that of the real model, the function is not."""
-
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
-        self.shapes, self.seed = param_shapes(cfg), seed
-
-    def names(self):
-        return self.shapes.keys()
-
-    def shape(self, name: str):
-        return self.shapes[name]
-
-    def read(self, name, idx):
-        raise NotImplementedError("RandomSource makes device arrays only (place)")
-
-    def place(self, placement, sharding, dtype) -> jax.Array:
-        leaf = placement.name.rsplit(".", 1)[-1]
-        key = jax.random.fold_in(jax.random.key(self.seed), sorted(self.shapes).index(placement.sources[0]))
-        make = jax.jit(_random_leaf, static_argnums=(0, 2, 3, 4), out_shardings=sharding)
-        return make(leaf, key, placement.shape, _fan_in(placement.source_shape), np.dtype(dtype))

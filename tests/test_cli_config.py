@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pcp_jax.config import PRESETS, ModelConfig, param_shapes
+from pcp_jax.config import PRESETS, ModelConfig
+from pcp_jax.weights import param_shapes
 from hf_models import build
 
 

@@ -9,7 +9,7 @@
   (power-of-two tiles, unsupported primitives) that the interpreter does not.
 - The position analysis of the tokamax attention wrapper (which mask form describes the visible keys) is
   pure jnp and is checked against the reference's visibility rule. The tokamax kernels themselves need a
-  Hopper GPU: scripts/bench_kernels.py checks them there.
+  Hopper GPU: benchmarks/attention.py checks them there.
 """
 
 from __future__ import annotations
@@ -233,8 +233,39 @@ def test_api_falls_back_for_unsupported_inputs_only_under_auto(monkeypatch):
     rhs = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 4))
     sizes = jnp.array([10, 6], jnp.int32)
     assert _rel(moe_api.grouped_matmul(lhs, rhs, sizes, kernels="auto"), moe_ref.grouped_matmul(lhs, rhs, sizes)) == 0.0
-    with pytest.raises(NotImplementedError, match="bf16"):
+    with pytest.raises(NotImplementedError, match="bf16") as e:
         moe_api.grouped_matmul(lhs, rhs, sizes, kernels="gpu")
+    assert "our Mosaic GPU kernel: mosaic grouped matmul: lhs float32" in str(e.value)  # every reason, in order
+    assert "; tokamax ragged_dot: tokamax ragged_dot: lhs float32" in str(e.value)
+
+
+def test_first_that_runs_takes_the_first_implementation_that_runs(caplog):
+    """The selection every kernels/*/api.py uses: in order, the first that does not raise NotImplementedError;
+    under kernels="gpu" none running names every reason; under "auto" each reason is logged once and the
+    reference runs; any other error propagates."""
+    from pcp_jax.kernels.backend import first_that_runs
+
+    def refuse(reason):
+        def run():
+            raise NotImplementedError(reason)
+        return run
+
+    refusing = [("a", refuse("too wide")), ("b", refuse("fp32"))]
+    with caplog.at_level("WARNING", logger="pcp_jax.kernels.backend"):
+        table = [("a", refuse("too wide")), ("b", lambda: "b ran"), ("c", lambda: "c ran")]
+        assert first_that_runs("op", "gpu", table, lambda: "reference") == "b ran"
+        with pytest.raises(NotImplementedError, match=r"^op with kernels='gpu': .*: a: too wide; b: fp32$"):
+            first_that_runs("op", "gpu", refusing, lambda: "reference")
+        for _ in range(3):
+            assert first_that_runs("op", "auto", refusing, lambda: "reference") == "reference"
+    assert [r.getMessage() for r in caplog.records] == [  # each once
+        "op: a unavailable (too wide); trying b", "op: b unavailable (fp32); running the jnp reference"]
+    assert first_that_runs("op", "auto", [], lambda: "reference") == "reference"
+
+    def broken():
+        raise RuntimeError("compile failed")
+    with pytest.raises(RuntimeError, match="compile failed"):
+        first_that_runs("op", "auto", [("a", broken)], lambda: "reference")
 
 
 def test_gpu_backend_preload_runs_before_tracing_and_keeps_jit_caches(monkeypatch):
@@ -256,7 +287,7 @@ def test_gpu_backend_preload_runs_before_tracing_and_keeps_jit_caches(monkeypatc
 def test_model_prefill_traces_once_across_calls():
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
 
     cfg = PRESETS["demo"]
     model = Model(cfg, random_params(cfg, seed=3, dtype=jnp.float32), dtype="float32")

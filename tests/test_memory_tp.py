@@ -7,11 +7,14 @@ import importlib.util
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
-from pcp_jax.config import PRESETS, param_shapes, preset
-from pcp_jax.memory import (TP_SPLIT_AXIS, format_memory_report, gdn_state_bytes, kv_bytes_per_token,
-                            memory_estimate, tp_rule, weights_bytes_per_device)
+from pcp_jax.config import PRESETS, preset
+from pcp_jax.memory import (format_memory_report, gdn_state_bytes, kv_bytes_per_token, memory_estimate,
+                            weights_bytes_per_device)
+from pcp_jax.parallel.tensor import check_tp, device_shapes, placements
+from pcp_jax.weights import declare, param_shapes
 
 LARGE = ("qwen3.5-27b", "qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b")
 TPS = (1, 2, 4, 8)
@@ -48,9 +51,21 @@ def test_every_released_size_splits_over_1_2_4_8(name):
     assert all(_valid_tp(PRESETS[name], tp) for tp in TPS)
 
 
-def test_the_split_table_names_every_contract_tensor_and_nothing_else():
-    used = {tp_rule(n) for cfg in PRESETS.values() for n in param_shapes(cfg)}
-    assert used == set(TP_SPLIT_AXIS)
+@pytest.mark.parametrize("name", ["qwen3.5-9b", "qwen3.5-397b-a17b"])
+@pytest.mark.parametrize("tp", TPS)
+def test_memory_counts_the_shapes_the_loader_places(name, tp):
+    """Each tensor's shape on one rank (what memory counts) is its mesh shape as placed at load, split in tp
+    equal blocks along the declared axis; replicated tensors are whole."""
+    cfg = preset(name)
+    declared, local = declare(cfg), device_shapes(cfg, tp)
+    assert list(local) == list(declared) == list(param_shapes(cfg))
+    for p in placements(cfg, tp, 1, 0):  # no stacking: one placement per contract tensor
+        w = declared[p.name]
+        if w.tp is None:
+            assert p.split is None and local[p.name] == p.shape == w.shape
+        else:
+            assert p.split == w.tp.axis and p.shape[p.split] % tp == 0
+            assert local[p.name] == p.shape[:p.split] + (p.shape[p.split] // tp,) + p.shape[p.split + 1:]
 
 
 @pytest.mark.parametrize("name", LARGE)
@@ -119,18 +134,19 @@ def test_tp_must_be_a_positive_integer():
         memory_estimate(PRESETS["demo"], tp=0)
 
 
-def _comm_volume():
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "comm_volume.py"
-    spec = importlib.util.spec_from_file_location("comm_volume", path)
+def _comm_volume(monkeypatch):
+    benchmarks = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when a benchmark runs: benchmarks/ is on sys.path
+    spec = importlib.util.spec_from_file_location("comm_volume", benchmarks / "comm_volume.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.mark.parametrize("name", ["qwen3.5-122b-a10b", "qwen3.5-397b-a17b"])
-def test_the_cp_tp_volumes_reduce_to_the_cp_only_formulas(name):
+def test_the_cp_tp_volumes_reduce_to_the_cp_only_formulas(name, monkeypatch):
     from pcp_jax.parallel.gdn_cp import communication_bytes
-    cv, cfg, n = _comm_volume(), preset(name), 131072
+    cv, cfg, n = _comm_volume(monkeypatch), preset(name), 131072
     for cp in (2, 4, 8):
         v, ref = cv.prefill_volumes(cfg, n, cp, 1), communication_bytes(cfg, 1, n, cp)
         assert (v["ring_attention"], v["gdn_sequence"], v["tp_allreduce"]) == (
@@ -138,3 +154,37 @@ def test_the_cp_tp_volumes_reduce_to_the_cp_only_formulas(name):
     v = cv.prefill_volumes(cfg, n, 2, 4)  # 2 KV heads over 4 ranks: one replicated head each
     assert v["ring_attention"] == 1 * n // 2 * 2 * 1 * cfg.head_dim * 2
     assert v["tp_allreduce"] == 2 * 2 * 3 / 4 * (n // 2) * cfg.hidden_size * 2
+
+
+@pytest.mark.parametrize("tp", [3, 64])
+def test_an_estimate_refuses_a_tp_that_loading_refuses(tp):
+    """tp = 3 does not divide the 9B's heads; tp = 64 would leave 0 GDN value heads per device. Loading
+    refuses both before reading a weight (check_tp); the estimate gave figures for them."""
+    cfg = preset("qwen3.5-9b")
+    with pytest.raises(ValueError) as loading:
+        check_tp(cfg, tp)
+    with pytest.raises(ValueError, match=f"tp={tp} does not split this model") as estimate:
+        memory_estimate(cfg, tp=tp, budget_bytes=80 << 30)
+    assert str(estimate.value) == str(loading.value)
+    with pytest.raises(ValueError, match=f"tp={tp} does not split"):
+        weights_bytes_per_device(cfg, tp, 2)
+
+
+def test_an_estimate_takes_numpy_integers_as_model_does():
+    cfg = preset("qwen3.5-9b")
+    got = memory_estimate(cfg, cp=np.int64(2), tp=np.int32(2), budget_bytes=np.int64(80 << 30))
+    assert got == memory_estimate(cfg, cp=2, tp=2, budget_bytes=80 << 30)
+    assert all(type(got[k]) is int for k in ("cp", "tp", "devices", "budget_bytes"))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: memory_estimate(None), "cfg=None must be a ModelConfig"),
+    (lambda: memory_estimate("qwen3.5-9b"), "cfg='qwen3.5-9b' must be a ModelConfig"),
+    (lambda: memory_estimate(preset("demo"), dtype=["bfloat16"]), r"dtype=\['bfloat16'\]; expected one of"),
+    (lambda: memory_estimate(preset("demo"), cp=2.0), "cp=2.0 must be a positive integer"),
+    (lambda: format_memory_report(None), "report=None must be the dict of memory_report or memory_estimate"),
+])
+def test_wrong_arguments_are_one_line_value_errors(call, message):
+    with pytest.raises(ValueError, match=message) as e:
+        call()
+    assert "\n" not in str(e.value)

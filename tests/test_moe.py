@@ -13,7 +13,8 @@ import pytest
 from pcp_jax.kernels.moe.reference import grouped_matmul, num_tiles_bound
 from pcp_jax.model import MoE, combine_experts, sort_by_expert
 from pcp_jax.parallel.context import ShardContext
-from pcp_jax.parallel.tensor import SPLIT_AXIS, local_config
+from pcp_jax.parallel.tensor import local_config
+from pcp_jax.weights import declare
 from tiny import tiny_config, tiny_params
 
 
@@ -92,16 +93,15 @@ def test_expert_parallel_shards_sum_to_the_whole_layer():
     params = tiny_params(cfg, seed=3)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 13, cfg.hidden_size)).astype(np.float32))
     whole = np.asarray(MoE(cfg, params, "layers.0.moe", jnp.float32)(x, _ctx()))
-    local = local_config(cfg, tp)
+    local, declared = local_config(cfg, tp), declare(cfg)
     total = np.zeros_like(whole)
     for r in range(tp):
         shard = {}
         for name, v in params.items():
             if not name.startswith("layers.0.moe."):
                 continue
-            leaf = name[len("layers.0.moe."):]
-            axis = SPLIT_AXIS["moe." + leaf]
-            shard[name] = v if axis is None else np.split(v, tp, axis=axis)[r]
+            split = declared[name].tp
+            shard[name] = v if split is None else np.split(v, tp, axis=split.axis)[r]
         total += np.asarray(MoE(local, shard, "layers.0.moe", jnp.float32)(x, _ctx(r)))
     np.testing.assert_allclose(total, whole, rtol=1e-5, atol=1e-6)
 

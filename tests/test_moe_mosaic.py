@@ -5,7 +5,7 @@ NaN, so an output row the kernel fails to write shows. With detect_races=True it
 shared-memory accesses between warpgroups. Inputs: bf16, fresh random values, ragged groups with empty
 experts, rows past the routed ones (which must come out 0). Reference: the fp32 jnp grouped matmul on the
 same bf16 values. Tolerance: relative L2 error <= 1e-2 (one bf16 rounding of the output, ~2e-3 measured).
-Speed is measured on the GPU (scripts/check_moe_kernel.py, scripts/bench_moe.py), never here.
+Speed is measured on the GPU (benchmarks/moe.py, benchmarks/moe_layer.py), never here.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from pcp_jax.buckets import STEPS
-from pcp_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, PRESETS, param_shapes
+from pcp_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, PRESETS
 from pcp_jax.engine import Model
 from pcp_jax.memory import format_memory_report, memory_estimate, prompt_bytes
+from pcp_jax.weights import param_shapes
 from tiny import tiny_config, tiny_params
 
 # Parameters of the text model (no vision tower, no MTP head), total and active per token, as ranges.

@@ -127,3 +127,12 @@ def test_split_rules():
         check_tp(tiny_config(num_heads=6, num_kv_heads=3, linear_num_value_heads=4, vocab_size=72), 2)
     with pytest.raises(ValueError, match="needs 16 devices"):
         Model(cfg, tiny_params(cfg), cp=4, tp=4)
+
+
+def test_check_tp_takes_numpy_integers_as_make_mesh_does():
+    """load_model checks tp with check_tp before it builds the mesh; make_mesh and Model take numpy integers."""
+    cfg = tiny_config(num_heads=8, linear_num_value_heads=8, vocab_size=72, intermediate_size=64)
+    check_tp(cfg, np.int64(4))
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match=f"tp={bad!r} must be a positive integer"):
+            check_tp(cfg, bad)

@@ -5,7 +5,7 @@ import numpy as np
 
 from pcp_jax.config import ModelConfig
 from pcp_jax.engine import to_host
-from pcp_jax.model import random_params
+from pcp_jax.weights import random_params
 
 LAYERS = ("linear_attention", "full_attention", "linear_attention", "full_attention")
 

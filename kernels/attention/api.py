@@ -1,25 +1,16 @@
 """Public block-attention op (one ring step, or one KV shard in decode). Contract: reference.py.
 
 On a GPU backend (see backend.use_gpu_kernels) it runs tokamax's Mosaic GPU flash attention
-(tokamax_gpu.py). Unsupported inputs (e.g. fp32) raise NotImplementedError there: with kernels="auto" we
-log the reason once and run the jnp reference; with kernels="gpu" the error propagates.
+(tokamax_gpu.py) where it takes the inputs (bf16/fp16), else the jnp reference (backend.first_that_runs).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-
 from jax import lax
 
-from ..backend import use_gpu_kernels
+from ..backend import first_that_runs, use_gpu_kernels
 from . import decode, reference
 from .reference import merge_partials, merge_stacked  # noqa: F401  (part of the public surface)
-
-
-@functools.cache
-def _log_fallback(reason: str) -> None:
-    logging.getLogger(__name__).warning("attention: GPU kernel unavailable (%s); running the jnp reference", reason)
 
 
 VISIBLE = ("auto", "diagonal", "all")
@@ -37,17 +28,15 @@ def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, kernels="
     tests/test_ring_attention.py checks the ring's promises against the run-time chooser."""
     if visible not in VISIBLE:
         raise ValueError(f"visible={visible!r}; expected one of {VISIBLE}")
+    implementations = []
     if use_gpu_kernels(kernels):
         from . import tokamax_gpu
 
-        try:
-            return tokamax_gpu.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=causal,
-                                               path={"auto": "auto", "diagonal": "causal", "all": "plain"}[visible])
-        except NotImplementedError as e:
-            if kernels == "gpu":
-                raise
-            _log_fallback(str(e))
-    return reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=causal)
+        path = {"auto": "auto", "diagonal": "causal", "all": "plain"}[visible]
+        implementations = [("tokamax flash attention", lambda: tokamax_gpu.attention_block(
+            q, k, v, q_pos, k_pos, scale=scale, causal=causal, path=path))]
+    return first_that_runs("attention", kernels, implementations,
+                           lambda: reference.attention_block(q, k, v, q_pos, k_pos, scale=scale, causal=causal))
 
 
 DECODE_METHODS = ("dense", "split", "split-sum", "pallas")
@@ -79,14 +68,15 @@ def decode_attention_stacked(q, k_stack, v_stack, layer, q_pos, k_pos, *, used, 
     layer's filled blocks in place (on a backend without GPU kernels through the Pallas interpreter, for
     tests; unsupported shapes slice and run "dense"); the other methods slice the layer out first (XLA
     copies it) and run `decode_attention`."""
-    if method == "pallas":
-        from . import decode_pallas
+    def sliced(how):
+        k, v = (lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k_stack, v_stack))
+        return decode_attention(q, k, v, q_pos, k_pos, method=how, scale=scale)
 
-        try:
-            return decode_pallas.stacked_decode_attention(q, k_stack, v_stack, layer, q_pos, k_pos, used=used,
-                                                          scale=scale, interpret=not use_gpu_kernels("auto"))
-        except NotImplementedError as e:
-            _log_fallback(str(e))
-            method = "dense"
-    k, v = (lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k_stack, v_stack))
-    return decode_attention(q, k, v, q_pos, k_pos, method=method, scale=scale)
+    if method != "pallas":
+        return sliced(method)
+    from . import decode_pallas
+
+    in_place = lambda: decode_pallas.stacked_decode_attention(q, k_stack, v_stack, layer, q_pos, k_pos, used=used,
+                                                               scale=scale, interpret=not use_gpu_kernels("auto"))
+    return first_that_runs("decode attention", "auto", [("the Pallas kernel reading the cache in place", in_place)],
+                           lambda: sliced("dense"))

@@ -89,33 +89,6 @@ def default_config(num_rows: int, num_groups: int, swiglu: bool, contraction: in
     return SWIGLU_CONFIG if swiglu else MATMUL_CONFIG
 
 
-# What the GPU benchmark sweeps (scripts/bench_moe.py): smaller row tiles waste less on experts with few rows.
-SWEEP = (
-    Config(128, 128, 64, 3),
-    Config(128, 128, 64, 3, swizzle_out=True),
-    Config(128, 128, 64, 2, chain=True, swizzle_out=True),
-    Config(128, 64, 64, 6),
-    Config(128, 64, 64, 6, swizzle_out=True),
-    Config(128, 64, 64, 4, chain=True),
-    WIDE_MATMUL_CONFIG,
-    Config(192, 128, 64, 2),
-    Config(256, 64, 64, 3),
-    WIDE_MATMUL_CHAINED,
-    Config(192, 64, 64, 4, swizzle_out=True),
-    Config(128, 64, 128, 3),  # block_k 128: half the pipeline steps where K is short (the 35B's down: K = 512)
-    Config(192, 64, 128, 2),
-)
-SWIGLU_SWEEP = (
-    Config(128, 64, 64, 4),
-    Config(128, 64, 64, 4, swizzle_out=True),
-    Config(128, 64, 64, 4, chain=True),
-    Config(128, 64, 64, 4, chain=True, swizzle_out=True),
-    Config(64, 64, 64, 5),
-    WIDE_SWIGLU_CONFIG,
-    Config(192, 64, 64, 2, chain=True),
-    Config(128, 64, 128, 2),
-)
-
 _MAX_ACC_ELEMS = 192 * 128  # fp32 accumulator elements per warpgroup: 192 registers per thread (of 232)
 SMEM_BYTES = 227 * 1024 - 1024  # Hopper's shared memory per block, less room for the pipeline's barriers
 

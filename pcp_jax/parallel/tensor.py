@@ -13,6 +13,8 @@ partial outputs over `tp`):
 - embedding rows and LM head columns split over the vocabulary;
 - norms, router and shared-expert gate replicated.
 
+Which axis of each contract tensor is split, and in which layout, is declared once in pcp_jax.weights; this
+module realizes the layouts (`layout_indexes`) and gives each tensor's shape on one rank (`device_shapes`).
 The checkpoint stays as it is on disk: a `Placement` says how one device parameter is built from contract
 tensors (docs/convert.md), and `place_params` builds every device parameter shard by shard from a
 `TensorSource`, reading only the blocks its devices hold. Stacked parameters (`group.{j}.<leaf>`: the weights
@@ -22,31 +24,21 @@ of layers j, p+j, 2p+j, ... of a `LayerPlan`) are built here too, so stacking ne
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pcp_jax.config import ModelConfig, param_shapes
+from pcp_jax.config import ModelConfig
 from pcp_jax.sharding import TP_AXIS
-
-# Which axis of a contract tensor is split over `tp`, by its name after `layers.{i}.` (None: replicated).
-SPLIT_AXIS = {
-    "attn.q_proj": 1, "attn.k_proj": 1, "attn.v_proj": 1, "attn.o_proj": 0, "attn.q_norm": None, "attn.k_norm": None,
-    "gdn.in_proj_qkv": 1, "gdn.conv_weight": 1, "gdn.in_proj_z": 1, "gdn.in_proj_b": 1, "gdn.in_proj_a": 1,
-    "gdn.A_log": 0, "gdn.dt_bias": 0, "gdn.norm": None, "gdn.out_proj": 0,
-    "mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 0,
-    "moe.router": None, "moe.gate_proj": 0, "moe.up_proj": 0, "moe.down_proj": 0,
-    "moe.shared.gate_proj": 1, "moe.shared.up_proj": 1, "moe.shared.down_proj": 0, "moe.shared_gate": None,
-    "input_norm": None, "post_norm": None,
-}
-TOP_SPLIT_AXIS = {"embed": 0, "lm_head": 1, "final_norm": None}
+from pcp_jax.weights import declare, param_shapes
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError, naming every field at fault, if `cfg` cannot be split over `tp` ranks."""
-    if not (isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1):
+    if not (isinstance(tp, numbers.Integral) and not isinstance(tp, bool) and tp >= 1):
         raise ValueError(f"tp={tp!r} must be a positive integer")
     if tp == 1:
         return
@@ -176,19 +168,39 @@ class Placement:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.split)
 
 
+def layout_indexes(cfg: ModelConfig, tp: int) -> dict[str, np.ndarray | None]:
+    """Per layout of pcp_jax.weights: along the split axis, the source position of each position on the mesh
+    (None: as stored)."""
+    return {"plain": None, "kv_heads": kv_column_index(cfg, tp), "gdn_qkv": qkv_column_index(cfg, tp)}
+
+
+def device_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every contract tensor on one tp rank: its split axis on the mesh (after the layout's
+    repeated heads) divided by tp; replicated tensors whole. ValueError if tp does not split `cfg`."""
+    check_tp(cfg, tp)
+    indexes = layout_indexes(cfg, tp)
+    out = {}
+    for name, w in declare(cfg).items():
+        shape = list(w.shape)
+        if w.tp is not None and tp > 1:
+            index = indexes[w.tp.layout]
+            shape[w.tp.axis] = (shape[w.tp.axis] if index is None else len(index)) // tp
+        out[name] = tuple(shape)
+    return out
+
+
 def placements(cfg: ModelConfig, tp: int, period: int, groups: int) -> list[Placement]:
     """Every device parameter of `cfg` split over `tp`, for a layer plan of `groups` scanned groups of
     `period` layers (layers past groups·period stay flat), in streaming order."""
     check_tp(cfg, tp)
-    shapes = param_shapes(cfg)
-    kv_index, qkv_index = kv_column_index(cfg, tp), qkv_column_index(cfg, tp)
-    index_of = {"attn.k_proj": kv_index, "attn.v_proj": kv_index, "gdn.in_proj_qkv": qkv_index,
-                "gdn.conv_weight": qkv_index}
+    indexes = layout_indexes(cfg, tp)
     scanned = groups * period
     out = []
-    for name in shapes:
+    for name, w in declare(cfg).items():
+        split = None if w.tp is None else w.tp.axis
+        index = None if w.tp is None else indexes[w.tp.layout]
         if not name.startswith("layers."):
-            out.append(Placement(name, (name,), False, shapes[name], TOP_SPLIT_AXIS[name], None))
+            out.append(Placement(name, (name,), False, w.shape, split, index))
             continue
         _, i, leaf = name.split(".", 2)
         i = int(i)
@@ -196,7 +208,7 @@ def placements(cfg: ModelConfig, tp: int, period: int, groups: int) -> list[Plac
             continue  # made as part of group i % period
         sources = tuple(f"layers.{g * period + i}.{leaf}" for g in range(groups)) if i < scanned else (name,)
         device_name = f"group.{i}.{leaf}" if i < scanned else name
-        out.append(Placement(device_name, sources, i < scanned, shapes[name], SPLIT_AXIS[leaf], index_of.get(leaf)))
+        out.append(Placement(device_name, sources, i < scanned, w.shape, split, index))
     return out
 
 
@@ -256,7 +268,7 @@ def place_params(cfg: ModelConfig, mesh, source, dtype, period: int, groups: int
             return cache[key]
 
         sharding = NamedSharding(mesh, p.spec(tp))
-        if hasattr(source, "place"):  # a source that makes device arrays itself (model.RandomSource)
+        if hasattr(source, "place"):  # a source that makes device arrays itself (weights.RandomSource)
             out[p.name] = source.place(p, sharding, dtype)
         else:
             out[p.name] = jax.make_array_from_callback(p.shape, sharding, block)

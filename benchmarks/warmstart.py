@@ -1,7 +1,7 @@
 """Warm start on a GPU: how long `Model.warmup` takes, and what a session of prompts of random lengths
 costs after it (qwen3.5 preset, random bf16 weights, one process, one mesh).
 
-  python scripts/bench_warmstart.py --preset qwen3.5-9b --cp 2 --max-tokens 131072 --session 20
+  python benchmarks/warmstart.py --preset qwen3.5-9b --cp 2 --max-tokens 131072 --session 20
 
 Prints: warmup time and program count; for each of `--session` random lengths in [--min-tokens,
 --max-tokens] its time to first token and the number of backend compiles it caused (goal: 0); then the
@@ -38,7 +38,7 @@ def main() -> int:
     from pcp_jax.buckets import ladder
     from pcp_jax.config import preset
     from pcp_jax.engine import Model
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(

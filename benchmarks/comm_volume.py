@@ -2,24 +2,25 @@
 prefill time of the 9B shape under cp, and the bytes of a ("cp", "tp") mesh for the large MoE presets
 (docs/communication.md, docs/BENCHMARKS.md).
 
-  python scripts/comm_volume.py            prints every table (markdown)
+  python benchmarks/comm_volume.py            prints every table (markdown)
 
 cp-only volumes come from `pcp_jax.parallel.gdn_cp.communication_bytes` (bf16 activations, fp32 GDN maps);
 the cp x tp volumes from `prefill_volumes` / `decode_volumes` below (the same formulas on each tp rank's heads,
-plus the tp all-reduces), weights per device from `pcp_jax.memory.weights_bytes_per_device`.
-Everything here is a model (formulas), not a measurement: the time model's inputs are the single-H100 kernel
-figures measured in docs/BENCHMARKS.md and an assumed NVLink bandwidth (stated below); no cp x tp figure has
-been measured yet.
+plus the tp all-reduces), weights per device from `pcp_jax.memory.weights_bytes_per_device` and each tensor's
+shape on one rank from `pcp_jax.parallel.tensor.device_shapes`. Everything here is a model (formulas), not a
+measurement: the time model's inputs are the single-H100 kernel figures measured in docs/BENCHMARKS.md and an
+assumed NVLink bandwidth (benchmarks/peaks.py); no cp x tp figure has been measured yet.
 """
 
 from __future__ import annotations
 
 import math
 
-from pcp_jax.config import PRESETS, param_shapes
-from pcp_jax.memory import (conv_channels_per_device, heads_per_device, kv_bytes_per_token, local_shape,
-                            memory_estimate, tp_rule, weights_bytes_per_device)
+from peaks import DEVICES, NVLINK_GBPS  # benchmarks/ is on sys.path when a benchmark runs
+from pcp_jax.config import PRESETS
+from pcp_jax.memory import kv_bytes_per_token, memory_estimate, weights_bytes_per_device
 from pcp_jax.parallel.gdn_cp import communication_bytes
+from pcp_jax.parallel.tensor import device_shapes, local_config
 
 MB = 1e6
 
@@ -42,8 +43,8 @@ def volume_table(tokens: int = 131072) -> str:
 # Inputs of the time model (single H100, bf16), each measured in docs/BENCHMARKS.md except the link.
 GDN_MS_PER_LAYER_128K = 9.0      # our Pallas GDN, 128k tokens, 32 v heads (FLA: 8.79 ms)
 ATTN_TFLOPS = 640.0              # tokamax flash attention at hd 256, long causal/unmasked steps
-MATMUL_TFLOPS = 600.0            # assumed achievable share of the 799 TFLOP/s bf16 matmul peak
-LINK_GBPS = 300.0                # ASSUMED NVLink point-to-point bandwidth per direction (not measured)
+MATMUL_TFLOPS = 600.0            # assumed achievable share of the bf16 matmul peak (peaks.BF16_TFLOPS)
+LINK_GBPS = NVLINK_GBPS          # ASSUMED NVLink point-to-point bandwidth per direction (not measured)
 
 
 def time_model(tokens: int = 131072) -> str:
@@ -83,7 +84,7 @@ def time_model(tokens: int = 131072) -> str:
 CP_TP_MODELS = ("qwen3.5-122b-a10b", "qwen3.5-397b-a17b")
 FACTORIZATIONS = ((4, 1), (2, 2), (1, 4), (8, 1), (4, 2), (2, 4), (1, 8))
 H200_BYTES = 141 << 30           # memory per H200 as the tests and README size it
-H200_HBM_GBPS = 4800.0           # nominal H200 HBM bandwidth (spec sheet, not measured)
+H200_HBM_GBPS = DEVICES["H200"].hbm_tbps * 1000  # nominal H200 HBM bandwidth (spec sheet, not measured)
 
 
 def allreduce_bytes(buffer_bytes: float, n: int) -> float:
@@ -101,11 +102,11 @@ def prefill_volumes(cfg, tokens: int, cp: int, tp: int, batch: int = 1, act_byte
     strategy: ring K/V per full-attention layer (its KV heads, over cp), GDN chunk maps (fp32, its Hv/tp value
     heads) and conv halos (its conv channels) per GDN layer (over cp), the two tp all-reduces of the block
     outputs [B, N/C, D] per layer; and `per_prefill`, the sum over every layer plus the embedding all-reduce."""
-    t_local = tokens // cp
-    ring = (cp - 1) * batch * t_local * 2 * heads_per_device(cfg.num_kv_heads, tp) * cfg.head_dim * act_bytes
-    hv, dk, dv = cfg.linear_num_value_heads // tp, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    t_local, local = tokens // cp, local_config(cfg, tp)
+    ring = (cp - 1) * batch * t_local * 2 * local.num_kv_heads * cfg.head_dim * act_bytes
+    hv, dk, dv = local.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     maps = (cp - 1) * batch * 2 * hv * dk * (dv + dk) * 4
-    halos = 2 * batch * (cfg.conv_kernel - 1) * conv_channels_per_device(cfg, tp) * act_bytes if cp > 1 else 0
+    halos = 2 * batch * (cfg.conv_kernel - 1) * local.conv_dim * act_bytes if cp > 1 else 0
     block = allreduce_bytes(batch * t_local * cfg.hidden_size * act_bytes, tp)
     per_prefill = len(cfg.attention_layers) * ring + len(cfg.gdn_layers) * (maps + halos) \
         + (2 * cfg.num_layers + 1) * block
@@ -126,18 +127,17 @@ def decode_volumes(cfg, cp: int, tp: int, batch: int = 1, act_bytes: int = 2) ->
 
 
 def decode_weight_read_bytes(cfg, tp: int, dtype_bytes: int = 2) -> float:
-    """Weight bytes one device reads per decode step at batch 1: its share of every tensor (`local_shape`),
+    """Weight bytes one device reads per decode step at batch 1: its share of every tensor (`device_shapes`),
     except the embedding (one row per token; unless it is the tied LM head) and the routed experts, of which it
     reads k/tp (the top-k spread evenly over the tp ranks: the expectation, not the slowest rank)."""
     total = 0.0
-    for name, shape in param_shapes(cfg).items():
-        rule = tp_rule(name)
-        if rule == "embed" and not cfg.tie_word_embeddings:
+    for name, shape in device_shapes(cfg, tp).items():
+        if name == "embed" and not cfg.tie_word_embeddings:
             continue
-        if rule in ("moe.gate_proj", "moe.up_proj", "moe.down_proj"):
+        if name.endswith(("moe.gate_proj", "moe.up_proj", "moe.down_proj")):
             total += math.prod(shape[1:]) * cfg.num_experts_per_tok / tp * dtype_bytes
         else:
-            total += math.prod(local_shape(cfg, name, shape, tp)) * dtype_bytes
+            total += math.prod(shape) * dtype_bytes
     return total
 
 

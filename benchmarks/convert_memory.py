@@ -1,6 +1,6 @@
 """Measure the host memory of `convert` on a random model written by transformers.
 
-    python -m pcp_jax.convert.bench_memory [--layers 16] [--hidden 1024] [--experts 0] [--dtype bfloat16]
+    python benchmarks/convert_memory.py [--layers 16] [--hidden 1024] [--experts 0] [--dtype bfloat16]
 
 Builds a random Qwen3.5 model in a child process and saves it (bf16, 2 GB shards), then converts it in a
 fresh child process and reports, next to the model's and its largest layer's bytes (output dtype):
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     with tempfile.TemporaryDirectory(prefix="pcp_convert_mem_") as tmp:
         hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "out")
-        me = [sys.executable, "-m", "pcp_jax.convert.bench_memory", *forwarded]
+        me = [sys.executable, os.path.abspath(__file__), *forwarded]
         subprocess.run([*me, "--_role", "make", "--_dirs", hf_dir, out_dir], check=True)
         result = subprocess.run([*me, "--_role", "measure", "--_dirs", hf_dir, out_dir], check=True,
                                 capture_output=True, text=True)

@@ -6,7 +6,7 @@ of it, random weights rounded to bf16, a random ragged batch:
    kernels) at the same (cp, tp): error against the fp32 run within 1e-2 or 1.5x that of the bf16 cp = tp = 1 run.
 Prints a table; exit 1 if any row fails.
 
-    python scripts/check_tp.py
+    python benchmarks/tp_check.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from pcp_jax.config import PRESETS
 from pcp_jax.engine import Model
-from pcp_jax.model import random_params
+from pcp_jax.weights import random_params
 
 
 def factorizations(n: int) -> list[tuple[int, int]]:
