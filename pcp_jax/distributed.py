@@ -158,8 +158,9 @@ def join(job: Job, make_record: Callable[[int], dict], *, on_lost: Callable[[str
     except JobRefused as e:
         e.viewer = pid
         raise
-    jax_address = f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
-    extra = {"coordinator_bind_address": f"{link.bind_host or '[::]'}:{port + 1}"} if pid == 0 else {}
+    with_port = lambda h: f"[{h}]:{port + 1}" if ":" in h else f"{h}:{port + 1}"
+    jax_address = with_port(host)
+    extra = {"coordinator_bind_address": with_port(link.bind_host or "::")} if pid == 0 else {}
     who = f"process {pid} of {n}"
     with Watchdog(job.init_timeout, lambda: on_lost(
             f"{who} agreed with every process at {job.coordinator} but JAX's coordination service at {jax_address} "
