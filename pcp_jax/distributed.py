@@ -161,29 +161,29 @@ def join(job: Job, make_record: Callable[[int], dict], *, on_lost: Callable[[str
     with_port = lambda h: f"[{h}]:{port + 1}" if ":" in h else f"{h}:{port + 1}"
     jax_address = with_port(host)
     extra = {"coordinator_bind_address": with_port(link.bind_host or "::")} if pid == 0 else {}
-    who = f"process {pid} of {n}"
     with Watchdog(job.init_timeout, lambda: on_lost(
-            f"{who} agreed with every process at {job.coordinator} but JAX's coordination service at {jax_address} "
-            f"did not connect them within --init-timeout={job.init_timeout} s")):
-        _initialize(job, who, coordinator_address=jax_address, num_processes=n, process_id=pid,
+            f"process {pid} of {n} agreed with every process at {job.coordinator} but JAX's coordination service at "
+            f"{jax_address} did not connect them within --init-timeout={job.init_timeout} s")):
+        _initialize(job, f"process {pid} of {n} could not join JAX's coordination service at {jax_address}",
+                    coordinator_address=jax_address, num_processes=n, process_id=pid,
                     cluster_detection_method="deactivate", **extra)
     return Joined(pid, n, link)
 
 
-def _initialize(job: Job, who: str, **kw) -> None:
+def _initialize(job: Job, failure: str, **kw) -> None:
+    """jax.distributed.initialize with the job's settings; a refusal is a JobError starting with `failure`."""
     import jax
+    if jax.distributed.is_initialized():
+        raise JobError(f"{failure}: this process already joined a job")
     try:
         jax.distributed.initialize(local_device_ids=job.local_device_ids,
                                    initialization_timeout=job.init_timeout + XLA_GRACE_S,
                                    heartbeat_timeout_seconds=job.heartbeat_timeout,
                                    shutdown_timeout_seconds=job.shutdown_timeout, **kw)
-    except RuntimeError as e:
-        if jax.distributed.is_initialized():
-            raise JobError(f"{who}: this process already joined a job") from None
-        raise JobError(f"{who} cannot join: JAX already started its backends in this process (join the job "
-                       f"before any JAX work): {_first_line(e)}") from None
-    except Exception as e:  # ValueError from JAX's checks, a runtime error from the service
-        raise JobError(f"{who} could not join the job: {_first_line(e)}") from None
+    except RuntimeError as e:  # JAX's backends already started: it must join before any JAX work
+        raise JobError(f"{failure}: {_first_line(e)}") from None
+    except Exception as e:  # ValueError from JAX's checks (nothing detected), a runtime error from the service
+        raise JobError(f"{failure}: {_first_line(e)}") from None
 
 
 def _join_found_job(job: Job, make_record, on_lost) -> Joined:
@@ -197,7 +197,7 @@ def _join_found_job(job: Job, make_record, on_lost) -> Joined:
     method = None if job.cluster_detection == "auto" else job.cluster_detection
     with Watchdog(job.init_timeout, lambda: on_lost(f"the job found by {how} did not form within "
                                                     f"--init-timeout={job.init_timeout} s")):
-        _initialize(job, f"the job found by {how}", cluster_detection_method=method)
+        _initialize(job, f"this process could not join the job that {how} names", cluster_detection_method=method)
     pid, n = jax.process_index(), jax.process_count()
     mine = np.frombuffer(json.dumps(make_record(pid)).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([mine.size], np.int32)).reshape(-1)

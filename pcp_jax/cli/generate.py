@@ -213,7 +213,6 @@ def build_model(args, mesh, shape):
 
 def _generate(args, prepared: Prepared, joined, cache_dir) -> int:
     import jax
-    import numpy as np
     from pcp_jax.engine import to_host
 
     lead = joined is None or joined.process_id == 0
