@@ -14,7 +14,6 @@ Flat params: `{name: np.ndarray}`, input-major, names and shapes in `hf_names` (
     SafetensorsSource(hf_dir, cfg=None, dtype="bfloat16"), OrbaxSource(path, *, verify=None, dtype=None)
                                                 (blocks of tensors without reading them whole: sources.py)
     weights_digest(params) -> bytes             (sha256 of flat params: convert/digest.py)
-    main_convert(argv) -> int                   (the `pcp-jax convert` command)
 
 Every user-facing failure is a `ConvertError` (a ValueError) whose message names what is wrong (a
 `ConvertArgumentError` when an argument itself is unusable, e.g. a non-empty OUT_DIR); SIGINT or
@@ -22,7 +21,7 @@ SIGTERM during a conversion raise `ConvertInterrupted` (a KeyboardInterrupt) aft
 removed. Guarantees: docs/errors.md.
 """
 
-from .converter import convert, main_convert
+from .converter import convert
 from .digest import weights_digest
 from .errors import ConvertArgumentError, ConvertError, ConvertInterrupted
 from .hf_loader import iter_hf_params, load_hf_config, read_hf_params
@@ -32,6 +31,6 @@ from .sources import OrbaxSource, SafetensorsSource
 
 __all__ = [
     "ConvertArgumentError", "ConvertError", "ConvertInterrupted", "OrbaxSource", "SafetensorsSource", "convert",
-    "expected_shapes", "is_orbax_dir", "iter_hf_params", "load_hf_config", "load_orbax", "main_convert",
-    "read_hf_params", "read_orbax_config", "save_orbax", "stored_weights_digest", "weights_digest",
+    "expected_shapes", "is_orbax_dir", "iter_hf_params", "load_hf_config", "load_orbax", "read_hf_params",
+    "read_orbax_config", "save_orbax", "stored_weights_digest", "weights_digest",
 ]

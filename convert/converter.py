@@ -19,7 +19,6 @@ copied. It does not grow with the number of layers; see docs/convert.md for the 
 from __future__ import annotations
 
 import os
-import sys
 
 from .errors import ConvertError
 from .hf_loader import iter_hf_params, load_hf_config, resolve_dtype
@@ -45,11 +44,3 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
              if os.path.isfile(os.path.join(hf_dir, name))}
     extra["hf_config.json"] = os.path.join(hf_dir, "config.json")
     return save_orbax(out_dir, cfg, params, dtype, extra_files=extra, progress=progress)
-
-
-def main_convert(argv: list[str] | None = None) -> int:
-    """`pcp-jax convert HF_DIR OUT_DIR [--dtype bfloat16] [--no-progress]`; returns the exit code. The
-    command line's one parser and error path (pcp_jax.cli: no abbreviated flags, one error line, exit 2
-    for a bad command line, 1 for a failed conversion, 128+N after signal N)."""
-    from pcp_jax.cli import main
-    return main(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -28,6 +28,9 @@ import time
 
 import numpy as np
 
+from pcp_jax.cli.args import finite_float, int_at_least, positive_int_list, use_compile_cache
+from pcp_jax.cli.errors import Parser, RunError, UsageError, run_guarded, wants_debug
+
 
 def model_flops(cfg, n: int) -> float:
     D = cfg.hidden_size
@@ -87,14 +90,13 @@ def _prompt_and_room(args, cfg, n):
 
 def bench_ours(args, cfg, lengths):
     from pcp_jax.engine import Model
-    from pcp_jax.model import RandomSource
+    from pcp_jax.weights import RandomSource
 
     t0 = time.perf_counter()
     try:  # random weights made on the devices, already split over tp (no host copy of the model)
         model = Model(cfg, RandomSource(cfg, seed=0), cp=args.cp, tp=args.tp, dtype="bfloat16", kernels=args.kernels,
                       gdn_strategy=args.gdn_strategy)
     except ValueError as e:  # --cp x --tp beyond the visible devices, a split or strategy the shape cannot take
-        from pcp_jax.cli import UsageError
         raise UsageError(str(e)) from None
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     devices = list(model.mesh.devices.flat)
@@ -132,9 +134,9 @@ def _time_one_length(args, cfg, model, devices, n):
             model.decode_step(state, tok, step).block_until_ready()
             steps.append(time.perf_counter() - t0)
         row["decode"] = statistics.median(steps)
-        model._decode_loop(state, 2)  # compiles the sampling program
+        model.decode(state, 2)  # compiles the sampling program
         t0 = time.perf_counter()
-        model._decode_loop(state, args.decode + 1)  # rewrites the same slots: the room is there
+        model.decode(state, args.decode + 1)  # rewrites the same slots: the room is there
         row["per_token"] = (time.perf_counter() - t0) / args.decode
         msg += (f", decode step median {row['decode'] * 1e3:.2f} ms over {args.decode}, generate "
                 f"{row['per_token'] * 1e3:.2f} ms per token")
@@ -216,7 +218,7 @@ def demo_bf16_reference(tokens: int, batch: int):
     import jax
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
 
     cfg = PRESETS["demo"]
     params = {k: np.asarray(v) for k, v in random_params(cfg, seed=1, dtype=jax.numpy.bfloat16).items()}
@@ -244,8 +246,20 @@ def check_gpu_path():
 
 
 def build_parser():
-    from pcp_jax.cli import Parser, finite_float, int_at_least, positive_int_list
     parser = Parser(prog="pcp-jax bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_parser(sub) -> None:
+    """`pcp-jax bench` in the command line's parser (pcp_jax.cli)."""
+    p = sub.add_parser("bench", help="prefill benchmark of a named preset with random weights", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="qwen3.5-9b")
     parser.add_argument("--tokens", type=positive_int_list, default=[8192, 32768], help="comma-separated prompt lengths")
     parser.add_argument("--batch", type=int_at_least(1), default=1)
@@ -266,13 +280,11 @@ def build_parser():
     parser.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache folder")
     parser.add_argument("--layers", type=int_at_least(1), help="keep only the first N layers of the preset (N a "
                         "multiple of its attention period), e.g. to time a slice of a model whose compile is slow")
-    return parser
 
 
 def bench_shape(name: str, layers: int | None):
     """The preset's ModelConfig, cut to its first `layers` layers; a bad name or cut is a UsageError."""
     import dataclasses
-    from pcp_jax.cli import UsageError
     from pcp_jax.config import preset
     try:
         cfg = preset(name)
@@ -289,21 +301,17 @@ def bench_shape(name: str, layers: int | None):
 
 
 def main(argv=None) -> int:
-    from pcp_jax.cli import run_guarded, wants_debug
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_guarded(lambda: bench_command(argv), debug=wants_debug(argv))
+    return run_guarded(lambda: run(build_parser().parse_args(argv)), debug=wants_debug(argv))
 
 
-def bench_command(argv) -> int:
+def run(args) -> int:
     """`pcp-jax bench` without the error path (pcp_jax.cli.main and main above provide it)."""
-    args = build_parser().parse_args(argv)
     cfg = bench_shape(args.preset, args.layers)
-    from pcp_jax.cli import use_compile_cache
     use_compile_cache(args.compile_cache)
     lengths = args.tokens
     if args.check or args.check_only:
         if not check_gpu_path():
-            from pcp_jax.cli import RunError
             raise RunError("--check: the GPU-kernel path is further from fp32 than allowed (numbers above)")
         if args.check_only:
             return 0
@@ -327,7 +335,6 @@ def bench_command(argv) -> int:
               f"{r['compile']:.1f} | {dec} | {peak} |")
     failed = [r for r in rows if "error" in r]
     if failed:
-        from pcp_jax.cli import RunError
         raise RunError(f"{len(failed)} of {len(rows)} prompt lengths failed (see the table); the first, "
                        f"{failed[0]['n']} tokens: {failed[0]['error']}")
     return 0

@@ -43,7 +43,6 @@ from pcp_jax.parallel.ring_attention import ring_attention, ring_over_cache
 from pcp_jax.parallel.tensor import local_config
 # Random weights live beside their declaration (pcp_jax.weights); launch.py, bench.py and demo.py still import
 # them from here until they import pcp_jax.weights (issue 26).
-from pcp_jax.weights import RandomSource, random_params  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

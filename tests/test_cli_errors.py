@@ -3,8 +3,8 @@ code 2 for a rejected command line and 1 for a failed run, a traceback only with
 abbreviations anywhere.
 
 Commands run in-process through `pcp_jax.cli.main` (cheap: each case fails before any device work);
-three run as real processes, where the process boundary is the point (`python -m` runs a second copy of
-the module, whose error classes must still be recognised).
+three run as real processes, where the process boundary is the point (`python -m` and the console script
+run a second copy of the modules, whose error classes must still be recognised).
 """
 
 import json
@@ -47,7 +47,8 @@ def files(tmp_path_factory):
 
 def _cases(f):
     """(argv, exit code, text the error line must contain), for every command."""
-    tiny, launch_src = str(f / "tiny.json"), ["--config", str(f / "tiny.json"), "--ids", "1,2,3"]
+    tiny, src = str(f / "tiny.json"), ["--config", str(f / "tiny.json"), "--ids", "1,2,3"]
+    job = ["--coordinator", "127.0.0.1:29500", "--num-processes", "2"]
     gen = ["generate", "--model", str(f / "empty"), "--ids", "1,2"]
     return [
         ([], 2, "required: COMMAND"),
@@ -65,7 +66,7 @@ def _cases(f):
         (["convert", str(f / "hf"), str(f / "missing" / "out")], 2, "is not an existing folder; create it first"),
         (["convert", str(f / "bad_eos"), str(f / "out5")], 1, "eos_token_id=600 is outside the vocabulary"),
         # generate
-        (["generate", "--ids", "1"], 2, "required: --model"),
+        (["generate", "--ids", "1"], 2, "give exactly one of --model PATH, --preset NAME or --config JSON"),
         (["generate", "--model", str(f / "missing"), "--ids", "1"], 2, "--model="),
         (gen[:3] + ["--ids", "1,x"], 2, "argument --ids: expected comma-separated integers, got '1,x'"),
         (gen + ["--prompt", "hi"], 2, "exactly one of --prompt"),
@@ -109,20 +110,30 @@ def _cases(f):
         (["bench", "--reps", "0"], 2, "argument --reps: expected an integer >= 1, got 0"),
         (["bench", "--rep", "2"], 2, "unrecognized arguments: --rep"),
         (["bench", "--preset", "demo", "--compile-cache", str(f / "a_file")], 2, "--compile-cache="),
-        # launch (one process; every case fails before any device work)
-        (["launch", "--spawn-local", "0"] + launch_src, 2, "argument --spawn-local: expected an integer >= 1, got 0"),
-        (["launch", "--spawn-loc", "2"] + launch_src, 2, "unrecognized arguments: --spawn-loc"),
-        (["launch", "--config", str(f / "list.json"), "--ids", "1"], 2, "holds a JSON list; expected an object"),
-        (["launch", "--config", str(f / "missing.json"), "--ids", "1"], 2, "cannot be read"),
-        (["launch", "--preset", "nope", "--ids", "1"], 2, "unknown preset 'nope'"),
-        (["launch", "--preset", "demo", "--config", tiny, "--ids", "1"], 2, "exactly one of --model"),
-        (["launch", "--cp", "0"] + launch_src, 2, "argument --cp: expected an integer >= 1, got 0"),
-        (["launch", "--top-k", "x"] + launch_src, 2, "argument --top-k"),
-        (["launch", "--seed", str(2**70)] + launch_src, 2, "argument --seed"),
-        (["launch", "--save", str(f / "missing" / "x.npz")] + launch_src, 2, "does not exist; create it first"),
-        (["launch", "--save", str(f)] + launch_src, 2, "is a folder; expected a file name"),
-        (["launch", "--config", tiny, "--tokenizer", str(f / "model" / "tokenizer.json"), "--prompt", "hi"], 1,
+        # generate with random weights, batches and job flags (one process; every case fails before device work)
+        (["generate", "--config", str(f / "list.json"), "--ids", "1"], 2, "holds a JSON list; expected an object"),
+        (["generate", "--config", str(f / "missing.json"), "--ids", "1"], 2, "cannot be read"),
+        (["generate", "--preset", "nope", "--ids", "1"], 2, "unknown preset 'nope'"),
+        (["generate", "--preset", "demo", "--config", tiny, "--ids", "1"], 2, "exactly one of --model"),
+        (["generate", "--ids", "1,2;"] + src[:2], 2, "argument --ids: expected comma-separated integers, prompts "
+         "separated by ';' (none empty), got '1,2;'"),
+        (["generate", "--seed", str(2**70)] + src, 2, "argument --seed"),
+        (["generate", "--save", str(f / "missing" / "x.npz")] + src, 2, "does not exist; create it first"),
+        (["generate", "--save", str(f)] + src, 2, "is a folder; expected a file name"),
+        (["generate", "--config", tiny, "--tokenizer", str(f / "model" / "tokenizer.json"), "--prompt", "hi"], 1,
          "cannot read the tokenizer"),
+        (["generate", "--chat"] + src, 2, "--chat and --system render --prompt messages"),
+        (["generate", "--coordinator", "127.0.0.1"] + src, 2, "--num-processes, --process-id missing"),
+        (["generate", "--process-id", "2"] + job + src, 2, "--process-id=2 must be in 0..1 for --num-processes=2"),
+        (["generate", "--coordinator", "h:x", "--num-processes", "2", "--process-id", "0"] + src, 2,
+         "--coordinator='h:x' must be HOST:PORT with PORT in 1..65534"),
+        (["generate", "--cluster-detection", "slurm", "--process-id", "0"] + job + src, 2,
+         "--cluster-detection (or JAX_COORDINATOR_ADDRESS) lets JAX find the job"),
+        (["generate", "--local-device-ids", "0,a", "--process-id", "0"] + job + src, 2,
+         "--local-device-ids must be comma-separated integers, got '0,a'"),
+        # launch: generate's deprecated name, without --spawn-local
+        (["launch", "--spawn-local", "2"] + src, 2, "unrecognized arguments: --spawn-local 2"),
+        (["launch", "--cp", "0"] + src, 2, "argument --cp: expected an integer >= 1, got 0"),
     ]
 
 
@@ -144,7 +155,7 @@ def test_library_rejections_of_generate_arguments_exit_2(files, monkeypatch, cap
     argument checks come before any work) is a bad flag, exit 2, not a failed run."""
     import jax.numpy as jnp
     from pcp_jax.config import ModelConfig
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
     cfg = ModelConfig.from_dict(TINY)
     model = pcp_jax.Model(cfg, random_params(cfg, 0, jnp.float32), dtype="float32")
     monkeypatch.setattr(pcp_jax, "load_model", lambda *a, **k: model)
@@ -186,24 +197,36 @@ def test_debug_adds_the_traceback(files, capsys):
 
 
 def test_no_parser_accepts_abbreviations():
-    from pcp_jax import bench, launch
+    from pcp_jax import bench
     top = cli.build_parser()
     subs = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction").choices
-    for parser in [top, *subs.values(), bench.build_parser(), launch.build_parser()]:
+    for parser in [top, *subs.values(), bench.build_parser()]:
         assert parser.allow_abbrev is False, parser.prog
 
 
-def _python(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+def _run(*args, env=None, timeout=60):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})), cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "pcp-jax")
+
+
 @pytest.mark.parametrize("args,text", [
-    (["-m", "pcp_jax.cli", "bench", "--preset", "nope"], "unknown preset 'nope'"),
-    (["-m", "pcp_jax.launch", "--preset", "nope", "--ids", "1"], "unknown preset 'nope'"),
-    (["scripts/launch.py", "--preset", "demo", "--ids", "1", "--save", "/nonexistent-pcp/x.npz"], "create it first"),
-], ids=["python -m pcp_jax.cli", "python -m pcp_jax.launch", "scripts/launch.py"])
+    ([sys.executable, "-m", "pcp_jax.cli", "bench", "--preset", "nope"], "unknown preset 'nope'"),
+    ([sys.executable, "-m", "pcp_jax.cli", "generate", "--preset", "demo", "--ids", "1", "--save",
+      "/nonexistent-pcp/x.npz"], "create it first"),
+    ([CONSOLE_SCRIPT, "generate", "--preset", "nope", "--ids", "1"], "unknown preset 'nope'"),
+], ids=["python -m pcp_jax.cli bench", "python -m pcp_jax.cli generate", "pcp-jax generate"])
 def test_entry_points_as_processes(args, text):
-    r = _python(*args)
+    r = _run(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
+
+
+def test_launch_is_generate_with_a_deprecation_note(files, capsys):
+    """`launch` runs generate (here: as far as generate's own check of --save) after one note on stderr."""
+    assert cli.main(["launch", "--preset", "demo", "--ids", "1", "--save", str(files / "missing" / "x.npz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pcp-jax: note: `pcp-jax launch` is now `pcp-jax generate`"), lines
+    assert lines[1].startswith("pcp-jax: error: --save=") and "create it first" in lines[1], lines

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
+from pcp_jax.cli import main as cli_main
 from pcp_jax.config import ModelConfig
 from pcp_jax.convert import (ConvertError, SafetensorsSource, convert, expected_shapes, is_orbax_dir, iter_hf_params,
-                             load_orbax, main_convert, read_hf_params, save_orbax)
+                             load_orbax, read_hf_params, save_orbax)
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -340,13 +341,13 @@ def test_save_orbax_checks_the_stream(dense, tmp_path):
 
 def test_cli(dense, tmp_path, capsys):
     _, path = dense
-    assert main_convert([path, str(tmp_path / "out"), "--dtype", "float32", "--no-progress"]) == 0
+    assert cli_main(["convert", path, str(tmp_path / "out"), "--dtype", "float32", "--no-progress"]) == 0
     assert is_orbax_dir(tmp_path / "out")
     # a non-empty OUT_DIR is a rejected command line (docs/errors.md), found before HF_DIR is read
-    assert main_convert([path, str(tmp_path / "out"), "--no-progress"]) == 2
+    assert cli_main(["convert", path, str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pcp-jax: error: ") and "output folder" in err[0], err
-    assert main_convert([path, str(tmp_path / "out2"), "--no-prog"]) == 2  # the CLI's parser: no abbreviations
+    assert cli_main(["convert", path, str(tmp_path / "out2"), "--no-prog"]) == 2  # the CLI's parser: no abbreviations
     assert "unrecognized arguments: --no-prog" in capsys.readouterr().err
 
 

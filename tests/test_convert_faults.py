@@ -31,7 +31,8 @@ import pytest
 
 from hf_models import build
 from pcp_jax import loading
-from pcp_jax.convert import ConvertError, convert, is_orbax_dir, load_orbax, main_convert, read_hf_params
+from pcp_jax.cli import main as cli_main
+from pcp_jax.convert import ConvertError, convert, is_orbax_dir, load_orbax, read_hf_params
 from pcp_jax.convert import orbax_io
 from tiny import tiny_config, tiny_params
 
@@ -83,7 +84,7 @@ def test_converted_folder_stores_its_digest(hf_dir, converted):
 # Item 4: relative paths ----------------------------------------------------------------------------------
 def test_relative_paths_convert_and_load(hf_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main_convert([os.path.relpath(hf_dir), "conv32", "--dtype", "float32", "--no-progress"]) == 0
+    assert cli_main(["convert", os.path.relpath(hf_dir), "conv32", "--dtype", "float32", "--no-progress"]) == 0
     assert is_orbax_dir("conv32")
     _, params = loading.load_params("conv32", "float32")
     _, again = load_orbax("conv32")
@@ -237,7 +238,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(hf_dir, tmp_path, monkeypatch,
     out = tmp_path / "out"
     monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "_open_and_write", full_disk)
     with caplog.at_level(logging.WARNING):
-        assert main_convert([str(hf_dir), str(out), "--no-progress"]) == 1
+        assert cli_main(["convert", str(hf_dir), str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err and f"of {out} failed" in err, err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -248,7 +249,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(hf_dir, tmp_path, monkeypatch,
     def full_copy(src, dst, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(workdir.shutil, "copyfileobj", full_copy)
-    assert main_convert([str(hf_dir), str(out), "--no-progress"]) == 1
+    assert cli_main(["convert", str(hf_dir), str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"writing {out} failed: [Errno 28] No space left on device" in err, err
     assert os.listdir(tmp_path) == []
@@ -262,7 +263,7 @@ _CHILD = textwrap.dedent("""
     import sys, time
     import orbax.checkpoint as ocp
     import pcp_jax.convert.hf_loader as hf_loader
-    from pcp_jax.convert import main_convert
+    from pcp_jax.cli import main as cli_main
     hf, out, where = sys.argv[1:4]
 
     def ready_then_wait(seconds):
@@ -284,7 +285,7 @@ _CHILD = textwrap.dedent("""
             ready_then_wait(1.5)
         return real_save(self, directory, *args, **kwargs)
     ocp.Checkpointer.save = save
-    sys.exit(main_convert([hf, out, "--no-progress", "--dtype", "float32"]))
+    sys.exit(cli_main(["convert", hf, out, "--no-progress", "--dtype", "float32"]))
 """)
 
 

@@ -287,20 +287,24 @@ def test_cli_tp_errors(folders, capsys):
         assert len(err) == 1 and err[0].startswith("pcp-jax: error: ") and message in err[0], (argv, err)
 
 
-def test_launch_mesh(monkeypatch):
-    from pcp_jax import launch
-    from pcp_jax.cli import UsageError
+def test_generate_mesh():
+    """The CLI's mesh (`generate` in one process or a job, `warmup`): --cp x --tp devices, named flags when the
+    devices are too few, and a --tp that does not split the model refused before any weight is read."""
+    from pcp_jax.cli import build_parser
+    from pcp_jax.cli.args import mesh_for
+    from pcp_jax.cli.errors import UsageError
+    from pcp_jax.cli.inputs import prepare
 
-    mesh = launch.global_mesh(None, 2)
+    mesh = mesh_for(None, 2)
     assert dict(mesh.shape) == {"cp": 4, "tp": 2}
     assert mesh.devices.reshape(-1).tolist() == sorted(jax.devices(), key=lambda d: d.id)
-    assert dict(launch.global_mesh(2, 4).shape) == {"cp": 2, "tp": 4}
-    assert dict(launch.global_mesh(None).shape) == {"cp": 8, "tp": 1}
-    for cp, tp, message in [(4, 4, "cp=4 x tp=4 needs 16 devices but 8 cpu device(s) are visible"),
-                            (None, 16, "tp=16 needs 16 devices but 8 cpu"),
-                            (16, 1, "cp=16 needs 16 devices")]:
+    assert dict(mesh_for(2, 4).shape) == {"cp": 2, "tp": 4}
+    assert dict(mesh_for(None, 1).shape) == {"cp": 8, "tp": 1}
+    for cp, tp, message in [(4, 4, "--cp=4 x --tp=4 needs 16 devices but 8 cpu device(s) are visible"),
+                            (None, 16, "--tp=16 needs 16 devices but 8 cpu"),
+                            (16, 1, "--cp=16 needs 16 devices")]:
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            launch.global_mesh(cp, tp)
-    args = launch.build_parser().parse_args(["--preset", "demo", "--ids", "1", "--tp", "3"])
+            mesh_for(cp, tp)
+    args = build_parser().parse_args(["generate", "--preset", "demo", "--ids", "1", "--tp", "3"])
     with pytest.raises(UsageError, match="--tp=3 does not split this model"):
-        launch.prepare(args, writer=False)
+        prepare(args, writer=False, identify=False)

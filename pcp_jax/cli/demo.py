@@ -6,17 +6,29 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
+from pcp_jax.cli.args import int_at_least, set_cpu_devices
+from pcp_jax.cli.errors import RunError, UsageError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="random small Qwen3.5: long prefill at cp=1 and cp=4, then generation")
+    p.add_argument("--tokens", type=int_at_least(1), default=4096, help="prompt length")
+    p.add_argument("--new-tokens", type=int_at_least(0), default=32)
+    p.add_argument("--cp", type=int_at_least(1), default=4)
+    p.set_defaults(run=lambda args: run_demo(args.tokens, args.new_tokens, args.cp))
 
 
 def run_demo(tokens: int = 4096, new_tokens: int = 32, cp: int = 4) -> int:
+    """The demo with `cp` virtual CPU devices (where JAX has not started yet; XLA_FLAGS's count otherwise)."""
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        set_cpu_devices(cp)
     import jax
+    import numpy as np
     from tqdm import tqdm
 
-    from pcp_jax.cli import RunError, UsageError
     from pcp_jax.config import PRESETS
     from pcp_jax.engine import Model, to_host
-    from pcp_jax.model import random_params
+    from pcp_jax.weights import random_params
 
     if cp > len(jax.devices()):  # XLA_FLAGS from the environment may have fixed a smaller device count
         raise UsageError(f"--cp={cp} needs {cp} devices but {len(jax.devices())} are visible "
