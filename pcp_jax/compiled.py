@@ -24,7 +24,7 @@ from typing import Iterable
 
 import jax
 
-from pcp_jax.program_store import ProgramStore, environment
+from pcp_jax.program_store import ProgramStore
 from pcp_jax.programs import ProgramContext
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def default_workers() -> int:
 class CompiledPrograms:
     def __init__(self, ctx: ProgramContext, store: ProgramStore | None):
         self.ctx, self.store = ctx, store
-        self._context_key = ctx.describe() + environment() if store is not None else ""
+        self._context_key = ctx.describe()
         self._devices = list(ctx.mesh.devices.flat)
         self._compiled: dict = {}
         self._pending: dict = {}     # signature -> Future of a background compile
@@ -54,11 +54,12 @@ class CompiledPrograms:
 
     def ready(self, sig) -> bool:
         """Whether `get(sig)` returns without compiling: compiled or loaded already, or in the store (loaded
-        now)."""
+        now). In a job of several processes only what is in memory counts: every process must choose the same
+        programs for a request, and their stores may differ."""
         with self._lock:
             if sig in self._compiled:
                 return True
-        return self._load(sig) is not None
+        return jax.process_count() == 1 and self._load(sig) is not None
 
     def get(self, sig) -> jax.stages.Compiled:
         """The executable of `sig` (see the module docstring for where it comes from)."""
@@ -72,7 +73,7 @@ class CompiledPrograms:
         return self._load(sig) or self._compile(sig)
 
     def _key(self, sig) -> str:
-        return repr(sig) + "\n" + self._context_key
+        return self.store.key(repr(sig), self._context_key)
 
     def _load(self, sig):
         if self.store is None:

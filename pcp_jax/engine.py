@@ -451,8 +451,10 @@ class Model:
         served without compiling (at most 2x padding), and that is when this returns with
         `background=True`; the fine ladder (at most 12.5% padding) is then compiled in the background while
         requests run, each request taking the cheapest plan already compiled (`compile_status()` counts
-        what is pending). With `background=False` it returns when the fine ladder is ready too. Every prefill
-        reserves at least this decode room from now on, so all requests share the warmed capacities.
+        what is pending). With `background=False` it returns when the fine ladder is ready too, as it always
+        does in a job of several processes (they must all choose the same programs for a request, so none may
+        be ahead of another). Every prefill reserves at least this decode room from now on, so all requests
+        share the warmed capacities.
         Returns {"programs", "compiled", "loaded", "pending", "ready_seconds", "seconds"}."""
         from tqdm import tqdm
         if not (_is_int(max_tokens) and max_tokens >= 1):
@@ -496,7 +498,7 @@ class Model:
         ready = time.perf_counter() - t0
         if progress:
             bar.set_description("pcp_jax warmup (ready; refining)")
-        if not background:
+        if not background or jax.process_count() > 1:
             for fut in fine_futures:
                 fut.result()
                 bar.update(1)

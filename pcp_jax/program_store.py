@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -45,13 +46,9 @@ log = logging.getLogger(__name__)
 @functools.cache
 def source_hash() -> str:
     """sha256 over the bytes of every .py file of the installed pcp_jax (kernels and convert included)."""
-    import pcp_jax
-    import pcp_jax.convert
-    import pcp_jax.kernels
-
     h = hashlib.sha256()
-    for package in (pcp_jax, pcp_jax.kernels, pcp_jax.convert):
-        for root in package.__path__:
+    for package in ("pcp_jax", "pcp_jax.kernels", "pcp_jax.convert"):  # already imported by the caller
+        for root in importlib.import_module(package).__path__:
             for folder, dirs, files in sorted(os.walk(root)):
                 dirs.sort()
                 for name in sorted(f for f in files if f.endswith(".py")):
@@ -142,6 +139,12 @@ class ProgramStore:
         if what not in self._warned:
             self._warned.add(what)
             log.warning(message, *args)
+
+    @staticmethod
+    def key(program: str, context: str) -> str:
+        """The key of a program (its signature, as text) of a model (its context, as text) in this process's
+        environment (`environment()`: versions, device kind, processes, XLA flags, pcp_jax's source)."""
+        return "\n".join((program, context, environment()))
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest() + ".exe")

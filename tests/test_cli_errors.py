@@ -178,7 +178,7 @@ def test_interrupted_convert_exits_128_plus_the_signal(files, monkeypatch, capsy
 
 
 def test_bench_with_a_failed_length_exits_1_with_one_line(monkeypatch, capsys):
-    from pcp_jax import bench
+    from pcp_jax.cli import bench
     monkeypatch.setattr(bench, "bench_ours", lambda args, cfg, lengths: [{"n": 64, "error": "OOM: no room"}])
     assert cli.main(["bench", "--preset", "demo", "--tokens", "64"]) == 1
     captured = capsys.readouterr()
@@ -197,7 +197,7 @@ def test_debug_adds_the_traceback(files, capsys):
 
 
 def test_no_parser_accepts_abbreviations():
-    from pcp_jax import bench
+    from pcp_jax.cli import bench
     top = cli.build_parser()
     subs = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction").choices
     for parser in [top, *subs.values(), bench.build_parser()]:

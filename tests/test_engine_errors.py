@@ -1,7 +1,7 @@
-"""Engine-side defects of issue 14: full-sequence logits with the prefix cache on, prefix-cache keys of
-models that differ only by a permutation of weights, and bad generate/decode_step arguments (each a
-one-line ValueError naming the value, raised before any work). Also: the scanned and unrolled decode
-layouts agree."""
+"""Engine-side defects: full-sequence logits with the prefix cache on, prefix-cache keys of models that
+differ only by a permutation of weights, bad generate/decode_step/warmup arguments (each a one-line ValueError
+naming the value, raised before any work), and issue 28's engine items (4-7, 11, 12, 17). Also: the scanned
+and unrolled decode layouts agree."""
 
 import dataclasses
 
@@ -133,3 +133,119 @@ def test_consumed_params_are_never_held_twice():
 
     assert live_bytes_after_build(True) <= 1.05 * weights
     assert live_bytes_after_build(False) >= 1.8 * weights
+
+
+# Issue 28: engine defects ------------------------------------------------------------------------
+COMPILES: list[str] = []
+
+
+def _count_compiles():
+    import jax
+    if not COMPILES:
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, secs, **_: COMPILES.append(event) if event.endswith("backend_compile_duration") else None)
+        COMPILES.append("listening")
+    return len(COMPILES)
+
+
+def test_warmup_checks_max_tokens_before_compiling_and_stays_usable(tiny):
+    """Item 4: a huge max_tokens is refused at once (its plans are found from the ladder, never by walking
+    lengths), also against the model's positions; item 6: a huge max_new_tokens is refused before compiling
+    and leaves the model as it was."""
+    import time
+    cfg, params, model = tiny
+    before = _count_compiles()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="needs .* GiB per CPU device"):
+        model.warmup(10**9)
+    with pytest.raises(ValueError, match=r"1 prompt tokens \+ max_new_tokens=1000000000 .* GiB"):
+        model.warmup(8, max_new_tokens=10**9)
+    assert time.perf_counter() - t0 < 60 and _count_compiles() == before
+    limited = Model(dataclasses.replace(cfg, max_position_embeddings=4096), params, dtype="float32")
+    with pytest.raises(ValueError, match="prompt of 40000 tokens .* exceeds the model's 4096 positions"):
+        limited.warmup(40000)
+    ids = np.random.default_rng(41).integers(0, cfg.vocab_size, (1, 30))
+    fresh = Model(cfg, params, cp=2, dtype="float32")
+    np.testing.assert_array_equal(model.generate(ids, 3), fresh.generate(ids, 3))  # not broken by the refusals
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_sizes=None), "batch_sizes=None must be a sequence of positive integers"),
+    (dict(batch_sizes=(1, 0)), r"batch_sizes=\(1, 0\) must be"),
+    (dict(workers=-3), "workers=-3 must be a positive integer or None"),
+    (dict(chunk_size=1), "chunk_size=1 is below 128 tokens"),
+])
+def test_warmup_refuses_bad_arguments(tiny, kwargs, match):
+    _, _, model = tiny
+    with pytest.raises(ValueError, match=match):
+        model.warmup(300, **kwargs)
+
+
+def test_tiny_chunk_sizes_are_refused(tiny):
+    """Item 11: chunk_size=1 on 600 tokens allocated 136x the prompt's KV slots (every piece is padded to
+    2*cp*64 slots); pieces below cp*64 tokens are refused, naming the least."""
+    _, _, model = tiny
+    for chunk in (1, 100):
+        with pytest.raises(ValueError, match=f"chunk_size={chunk} is below 128 tokens: at cp=2 every piece "
+                                             "occupies 256 KV slots"):
+            model.prefill(np.ones((1, 600), np.int32), chunk_size=chunk)
+
+
+def test_tiny_temperatures_and_top_p_are_greedy_not_garbage(tiny):
+    """Item 7: settings are used in float32: a temperature below its range samples greedily, one just above
+    stays finite (the logits are shifted before the division), and a top_p that rounds to 0 keeps the most
+    likely token."""
+    cfg, _, model = tiny
+    ids = np.random.default_rng(42).integers(0, cfg.vocab_size, (2, 40))
+    greedy = model.generate(ids, 4)
+    for settings in (dict(temperature=1e-38), dict(temperature=1e-45), dict(temperature=2e-38, top_p=1e-300),
+                     dict(temperature=1.0, top_p=1e-300)):
+        np.testing.assert_array_equal(model.generate(ids, 4, seed=3, **settings), greedy, err_msg=str(settings))
+
+
+def test_warmed_prefix_cache_programs_serve_every_batch_size(tiny):
+    """Item 5: with the prefix cache on, warmup(300, batch_sizes=(1, 2)) then a batch of two compiles nothing
+    and runs (its block copies were keyed without the batch size: a TypeError)."""
+    cfg, params, _ = tiny
+    model = Model(cfg, params, cp=2, dtype="float32")
+    model.enable_prefix_cache(1 << 26)
+    model.warmup(300, batch_sizes=(1, 2), max_new_tokens=2, logits=False, progress=False)
+    ids = np.random.default_rng(43).integers(0, cfg.vocab_size, (2, 280))
+    before = _count_compiles()
+    got = model.generate(ids, 2)
+    assert _count_compiles() == before
+    np.testing.assert_array_equal(got, Model(cfg, params, cp=2, dtype="float32").generate(ids, 2))
+
+
+def test_a_shared_prefix_cache_never_crosses_devices(tiny):
+    """Item 12: one PrefixCache shared by two models with the same (cp, tp) on different devices: a multi-line
+    "incompatible devices" error before; now their entries never cross."""
+    import jax
+    cfg, params, _ = tiny
+    a = Model(cfg, params, cp=2, dtype="float32")
+    b = Model(cfg, params, mesh=jax.make_mesh((2,), ("cp",), devices=jax.devices()[2:4]), dtype="float32")
+    ids = np.random.default_rng(44).integers(0, cfg.vocab_size, (1, 300))
+    cold = to_host(b.prefill(ids, chunk_size=128).logits)
+    cache = a.enable_prefix_cache(1 << 26)
+    b.enable_prefix_cache(cache=cache)
+    a.prefill(ids, chunk_size=128)
+    np.testing.assert_allclose(to_host(b.prefill(ids, chunk_size=128).logits), cold, rtol=0, atol=1e-6)
+    assert cache.stats()["hits"] == 0
+
+
+def test_api_slips_are_one_line_errors(tiny):
+    """Item 17's engine cases: each a ValueError naming the value, at the call that made it."""
+    import jax
+    from jax.sharding import Mesh
+    cfg, params, model = tiny
+    with pytest.raises(ValueError, match=r"max_bytes=True must be a non-negative integer"):
+        model.enable_prefix_cache(True)
+    with pytest.raises(ValueError, match="cache= must be a PrefixCache"):
+        model.enable_prefix_cache(cache=object())
+    with pytest.raises(ValueError, match="decode_attention='bogus'; expected one of"):
+        model.decode_attention = "bogus"
+    devices = jax.devices()
+    with pytest.raises(ValueError, match="the mesh names a device twice"):
+        Model(cfg, params, mesh=Mesh(np.array([devices[0], devices[0]]), ("cp",)), dtype="float32")
+    with pytest.raises(ValueError, match=r"mesh axes \('cp', 'tp', 'dp'\); expected"):
+        Model(cfg, params, mesh=Mesh(np.array(devices[:2]).reshape(1, 1, 2), ("cp", "tp", "dp")), dtype="float32")

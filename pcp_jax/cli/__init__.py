@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pcp_jax.cli import convert, demo, generate, warmup
+from pcp_jax.cli import bench, convert, demo, generate, warmup
 from pcp_jax.cli.errors import Parser, run_guarded, wants_debug
 from pcp_jax.cli.supervise import become_worker
 
 
 def build_parser() -> Parser:
-    from pcp_jax import bench
-
     parser = Parser(prog="pcp-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (convert, generate, warmup, demo, bench):

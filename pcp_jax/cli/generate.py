@@ -228,8 +228,10 @@ def _generate(args, prepared: Prepared, joined, cache_dir) -> int:
     try:  # the model checks its arguments before any work: every one of them is a flag
         if args.warmup:
             stats = model.warmup(args.warmup, batch_sizes=(len(rows),), max_new_tokens=n, chunk_size=args.chunk_size,
-                                 logits=False, progress=lead)
-            info(f"[warmup: {stats['programs']} programs in {stats['seconds']:.1f} s]")
+                                 logits=False, progress=lead, background=True)
+            info(f"[warmup: ready for prompts up to {args.warmup} tokens after {stats['ready_seconds']:.1f} s "
+                 f"({stats['loaded']} programs loaded, {stats['compiled']} compiled); {stats['pending']} more "
+                 f"refining in the background]")
         t0 = time.perf_counter()
         state = model.prefill(rows, max_new_tokens=n, chunk_size=args.chunk_size)
         next_logits = to_host(state.logits)  # on every process: a gather across them

@@ -38,7 +38,8 @@ def run(args) -> int:
                              chunk_size=args.chunk_size, logits=args.logits, progress=not args.no_progress)
     except ValueError as e:  # warmup checks its arguments before any work: every one of them is a flag
         raise UsageError(str(e)) from e
-    print(f"compiled {stats['programs']} programs in {stats['seconds']:.1f} s (prompts up to {args.max_tokens} "
-          f"tokens, batch sizes {list(args.batch_sizes)}, cp={model.cp}, tp={model.tp})")
+    print(f"ready for prompts up to {args.max_tokens} tokens after {stats['ready_seconds']:.1f} s (coarse ladder); all "
+          f"{stats['programs']} programs ({stats['loaded']} loaded, {stats['compiled']} compiled) after "
+          f"{stats['seconds']:.1f} s (batch sizes {list(args.batch_sizes)}, cp={model.cp}, tp={model.tp})")
     print(compile_cache_report(model))
     return 0
