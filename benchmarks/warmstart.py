@@ -1,35 +1,51 @@
-"""Warm start on a GPU: how long `Model.warmup` takes, and what a session of prompts of random lengths
-costs after it (qwen3.5 preset, random bf16 weights, one process, one mesh).
+"""Start-up on a GPU: from process start to ready, to fully refined, and a restart on the store (issue 24).
 
-  python benchmarks/warmstart.py --preset qwen3.5-9b --cp 2 --max-tokens 131072 --session 20
+  python benchmarks/warmstart.py --store DIR [--preset qwen3.5-9b] [--cp 1] [--max-tokens 131072]
+      [--max-new-tokens 0] [--session 20] [--fit]
 
-Prints: warmup time and program count; for each of `--session` random lengths in [--min-tokens,
---max-tokens] its time to first token and the number of backend compiles it caused (goal: 0); then the
-padding overhead: every bucket length of the ladder is itself an exact length (no padding), so timing
-each bucket once gives exact-length times t(n) at those n; a least-squares fit t(n) = a + b n + c n^2
-over them (every other bucket) estimates the exact-length time of the session's lengths, and the overhead is the mean of
-t(bucket(n)) / t_fit(n) - 1. A correctness check runs first: the logits of one prompt at its bucket equal
-those of the same prompt fed in pieces (chunk_size="auto" vs one shot) within bf16 rounding.
+One process, random bf16 weights made on the device. Prints, in seconds from process start: JAX up, weights on
+the device, `warmup(max_tokens, background=True)` ready (every length <= max_tokens served by the coarse
+ladder), fully refined (the fine ladder compiled or loaded); the programs compiled and loaded; trace, lower and
+compile seconds per program kind (from `jax.monitoring` events, which name the program); then a session of
+`--session` random lengths in [--min-tokens, --max-tokens] right after ready (refinement still running) and the
+same lengths after refinement: each length's time to first token and the backend compiles it caused on the
+calling thread (goal 0). With `--fit`, the padding overhead after refinement: every ladder length is itself an
+exact length (no padding), so timing some of them gives exact-length times; a fit t(n) = a + b n + c n^2
+estimates the exact-length time of the session's lengths, and the overhead is t(bucket(n)) / t_fit(n) - 1.
+Run it twice on the same --store: the first is a cold start, the second a restart.
+Correctness: each session prompt's next-token logits right after ready (coarse programs) and after refinement
+(fine programs: other padding) agree within bf16 rounding (printed as the largest relative difference).
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 
-import numpy as np
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TRACE, LOWER, COMPILE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                         "/jax/core/compile/backend_compile_duration")
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="compile-cache folder (empty for a cold start)")
     p.add_argument("--preset", default="qwen3.5-9b")
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=131072)
     p.add_argument("--min-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="decode room warmed (0: prefill only)")
+    p.add_argument("--new-tokens", type=int, default=0, help="tokens each session request generates")
     p.add_argument("--session", type=int, default=20)
-    p.add_argument("--max-new-tokens", type=int, default=0, help="decode room warmed and reserved (0: prefill only)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--fit", action="store_true", help="time exact ladder lengths for the padding overhead")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -38,54 +54,101 @@ def main() -> int:
     from pcp_jax.buckets import ladder
     from pcp_jax.config import preset
     from pcp_jax.engine import Model
-    from pcp_jax.weights import random_params
+    from pcp_jax.weights import RandomSource
 
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **_: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None)
+    main_thread = threading.get_ident()
+    stages = collections.defaultdict(list)  # (event, program kind) -> seconds
+    on_main = []
+
+    def listen(event, secs, fun_name="", **_):
+        if event in (TRACE, LOWER, COMPILE):
+            fun_name = fun_name.removeprefix("jit(").removesuffix(")")  # lowering and compile say jit(name)
+            stages[event, fun_name].append(secs)
+            if event == COMPILE and threading.get_ident() == main_thread:
+                on_main.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    since = lambda: time.perf_counter() - START
+    jax.devices()
+    t_jax = since()
     cfg = preset(args.preset)
-    t0 = time.perf_counter()
-    model = Model(cfg, random_params(cfg, seed=0, dtype=jax.numpy.bfloat16), cp=args.cp, dtype="bfloat16",
-                  consume_params=True)
-    print(f"model built in {time.perf_counter() - t0:.1f} s; auto piece {model.auto_piece_tokens} tokens "
-          f"(budget {model.prefill_budget_bytes / 2**30:.1f} GiB per device)", flush=True)
+    model = Model(cfg, RandomSource(cfg, seed=0), cp=args.cp, dtype="bfloat16", compile_cache_dir=args.store)
+    jax.block_until_ready(model.weights)
+    t_weights = since()
+    print(f"[{args.preset} cp={args.cp}] JAX up {t_jax:.1f} s; weights on the device {t_weights:.1f} s; auto piece "
+          f"{model.auto_piece_tokens} tokens", flush=True)
+
+    stats = model.warmup(args.max_tokens, max_new_tokens=args.max_new_tokens, logits=False, background=True,
+                         progress=False)
+    t_ready = since()
+    print(f"ready {t_ready:.1f} s ({t_ready - t_weights:.1f} s after the weights): {stats}", flush=True)
+
     rng = np.random.default_rng(args.seed)
+    lengths = sorted(int(n) for n in rng.integers(args.min_tokens, args.max_tokens + 1, args.session))
+    prompts = {n: rng.integers(0, cfg.vocab_size, (1, n)) for n in lengths}
 
-    n_before = len(compiles)
-    stats = model.warmup(args.max_tokens, max_new_tokens=args.max_new_tokens, logits=False, workers=args.workers)
-    print(f"warmup({args.max_tokens}) at cp={args.cp}: {stats['seconds']:.1f} s, {stats['programs']} programs, "
-          f"{len(compiles) - n_before} backend compiles ({sum(compiles[n_before:]):.1f} s of compile time summed "
-          f"over threads)", flush=True)
+    logits = {}
 
-    def ttft(ids):
+    def ttft(n, keep=None):
         t = time.perf_counter()
-        model.prefill(ids, max_new_tokens=args.max_new_tokens).logits.block_until_ready()
-        return time.perf_counter() - t
+        state = model.prefill(prompts[n] if n in prompts else rng.integers(0, cfg.vocab_size, (1, n)),
+                              max_new_tokens=args.new_tokens)
+        state.logits.block_until_ready()
+        elapsed = time.perf_counter() - t
+        if keep is not None:
+            logits[keep, n] = np.asarray(state.logits)
+        if args.new_tokens:
+            model.decode(state, args.new_tokens)
+        return elapsed
 
-    lengths = sorted(rng.integers(args.min_tokens, args.max_tokens + 1, args.session).tolist())
-    rows, session_compiles = [], 0
-    for n in lengths:
-        before = len(compiles)
-        t = ttft(rng.integers(0, cfg.vocab_size, (1, n)))
-        session_compiles += len(compiles) - before
-        rows.append((n, t, len(compiles) - before))
-        print(f"  session prompt of {n:7d} tokens: {t * 1e3:9.1f} ms, {len(compiles) - before} compiles", flush=True)
-    print(f"session: {len(lengths)} prompts, {session_compiles} backend compiles, total {sum(r[1] for r in rows):.1f} s")
+    def session(label):
+        rows = []
+        for n in lengths:
+            before, pending = len(on_main), model.compile_status()["pending"]
+            rows.append((n, ttft(n, keep=label), len(on_main) - before, pending))
+        compiles = sum(r[2] for r in rows)
+        print(f"session {label}: {len(rows)} prompts, {compiles} compiles on the calling thread, "
+              f"{sum(r[1] for r in rows):.1f} s in all; pending at each: {[r[3] for r in rows]}", flush=True)
+        return rows
 
-    unit = 2 * args.cp * 64
-    buckets = [b for b in ladder(args.max_tokens, unit) if b >= min(lengths) // 2 and b <= model.auto_piece_tokens][::2]
-    exact = []
-    for b in buckets:  # a bucket length is an exact length: no padding
-        ids = rng.integers(0, cfg.vocab_size, (1, b))
-        exact.append((b, statistics.median(ttft(ids) for _ in range(2))))
-    xs = np.array([b for b, _ in exact], np.float64)
-    ys = np.array([t for _, t in exact], np.float64)
-    coef = np.polyfit(xs, ys, 2)
-    fit = lambda n: float(np.polyval(coef, n))
-    resid = float(np.max(np.abs(np.polyval(coef, xs) - ys) / ys))
-    over = [t / fit(n) - 1 for n, t, _ in rows if n <= model.auto_piece_tokens]
-    print(f"exact-length fit over {len(exact)} bucket lengths (max rel. residual {resid:.1%}); padding overhead on "
-          f"the session's one-shot prompts: mean {statistics.mean(over):.1%}, max {max(over):.1%} ({len(over)} prompts)")
+    during = session("right after ready")
+    while model.compile_status()["pending"]:
+        time.sleep(0.5)
+    t_refined = since()
+    status = model.compile_status()
+    print(f"fully refined {t_refined:.1f} s ({t_refined - t_weights:.1f} s after the weights): {status}", flush=True)
+    after = session("after refinement")
+    rel = max(float(np.linalg.norm(logits["right after ready", n] - logits["after refinement", n])
+                    / np.linalg.norm(logits["after refinement", n])) for n in lengths)
+    print(f"check: next-token logits right after ready vs after refinement, largest relative difference "
+          f"{rel:.2e} ({'OK' if rel <= 3e-2 else 'TOO LARGE'} at bf16)", flush=True)
+
+    print("per program kind (mean s, count): trace / lower / compile", flush=True)
+    from pcp_jax.programs import Alloc, CopyBlock, CopyStates, Decode, Prefill, RestoreBlock, Sample
+    kinds = {sig.kind for sig in (Alloc, CopyBlock, CopyStates, Decode, Prefill, RestoreBlock, Sample)}
+    for kind in sorted({k for _, k in stages} & kinds):
+        cells = []
+        for event in (TRACE, LOWER, COMPILE):
+            v = stages.get((event, kind), [])
+            cells.append(f"{statistics.mean(v):.2f} ({len(v)})" if v else "-")
+        if any(c != "-" for c in cells):
+            print(f"  {kind:14s} " + " / ".join(cells))
+
+    if args.fit:
+        unit = 2 * args.cp * 64
+        buckets = [b for b in ladder(args.max_tokens, unit) if min(lengths) // 2 <= b <= model.auto_piece_tokens][::2]
+        exact = [(b, statistics.median(ttft(b) for _ in range(2))) for b in buckets]
+        coef = np.polyfit([b for b, _ in exact], [t for _, t in exact], 2)
+        for label, rows in (("right after ready", during), ("after refinement", after)):
+            over = [t / float(np.polyval(coef, n)) - 1 for n, t, _, _ in rows if n <= model.auto_piece_tokens]
+            print(f"padding overhead {label}: mean {statistics.mean(over):.1%}, max {max(over):.1%} "
+                  f"({len(over)} one-piece prompts; fit over {len(exact)} ladder lengths)", flush=True)
+
+    print(f"\n| {args.preset} cp={args.cp} | weights | ready | refined | programs | compiled | loaded | "
+          f"session compiles (during / after) | TTFT sum (during / after) |")
+    print(f"| s from start | {t_weights:.1f} | {t_ready:.1f} | {t_refined:.1f} | {stats['programs']} | "
+          f"{status['compiled']} | {status['loaded']} | {sum(r[2] for r in during)} / {sum(r[2] for r in after)} | "
+          f"{sum(r[1] for r in during):.1f} / {sum(r[1] for r in after):.1f} |")
     return 0
 
 

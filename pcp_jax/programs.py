@@ -90,9 +90,15 @@ class ProgramContext:
                             lengths, self.tp, TP_AXIS, tp_rank)
 
 
-def _shard_jit(ctx: ProgramContext, per_shard, in_specs, out_specs, donate=()):
-    return jax.jit(jax.shard_map(per_shard, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
-                   donate_argnums=donate)
+def _named(fn, kind: str):
+    """`fn` named after its program's kind: JAX's compile logs and `jax.monitoring` events carry the name."""
+    fn.__name__ = fn.__qualname__ = kind
+    return fn
+
+
+def _shard_jit(ctx: ProgramContext, kind: str, per_shard, in_specs, out_specs, donate=()):
+    return jax.jit(jax.shard_map(_named(per_shard, kind), mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False), donate_argnums=donate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +116,7 @@ class Alloc:
         def per_shard():
             return empty_caches(cfg, batch, slots, ctx.dtype), jnp.full((batch, slots), -1, jnp.int32)
 
-        return _shard_jit(ctx, per_shard, (), (CACHES, KV_SLOTS))
+        return _shard_jit(ctx, self.kind, per_shard, (), (CACHES, KV_SLOTS))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         return ()
@@ -155,7 +161,7 @@ class Prefill:
             every = model.head(x, sc) if all_logits else None
             return logits, edge, caches, kpos, every
 
-        return _shard_jit(ctx, per_shard,
+        return _shard_jit(ctx, self.kind, per_shard,
                           (ctx.state_specs, TOKENS, REPLICATED, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
                            CACHES, KV_SLOTS),
                           (REPLICATED, REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None),
@@ -191,7 +197,7 @@ class Decode:
                                           attention=attention)
             return logits, caches, kpos
 
-        return _shard_jit(ctx, per_shard, (ctx.state_specs, REPLICATED, CACHES, KV_SLOTS),
+        return _shard_jit(ctx, self.kind, per_shard, (ctx.state_specs, REPLICATED, CACHES, KV_SLOTS),
                           (REPLICATED, CACHES, KV_SLOTS), donate=(2, 3))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
@@ -220,7 +226,7 @@ class Sample:
             return tokens, jnp.concatenate([fed, feed[B:-1]])
 
         out = NamedSharding(ctx.mesh, REPLICATED)
-        return jax.jit(sample_and_pack, out_shardings=(out, out))
+        return jax.jit(_named(sample_and_pack, self.kind), out_shardings=(out, out))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         B = self.batch
@@ -245,7 +251,7 @@ class CopyBlock:
             take = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, offset, block, axis=axis)
             return take(k, 2), take(v, 2), take(kpos, 1)
 
-        return _shard_jit(ctx, per_shard, (STACKED_KV, STACKED_KV, KV_SLOTS, REPLICATED),
+        return _shard_jit(ctx, self.kind, per_shard, (STACKED_KV, STACKED_KV, KV_SLOTS, REPLICATED),
                           (STACKED_KV, STACKED_KV, KV_SLOTS))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
@@ -268,7 +274,7 @@ class RestoreBlock:
             return put(k, k_block, 2), put(v, v_block, 2), put(kpos, kpos_block, 1)
 
         specs = (STACKED_KV, STACKED_KV, KV_SLOTS)
-        return _shard_jit(ctx, per_shard, specs + specs + (REPLICATED,), specs, donate=(0, 1, 2))
+        return _shard_jit(ctx, self.kind, per_shard, specs + specs + (REPLICATED,), specs, donate=(0, 1, 2))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         caches = ctx.caches(self.batch, self.slots)
@@ -288,7 +294,8 @@ class CopyStates:
     batch: int
 
     def build(self, ctx: ProgramContext):
-        return jax.jit(lambda conv, state, logits: (jnp.copy(conv), jnp.copy(state), jnp.copy(logits)))
+        copy = lambda conv, state, logits: (jnp.copy(conv), jnp.copy(state), jnp.copy(logits))
+        return jax.jit(_named(copy, self.kind))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         caches = ctx.caches(self.batch, 1)

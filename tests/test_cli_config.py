@@ -46,7 +46,7 @@ def test_generate_with_ids_and_prompt_matches_api(hf_folder):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ",".join(map(str, ref))
     r = cli("generate", "--model", str(path), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--dtype", "float32",
-            "--cp", "2", "--chunk-size", "2", "--prefix-cache-mb", "16")
+            "--cp", "2", "--chunk-size", "128", "--prefix-cache-mb", "16")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [f"w{i}" for i in ref]
     assert "prefix cache" in r.stderr
@@ -57,14 +57,15 @@ def test_generate_with_compile_cache_reuses_programs(hf_folder, tmp_path):
     _, path = hf_folder
     args = ("generate", "--model", str(path), "--ids", "5,6,7", "--max-new-tokens", "3", "--dtype", "float32",
             "--compile-cache", str(tmp_path / "xla"))
-    counts = lambda r: tuple(map(int, re.search(r"compile cache: (\d+) programs read, (\d+) compiled", r.stderr).groups()))
+    counts = lambda r: tuple(map(int, re.search(r"programs: (\d+) loaded, (\d+) compiled \((\d+) stored\)",
+                                                r.stderr).groups()))
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
-    read, compiled = counts(first)
-    assert compiled > 0 and read == 0
+    loaded, compiled, stored = counts(first)
+    assert compiled == stored > 0 and loaded == 0, first.stderr
     second = cli(*args)
     assert second.returncode == 0 and second.stdout == first.stdout
-    assert counts(second) == (compiled, 0)  # every program read back, none compiled
+    assert counts(second) == (compiled, 0, 0), second.stderr  # every program loaded, none compiled
 
 
 def test_generate_errors(hf_folder, tmp_path):

@@ -125,6 +125,7 @@ def test_tp_over_two_processes_from_converted_folders_at_one_relative_path(refer
     from pcp_jax.convert import save_orbax
     cfg = ModelConfig.from_dict(TINY)
     for host in ("host0", "host1"):
+        (tmp_path / host).mkdir()
         save_orbax(tmp_path / host / "model", cfg, random_params(cfg, 0, jnp.float32).items(), "float32")
     save = tmp_path / "run.npz"
     port = free_port()
@@ -193,6 +194,7 @@ def test_different_models_at_one_relative_path_are_refused(tmp_path, kind):
         else:
             from pcp_jax.convert import save_orbax
             cfg = ModelConfig.from_dict(TINY)
+            folder.parent.mkdir()
             save_orbax(folder, cfg, random_params(cfg, i, jnp.float32).items(), "float32")
     port = free_port()
     procs = [start(["--model", "model", "--ids", "1,2,3", "--cpu-devices", 1, "--coordinator", f"127.0.0.1:{port}",

@@ -95,12 +95,12 @@ def test_weights_per_device_shrink_with_tp(moe_tiny):
     """Each device holds at most 1/T of the split weights plus the replicated ones (norms, router, shared
     gate) and the repeated KV/GDN-key columns."""
     cfg, params, reference = moe_tiny
-    whole = state_bytes_per_device(reference._state)
+    whole = state_bytes_per_device(reference.weights)
     replicated = sum(np.asarray(v).nbytes for k, v in params.items()
                      if k.rsplit(".", 1)[-1] in ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm", "norm",
                                                  "router", "shared_gate"))
     for tp in (2, 4, 8):
-        held = state_bytes_per_device(Model(cfg, params, tp=tp, dtype="float32")._state)
+        held = state_bytes_per_device(Model(cfg, params, tp=tp, dtype="float32").weights)
         repeated_kv = sum(np.asarray(v).nbytes for k, v in params.items()
                           if k.endswith(("k_proj", "v_proj"))) * max(tp // cfg.num_kv_heads, 1) / tp
         key_columns = 2 * cfg.linear_key_dim / cfg.conv_dim

@@ -1,15 +1,11 @@
-"""Any prompt length from one warm start: scanned layer groups, length buckets, automatic pieces,
-`Model.warmup` and the persistent compilation cache.
+"""Any prompt length from one warm start: scanned layer groups, length buckets, automatic pieces and
+`Model.warmup` (its store across processes: tests/test_program_store.py).
 
 After `warmup(N)` prompts of random lengths <= N compile nothing (backend compiles counted with a
 `jax.monitoring` listener) and their logits and greedy tokens equal the exact-length path (fp32,
 <= 1e-6) and transformers (<= 1e-5); the compiled prefill does not grow with depth; a layer count that is
 not a multiple of the period is exact; `chunk_size="auto"` equals one shot."""
 
-import os
-import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -138,22 +134,3 @@ def test_auto_pieces_equal_one_shot_and_warm_up_too():
     got, want = model.logits(p), model.logits(p, chunk_size=None)
     for b, row in enumerate(p):
         assert rel_err(got[b, :len(row)], want[b, :len(row)]) <= 1e-5
-
-
-def test_persistent_compile_cache_is_on_by_default(tmp_path):
-    """Two processes with only XDG_CACHE_HOME set: the second reads every model program back."""
-    script = ("import sys; sys.path.insert(0, 'tests'); import numpy as np; from tiny import tiny_config, tiny_params;"
-              "from pcp_jax.engine import Model; from pcp_jax import compile_cache;"
-              "cfg = tiny_config(); m = Model(cfg, tiny_params(cfg), dtype='float32');"
-              "m.generate(np.ones((1, 40), np.int32), 2); print(compile_cache.report())")
-    env = {k: v for k, v in os.environ.items() if k != "PCP_JAX_COMPILE_CACHE"}
-    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = [subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                           timeout=300) for _ in range(2)]
-    for r in runs:
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert str(tmp_path / "pcp_jax" / "xla") in runs[0].stdout
-    counts = [tuple(map(int, re.search(r"(\d+) programs read, (\d+) compiled", r.stdout).groups())) for r in runs]
-    assert counts[0][0] == 0 and counts[0][1] > 0, counts
-    assert counts[1] == (counts[0][1], 0), counts  # everything read back, nothing compiled

@@ -6,6 +6,9 @@ On a GPU backend (see backend.use_gpu_kernels) it runs tokamax's Mosaic GPU flas
 
 from __future__ import annotations
 
+import functools
+
+import jax
 from jax import lax
 
 from ..backend import first_that_runs, use_gpu_kernels
@@ -16,6 +19,9 @@ from .reference import merge_partials, merge_stacked  # noqa: F401  (part of the
 VISIBLE = ("auto", "diagonal", "all")
 
 
+# Each op is its own jitted function: a program that calls it several times with the same shapes (the ring's
+# steps, every layer of an unrolled decode with the layer index traced) traces and lowers its kernel once.
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "kernels", "visible"))
 def attention_block(q, k, v, q_pos, k_pos, *, scale=None, causal=True, kernels="auto", visible="auto"):
     """Returns (out [B, Tq, Hq, D] fp32, lse [B, Hq, Tq] fp32).
 
@@ -62,6 +68,7 @@ def decode_attention(q, k, v, q_pos, k_pos, *, method="dense", block=None, scale
                                   form="dot" if method == "split" else "sum")
 
 
+@functools.partial(jax.jit, static_argnames=("method", "scale"))
 def decode_attention_stacked(q, k_stack, v_stack, layer, q_pos, k_pos, *, used, method="dense", scale=None):
     """`decode_attention` on layer `layer` of the stacked caches k_stack, v_stack [N, B, S, Hkv, D]; slots at
     or past `used` (a scalar) are empty on every row. "pallas": decode_pallas.py's kernel, which reads the

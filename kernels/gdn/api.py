@@ -8,10 +8,17 @@ bound, and XLA's fused elementwise code already streams the state once (no kerne
 
 from __future__ import annotations
 
+import functools
+
+import jax
+
 from ..backend import first_that_runs, use_gpu_kernels
 from . import reference
 
 
+# Each op is its own jitted function: a program that calls it several times with the same shapes (the three
+# GDN layers of a scanned group, every layer of an unrolled decode) traces and lowers its kernels once.
+@functools.partial(jax.jit, static_argnames=("scale", "kernels"))
 def gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, kernels="auto"):
     """Chunked forward. Returns (o [B, T, Hv, dv], final_state [B, Hv, dk, dv] fp32)."""
     implementations = []

@@ -8,12 +8,17 @@ expert on XLA). Which one runs: backend.first_that_runs (our kernel, then tokama
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from ..backend import first_that_runs, use_gpu_kernels
 from . import reference
 
 
+# Each op is its own jitted function: a program that calls it several times with the same shapes (the layers
+# of a scanned group, every layer of an unrolled decode) traces and lowers its kernels once.
+@functools.partial(jax.jit, static_argnames=("kernels",))
 def grouped_matmul(lhs, rhs, group_sizes, *, kernels="auto"):
     """lhs [M, K] sorted by group, rhs [E, K, N], group_sizes [E] -> [M, N]."""
     implementations = []
@@ -26,6 +31,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, kernels="auto"):
                            lambda: reference.grouped_matmul(lhs, rhs, group_sizes))
 
 
+@functools.partial(jax.jit, static_argnames=("kernels",))
 def grouped_swiglu(lhs, w_gate, w_up, group_sizes, *, kernels="auto"):
     """silu(lhs @ w_gate[e]) * (lhs @ w_up[e]) per row: lhs [M, K] sorted by group, w_gate/w_up [E, K, I] ->
     [M, I] in lhs's dtype. Our GPU kernel keeps both products in fp32 and rounds once; the unfused paths
