@@ -8,7 +8,7 @@
 #   bash benchmarks/run.sh decode             qwen3.5-9b decode against its memory floor
 #   bash benchmarks/run.sh tp                 the tp check, then MoE presets over MESHES (cp x tp) of the GPUs (the
 #                                             397B: its first LAYERS397 layers)
-#   bash benchmarks/run.sh warmstart          warmup + a session of random lengths, and long prompts, at cp = CP
+#   bash benchmarks/run.sh warmstart          cold start (ready, refined, a session of random lengths), then a restart
 # Environment: SKIP (stage names to leave out), T_<STAGE> (a stage's limit in seconds), TOKENS, MESHES, CP.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -62,12 +62,12 @@ for suite in "$@"; do
         stage "a17b_$mesh" 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 pcp-jax bench --preset qwen3.5-397b-a17b \
           --layers "${LAYERS397:-16}" --reps 2 --decode 16 --tokens 32768 --cp "${mesh%x*}" --tp "${mesh#*x}"
       done ;;
-    warmstart)
-      stage session 330 env PCP_JAX_COMPILE_CACHE=/tmp/xla_s python3 benchmarks/warmstart.py --cp "${CP:-2}" \
-        --max-tokens 131072 --session 20
-      for n in ${TOKENS:-524288 1048576}; do
-        stage "long_$n" 200 pcp-jax bench --preset qwen3.5-9b --reps 1 --cp "${CP:-2}" --tokens "$n"
-      done ;;
+    warmstart)  # a cold start on an empty store, then a restart on it (qwen3.5-9b, cp = CP)
+      rm -rf /tmp/pcp_store
+      stage cold 420 python3 benchmarks/warmstart.py --store /tmp/pcp_store --cp "${CP:-1}" --max-tokens 131072 \
+        --session 20 --fit
+      stage restart 170 python3 benchmarks/warmstart.py --store /tmp/pcp_store --cp "${CP:-1}" --max-tokens 131072 \
+        --session 20 ;;
     *) echo "unknown suite $suite; expected kernels, prefill, decode, tp or warmstart" >&2; exit 2 ;;
   esac
 done

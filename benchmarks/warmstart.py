@@ -30,6 +30,9 @@ import threading  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+# Two bf16 runs of one prompt with different padding each carry bf16's rounding (2.5e-2 from fp32 for these
+# presets: docs/BENCHMARKS.md, the in-model check), so they may differ by up to about twice that.
+BF16_PAIR = 6e-2
 TRACE, LOWER, COMPILE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                          "/jax/core/compile/backend_compile_duration")
 
@@ -106,6 +109,7 @@ def main() -> int:
         for n in lengths:
             before, pending = len(on_main), model.compile_status()["pending"]
             rows.append((n, ttft(n, keep=label), len(on_main) - before, pending))
+            print(f"  {n:7d} tokens: {rows[-1][1] * 1e3:8.1f} ms, {rows[-1][2]} compiles, {pending} pending", flush=True)
         compiles = sum(r[2] for r in rows)
         print(f"session {label}: {len(rows)} prompts, {compiles} compiles on the calling thread, "
               f"{sum(r[1] for r in rows):.1f} s in all; pending at each: {[r[3] for r in rows]}", flush=True)
@@ -121,7 +125,7 @@ def main() -> int:
     rel = max(float(np.linalg.norm(logits["right after ready", n] - logits["after refinement", n])
                     / np.linalg.norm(logits["after refinement", n])) for n in lengths)
     print(f"check: next-token logits right after ready vs after refinement, largest relative difference "
-          f"{rel:.2e} ({'OK' if rel <= 3e-2 else 'TOO LARGE'} at bf16)", flush=True)
+          f"{rel:.2e} ({'OK' if rel <= BF16_PAIR else 'TOO LARGE'} for two bf16 runs)", flush=True)
 
     print("per program kind (mean s, count): trace / lower / compile", flush=True)
     from pcp_jax.programs import Alloc, CopyBlock, CopyStates, Decode, Prefill, RestoreBlock, Sample

@@ -59,6 +59,8 @@ class CompiledPrograms:
         with self._lock:
             if sig in self._compiled:
                 return True
+            if sig in self._pending:  # the background compiler loads or compiles it: not twice
+                return False
         return jax.process_count() == 1 and self._load(sig) is not None
 
     def get(self, sig) -> jax.stages.Compiled:
@@ -129,6 +131,11 @@ class CompiledPrograms:
         finally:
             with self._lock:
                 self._pending.pop(sig, None)
+
+    def ready_signatures(self) -> set:
+        """The signatures whose programs are in memory (compiled here or loaded)."""
+        with self._lock:
+            return set(self._compiled)
 
     def status(self) -> dict:
         """{"compiled": programs compiled by this process, "loaded": read from the store, "pending": queued or

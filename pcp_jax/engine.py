@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pcp_jax import compile_cache
+from pcp_jax import compile_cache, prefix_cache
 from pcp_jax.buckets import (STEPS, Pieces, all_plans, alternatives, capacity, check_chunk_size, coarse_pieces,
                              decode_room, plan_pieces)
 from pcp_jax.compiled import CompiledPrograms, default_workers
@@ -42,7 +42,8 @@ from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.tensor import DictSource, check_tp, place_params
 from pcp_jax.parallel.zigzag import token_permutation
 from pcp_jax.program_store import ProgramStore
-from pcp_jax.programs import Alloc, CopyBlock, CopyStates, Decode, Prefill, ProgramContext, RestoreBlock, Sample
+from pcp_jax.programs import (Alloc, CopyBlock, Decode, Prefill, ProgramContext, RestoreStates, Sample,
+                              SnapshotStates)
 from pcp_jax.sampling import Settings, eos_set
 from pcp_jax.sharding import CP_AXIS, REPLICATED, TOKENS, TP_AXIS, make_mesh, with_tp_axis
 
@@ -57,6 +58,7 @@ class PrefillResult:
     kpos: jax.Array            # [B, C*S] positions held by each KV slot (-1 empty), sharded like K/V
     slots_per_rank: int        # S (the cache capacity, a ladder value)
     prefill_slots: int         # slots per rank written by prefill; decode appends after them
+    prefix: object = None      # with the prefix cache on: what the generation after it adds to the cache
 
 
 class Model:
@@ -207,74 +209,97 @@ class Model:
     def _room(self, max_new_tokens: int) -> int:
         return max(decode_room(max_new_tokens, self.cp), self._room_floor)
 
-    def _slots(self, pieces: Pieces, max_new_tokens: int) -> tuple[int, int]:
-        """(prefill slots, cache capacity) per rank for a prompt fed as `pieces`."""
-        prefill_slots = pieces.count * (pieces.n_pad // self.cp)
-        return prefill_slots, capacity(prefill_slots + self._room(max_new_tokens))
-
-    def _signatures(self, batch: int, pieces: Pieces, max_new_tokens: int, all_logits: bool) -> list:
-        """Every program a prompt batch fed as `pieces` runs, through its last decode step."""
-        _, slots = self._slots(pieces, max_new_tokens)
-        sigs = [Alloc(batch, slots)] + [Prefill(batch, pieces.n_pad, slots, all_logits, history)
-                                        for history in ((False, True) if pieces.count > 1 else (False,))]
+    def _signatures(self, batch: int, pieces: Pieces, max_new_tokens: int, all_logits: bool, history: int = 0) -> list:
+        """Every program a prompt batch fed as `pieces` after `history` restored slots per rank runs, through
+        its last decode step (the prefix cache's restores aside)."""
+        block = pieces.n_pad // self.cp
+        offset = -(-history // block) * block
+        slots = capacity(offset + pieces.count * block + self._room(max_new_tokens))
+        capture = self.prefix_cache is not None and not all_logits
+        sigs = [Alloc(batch, slots)] + [Prefill(batch, pieces.n_pad, slots, all_logits, with_history, capture)
+                                        for with_history in sorted({history > 0 or p > 0 for p in range(pieces.count)})]
         if max_new_tokens:
             sigs += [Decode(batch, slots, self.decode_attention)]
-        if self.prefix_cache is not None and not all_logits:
-            block = pieces.n_pad // self.cp
-            sigs += [CopyBlock(batch, block, slots), RestoreBlock(batch, block, slots), CopyStates(batch)]
+        if capture:
+            sigs += [CopyBlock(batch, block, slots), RestoreStates(batch)]
+            if max_new_tokens:
+                sigs += [SnapshotStates(batch), CopyBlock(batch, slots - offset - pieces.count * block, slots)]
         return sigs
 
-    def _plan(self, batch: int, n: int, max_new_tokens: int, chunk_size, all_logits: bool) -> Pieces:
-        """How to feed a batch whose longest row has n tokens: the cheapest plan whose programs are all
-        compiled (or in the store), else the coarse ladder's plan (whose programs the request then compiles,
-        or waits for when the background compiler has them in hand). Fixed plans (prefix cache on) and exact
-        lengths (bucket_steps None) have one plan."""
+    def _plan(self, batch: int, n: int, max_new_tokens: int, chunk_size, all_logits: bool, history: int = 0) -> Pieces:
+        """How to feed n tokens of a batch (after `history` restored slots per rank): the cheapest plan whose
+        programs are all compiled (or in the store), else the coarse ladder's plan (whose programs the request
+        then compiles, or waits for when the background compiler has them in hand). Exact lengths
+        (bucket_steps None) have one plan."""
         check_chunk_size(chunk_size, self.cp)
         A = self.auto_piece_tokens
-        if self.prefix_cache is not None or self.bucket_steps is None:
-            return plan_pieces(n, self.cp, chunk_size, A, fixed=self.prefix_cache is not None,
-                               steps=self.bucket_steps)
+        if self.bucket_steps is None:
+            return plan_pieces(n, self.cp, chunk_size, A, steps=None)
         for pieces in alternatives(n, self.cp, chunk_size, A, self.bucket_steps):
-            if all(self.programs.ready(s) for s in self._signatures(batch, pieces, max_new_tokens, all_logits)):
+            sigs = self._signatures(batch, pieces, max_new_tokens, all_logits, history)
+            if all(self.programs.ready(s) for s in sigs):
                 return pieces
         return coarse_pieces(n, self.cp, chunk_size, A, self.bucket_steps)
 
     # Prefill --------------------------------------------------------------------------------------
     def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
+        """Prefill a batch: restore the longest prefix the prefix cache holds (unless `all_logits`: full-sequence
+        logits need every position's activations), then feed the rest in the planned pieces, each zigzag-split
+        over `cp` and attending to the slots before it. With the cache on, each piece also captures the GDN
+        states of the prompt's last block boundaries and leaves its KV slots as a segment
+        (pcp_jax.prefix_cache)."""
         ids, lengths = self._as_batch(input_ids)
         B, N = ids.shape
         C = self.cp
-        pieces = self._plan(B, N, max_new_tokens, chunk_size, all_logits)
+        cache = None if all_logits else self.prefix_cache
+        rows = [ids[b, : lengths[b]] for b in range(B)]
+        keys = cache.chain(self, rows) if cache is not None else []
+        entry = cache.longest(keys, B) if cache is not None else None
+        start = entry.position if entry is not None else 0
+        history = sum(segment.block for segment, _ in entry.segments) if entry is not None else 0
+        rest = N - start
+        pieces = self._plan(B, max(rest, 1), max_new_tokens, chunk_size, all_logits, history)
         block = pieces.n_pad // C
-        prefill_slots, slots = self._slots(pieces, max_new_tokens)
+        offset = -(-history // block) * block
+        prefill_slots = offset + (pieces.count * block if rest else 0)
+        slots = capacity(prefill_slots + self._room(max_new_tokens))
         self._check_request(B, N, max_new_tokens, slots)
         caches, kpos = self.programs.get(Alloc(B, slots))()
         logits = self.to_device(np.zeros((B, self.cfg.vocab_size), np.float32))
-        # Full-sequence logits need every piece's activations, which the prefix cache does not keep: they
-        # bypass it (neither restored nor stored).
-        prefix_cache = None if all_logits else self.prefix_cache
-        first, chain = 0, None
-        if prefix_cache is not None:
-            chain = prefix_cache.chain(self, ids, lengths, pieces.tokens, pieces.n_pad)
-            first, restored = prefix_cache.restore(self, chain, pieces.tokens, pieces.n_pad, caches, kpos)
-            if first:
-                caches, kpos, logits = restored
-        all_out = []
+        segments = []  # (segment, limit, first position) in slot order, for the prefix cache's entries
+        if entry is not None:
+            caches, kpos, logits, _ = prefix_cache.restore(self, cache, entry, caches, kpos)
+            segments = [(segment, limit, 0) for segment, limit in entry.segments]
+        captures = prefix_cache.capture_positions(cache.block_tokens, start, int(lengths.min())) if cache else None
+        captured, all_out = [None] * len(captures or ()), []
         perm = token_permutation(pieces.n_pad, C)
-        for p in range(first, pieces.count):
+        scalar = lambda v: self.to_device(np.int32(v))
+        for p in range(pieces.count if rest else 0):
+            first = start + p * pieces.tokens
             chunk = np.zeros((B, pieces.n_pad), np.int32)
-            part = ids[:, p * pieces.tokens:(p + 1) * pieces.tokens]
+            part = ids[:, first:first + pieces.tokens]
             chunk[:, : part.shape[1]] = part
-            run = self.programs.get(Prefill(B, pieces.n_pad, slots, all_logits, with_history=p > 0))
-            scalar = lambda v: self.to_device(np.int32(v))
-            logits, edge_logits, caches, kpos, piece_logits = run(
-                self.weights, self.to_device(chunk[:, perm], TOKENS), self.to_device(lengths),
-                scalar(p * pieces.tokens), scalar(pieces.tokens), scalar(p * block), logits, caches, kpos)
+            here = [q if first < q <= first + pieces.tokens else -1 for q in captures] if cache else []
+            sig = Prefill(B, pieces.n_pad, slots, all_logits, with_history=entry is not None or p > 0,
+                          capture=cache is not None)
+            logits, caches, kpos, piece_logits, piece_captured = self.programs.get(sig)(
+                self.weights, self.to_device(chunk[:, perm], TOKENS), self.to_device(lengths), scalar(first),
+                scalar(pieces.tokens), scalar(offset + p * block), logits, caches, kpos,
+                *([self.to_device(np.asarray(here, np.int32))] if cache else []))
             if all_logits:
                 all_out.append((piece_logits, part.shape[1]))
-            if prefix_cache is not None:
-                prefix_cache.store(self, chain, pieces.n_pad, p, caches, kpos, edge_logits)
-        return PrefillResult(logits, lengths, caches, kpos, slots, prefill_slots), all_out
+            if cache is not None:
+                segments.append((prefix_cache.copy_segment(self, caches, kpos, offset + p * block, block),
+                                 prefix_cache.NO_LIMIT, first))
+                held = prefix_cache.Held.of(piece_captured)
+                captured = [held if q > 0 else c for q, c in zip(here, captured)]
+        trail = None
+        if cache is not None:
+            prefix_cache.keep(cache, keys, captures, captured, segments)
+            # the buffer a generation snapshots into: any capture buffer of the right shape will do
+            base = piece_captured if rest else entry.states.arrays
+            trail = prefix_cache.Trail(cache, rows, segments, base)
+        return PrefillResult(logits, lengths, caches, kpos, slots, prefill_slots, trail), all_out
 
     def prefill(self, input_ids, *, max_new_tokens: int = 0, chunk_size: int | str | None = "auto") -> PrefillResult:
         """Prefill prompts (a right-padded [B, N] array or a list of prompts) across `cp`. The prompt is
@@ -306,17 +331,20 @@ class Model:
         return memory.memory_report(self, budget_bytes)
 
     # Prefix cache ---------------------------------------------------------------------------------
-    def enable_prefix_cache(self, max_bytes: int | None = None, *, cache=None):
-        """Keep the KV blocks and GDN states at the end of every prefill piece (within `max_bytes`, LRU),
-        so a later prompt sharing a prefix restores the longest cached boundary and prefills only the rest.
-        Or pass `cache=` an existing `PrefixCache` to share it between models: entries are keyed by the
-        model's weights, dtype, devices, cp layout and piece size, so they never cross."""
-        from pcp_jax.prefix_cache import PrefixCache
+    def enable_prefix_cache(self, max_bytes: int | None = None, *, block_tokens: int = prefix_cache.BLOCK_TOKENS,
+                            cache=None):
+        """Keep what a later prompt sharing a prefix needs to resume at a block boundary (every `block_tokens`
+        positions): the prompt's KV slots and the GDN states at its last two boundaries, taken from the prefill
+        that runs anyway (one shot: turning the cache on never chunks a prefill), and those of the boundaries
+        its generated tokens cross, so the next chat turn resumes after the answer (pcp_jax.prefix_cache).
+        Within `max_bytes`, least recently used first. Or pass `cache=` an existing `PrefixCache` to share it
+        between models: entries are keyed by the model's weights, dtype, devices and cp x tp layout, so they
+        never cross."""
         if (max_bytes is None) == (cache is None):
             raise ValueError("give exactly one of max_bytes (a new cache) or cache= (a shared PrefixCache)")
-        if cache is not None and not isinstance(cache, PrefixCache):
+        if cache is not None and not isinstance(cache, prefix_cache.PrefixCache):
             raise ValueError(f"cache= must be a PrefixCache (from enable_prefix_cache), got {type(cache).__name__}")
-        self.prefix_cache = cache if cache is not None else PrefixCache(max_bytes)
+        self.prefix_cache = cache if cache is not None else prefix_cache.PrefixCache(max_bytes, block_tokens)
         return self.prefix_cache
 
     def prefix_cache_stats(self) -> dict:
@@ -412,7 +440,9 @@ class Model:
         int32; a row's tokens after its first EOS are min(eos) (0 without EOS). Each step's decode is queued
         on the device before the host waits for that step's sampled tokens (they are fed from device
         memory), so the host's bookkeeping and the next dispatch overlap the device's work. When every row
-        has stopped at EOS, the one decode step already queued is wasted."""
+        has stopped at EOS, the one decode step already queued is wasted. With the prefix cache on, the GDN
+        states of the last two block boundaries every row crosses are snapshotted at the step that crosses
+        them, and kept with the generation's KV slots when it ends."""
         B = len(state.lengths)
         fill = min(eos) if eos else 0
         new = np.full((B, max_new_tokens), fill, np.int32)
@@ -422,6 +452,15 @@ class Model:
         device_settings = [self.to_device(np.asarray(v, t)) for v, t in (
             (settings.seed, np.uint32), (settings.temperature, np.float32), (settings.top_k, np.int32),
             (settings.top_p, np.float32))]
+        trail = state.prefix
+        if trail is not None:  # the token at position q - 1 is fed at step q - 1 - length: the state is then at q
+            captures = prefix_cache.capture_positions(trail.cache.block_tokens, int(state.lengths.max()),
+                                                      int(state.lengths.min()) + max_new_tokens - 1)
+            takes = {step: take for step in range(max_new_tokens - 1)
+                     if (take := np.array([[q > 0 and length + step + 1 == q for length in state.lengths]
+                                           for q in captures])).any()}
+            snapshots, taken = trail.captured, np.zeros((len(captures), B), bool)
+        steps = 0
         for step in range(max_new_tokens):
             last = step + 1 == max_new_tokens
             where = np.zeros(B + 2, np.int32) if last else self._decode_where(state, step)
@@ -429,13 +468,27 @@ class Model:
             tok, packed = sample(logits, *device_settings, self.to_device(feed))
             if not last:
                 logits = self._decode_packed(state, packed)  # queued before the host waits for `tok`
+                if trail is not None and step in takes:
+                    snapshots = self.programs.get(SnapshotStates(B))(snapshots, state.caches["conv"],
+                                                                     state.caches["state"], logits,
+                                                                     self.to_device(takes[step]))
+                    taken |= takes[step]
             tok = np.where(done, fill, to_host(tok))
             new[:, step] = tok
+            steps = step + 1
             if callback is not None:
                 callback(step, tok.copy())
             done |= np.isin(tok, list(eos)) if eos else False
             if done.all():
                 break
+        taken = taken.all(axis=1) if trail is not None else None  # every row's state at that boundary
+        if trail is not None and taken.any():
+            room = state.slots_per_rank - state.prefill_slots
+            segment = prefix_cache.copy_segment(self, state.caches, state.kpos, state.prefill_slots, room)
+            rows = [np.concatenate([row, new[b, :steps]]) for b, row in enumerate(trail.rows)]
+            held = prefix_cache.Held.of(snapshots)
+            prefix_cache.keep(trail.cache, trail.cache.chain(self, rows), [q if t else -1 for q, t in zip(captures, taken)],
+                              [held] * len(captures), trail.segments + [(segment, prefix_cache.NO_LIMIT, 0)])
         return new
 
     # Warm start -----------------------------------------------------------------------------------
@@ -469,16 +522,16 @@ class Model:
         if workers is not None and not (_is_int(workers) and workers >= 1):
             raise ValueError(f"workers={workers!r} must be a positive integer or None")
         check_chunk_size(chunk_size, self.cp)
-        A, fixed = self.auto_piece_tokens, self.prefix_cache is not None
+        A = self.auto_piece_tokens
         room = max(decode_room(max_new_tokens, self.cp), self._room_floor)
-        longest = plan_pieces(max_tokens, self.cp, chunk_size, A, fixed=fixed, steps=self.bucket_steps)
+        longest = plan_pieces(max_tokens, self.cp, chunk_size, A, steps=self.bucket_steps)
         # Checked before anything is compiled or changed: the longest request must be one the model serves.
         self._check_request(max(sizes), max_tokens, max_new_tokens,
                             capacity(longest.count * longest.n_pad // self.cp + room))
         self._room_floor = room
         t0 = time.perf_counter()
-        plans = {coarse: all_plans(max_tokens, self.cp, chunk_size, A, fixed=fixed, steps=self.bucket_steps,
-                                   coarse=coarse and not fixed) for coarse in (True, False)}
+        plans = {coarse: all_plans(max_tokens, self.cp, chunk_size, A, steps=self.bucket_steps, coarse=coarse)
+                 for coarse in (True, False)}
         signatures = {}
         for coarse, shapes in plans.items():
             signatures[coarse] = [s for B in sizes for count, n_pad in sorted(shapes, key=lambda p: -p[1])

@@ -213,7 +213,10 @@ class GatedDeltaNet(nnx.Module):
 
     def prefill(self, x, ctx: ShardContext, caches, index, history):
         """caches["conv"] [NG, B, K-1, conv_dim], caches["state"] [NG, B, Hv, dk, dv] fp32: every GDN
-        layer's state carried into this piece; this layer's is `index`. Returns it updated."""
+        layer's state carried into this piece; this layer's is `index`. Returns it updated. With
+        `ctx.capture` [P] positions, also the states at those positions, in caches["capture_conv"]
+        [NG, P, B, K-1, conv_dim] and caches["capture_state"] [NG, P, B, Hv, dk, dv] (what a prefix cache keeps
+        to resume there)."""
         cfg = self.cfg
         conv0 = jax.lax.dynamic_index_in_dim(caches["conv"], index, 0, keepdims=False)
         state0 = jax.lax.dynamic_index_in_dim(caches["state"], index, 0, keepdims=False)
@@ -222,9 +225,15 @@ class GatedDeltaNet(nnx.Module):
         valid = ctx.valid[..., None]
         g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)  # padding never enters a state
         run = gdn_batch if ctx.gdn_strategy == "batch" else gdn_sequence
-        o, state = run(qkv, g, beta, self.conv_weight[...], ctx, cfg, conv0, state0)
-        conv = _last_tokens(qkv, ctx, conv0)
-        return self._out(o, x), _put_gdn(caches, index, conv, state)
+        o, state, captured = run(qkv, g, beta, self.conv_weight[...], ctx, cfg, conv0, state0)
+        start = ctx.pmin(jnp.min(ctx.positions, axis=1))  # [B] first position of this piece
+        conv = _tokens_before(qkv, ctx, conv0, start + ctx.psum(jnp.sum(ctx.valid, axis=1)))
+        caches = _put_gdn(caches, index, conv, state)
+        if captured is not None:
+            windows = jnp.stack([_tokens_before(qkv, ctx, conv0, jnp.broadcast_to(p, start.shape))
+                                 for p in ctx.capture])
+            caches = _put_gdn(caches, index, windows, captured, prefix="capture_")
+        return self._out(o, x), caches
 
     def decode(self, x, ctx: ShardContext, caches, index):
         cfg = self.cfg
@@ -239,19 +248,19 @@ class GatedDeltaNet(nnx.Module):
         return self._out(o[:, None], x), _put_gdn(caches, index, window[:, 1:], state)
 
 
-def _put_gdn(caches, index, conv, state):
+def _put_gdn(caches, index, conv, state, prefix=""):
     put = lambda buf, a: jax.lax.dynamic_update_index_in_dim(buf, a.astype(buf.dtype), index, 0)
-    return dict(caches, conv=put(caches["conv"], conv), state=put(caches["state"], state))
+    return dict(caches, **{prefix + "conv": put(caches[prefix + "conv"], conv),
+                           prefix + "state": put(caches[prefix + "state"], state)})
 
 
-def _last_tokens(x, ctx: ShardContext, initial):
-    """The K-1 inputs before the end of this prefill piece in each row (the conv state it leaves),
+def _tokens_before(x, ctx: ShardContext, initial, end):
+    """The K-1 inputs before position `end` [B] in each row (the conv state a prefix ending there leaves),
     wherever they live. x [B, T, Cd] local pre-conv tokens; initial [B, K-1, Cd] precedes the piece's
     first position. Positions before the piece come from `initial`. A gather of K-1 rows per rank (the
     one rank holding a position contributes it, the others zeros), so no temporary grows with T."""
     h = initial.shape[1]
     start = ctx.pmin(jnp.min(ctx.positions, axis=1))  # [B] first position of this piece
-    end = start + ctx.psum(jnp.sum(ctx.valid, axis=1))  # [B] one past the row's last real token here
     target = end[:, None] - h + jnp.arange(h)[None, :]  # [B, K-1] wanted positions
     match = (ctx.positions[:, None, :] == target[:, :, None]) & ctx.valid[:, None, :]  # [B, K-1, T]
     local = jnp.argmax(match, axis=-1)  # [B, K-1] where it sits here (0 when absent; masked below)

@@ -1,8 +1,8 @@
 """Every compiled program of a model, described once by a static signature.
 
-A signature is a small frozen dataclass (`Alloc`, `Prefill`, `Decode`, `Sample`, `CopyBlock`, `RestoreBlock`,
-`CopyStates`) holding the shapes that make one program differ from another (batch, padded piece length, cache
-capacity, ...). Together with the model's `ProgramContext` (config, mesh, dtype, kernels, GDN strategy: what
+A signature is a small frozen dataclass (`Alloc`, `Prefill`, `Decode`, `Sample`, and the prefix cache's
+`CopyBlock`, `RestoreSegment`, `RestoreStates`, `SnapshotStates`) holding the shapes that make one program
+differ from another (batch, padded piece length, cache capacity, ...). Together with the model's `ProgramContext` (config, mesh, dtype, kernels, GDN strategy: what
 every program of one model shares) it gives
 - `build(ctx)`: the jitted function (one `shard_map` over the ("cp", "tp") mesh, per-shard code as in
   pcp_jax/model.py), and
@@ -32,7 +32,8 @@ from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.tensor import local_config, mesh_config
 from pcp_jax.parallel.zigzag import local_positions, rank_index
-from pcp_jax.sharding import CACHES, CP_AXIS, KV_SLOTS, REPLICATED, STACKED_KV, TOKENS, TP_AXIS
+from pcp_jax.sharding import (CACHES, CAPTURED_CONV, CAPTURED_STATE, CP_AXIS, KV_SLOTS, REPLICATED, STACKED_KV,
+                              TOKENS, TP_AXIS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,11 +84,18 @@ class ProgramContext:
     def kpos(self, batch: int, slots: int) -> jax.ShapeDtypeStruct:
         return self.spec((batch, self.cp * slots), jnp.int32, KV_SLOTS)
 
-    def shard_context(self, strategy: str, positions, lengths) -> ShardContext:
+    def shard_context(self, strategy: str, positions, lengths, capture=None) -> ShardContext:
         """Inside the shard_map: this shard's ShardContext."""
         tp_rank = jax.lax.axis_index(TP_AXIS) if self.tp > 1 else 0
         return ShardContext(CP_AXIS, self.cp, strategy, self.kernels, rank_index(CP_AXIS, self.cp), positions,
-                            lengths, self.tp, TP_AXIS, tp_rank)
+                            lengths, self.tp, TP_AXIS, tp_rank, capture)
+
+    def captured(self, batch: int) -> dict:
+        """What a capturing prefill returns (Prefill), abstract."""
+        caches = self.caches(batch, 1)
+        grow = lambda a, spec: self.spec((a.shape[0], CAPTURES) + a.shape[1:], a.dtype, spec)
+        return {"conv": grow(caches["conv"], CAPTURED_CONV), "state": grow(caches["state"], CAPTURED_STATE),
+                "logits": self.spec((CAPTURES, batch, self.cfg.vocab_size), jnp.float32, REPLICATED)}
 
 
 def _named(fn, kind: str):
@@ -122,34 +130,47 @@ class Alloc:
         return ()
 
 
+CAPTURES = 2  # GDN states a capturing prefill keeps: the prefix cache's last two block boundaries
+
+
 @dataclasses.dataclass(frozen=True)
 class Prefill:
     """One prefill piece padded to `n_pad` tokens (zigzag over `cp`), written into the slots at `offset`.
 
     (state, ids [B, n_pad] zigzag, lengths [B], piece_start, piece_len, offset, logits [B, V] fp32, caches,
-    kpos) -> (logits [B, V], edge [B, V], caches, kpos, every [B, n_pad, V] or None); caches and kpos are
-    donated. The piece's start and length are traced, so every prompt whose pieces pad to n_pad shares the
-    program. A piece's padding overlaps the next piece's positions, so tokens count as real only below
-    min(length, piece_start + piece_len). `logits` is returned for rows whose last token is not in this
-    piece; `edge` are the logits after the piece's last position (for the prefix cache); `every` (with
-    `all_logits`) the logits of every local token. `with_history`: attend to the slots of earlier pieces."""
+    kpos[, capture [CAPTURES] int32]) -> (logits [B, V], caches, kpos, every [B, n_pad, V] or None, captured or
+    None); caches and kpos are donated. The piece's start and length are traced, so every prompt whose pieces
+    pad to n_pad shares the program. A piece's padding overlaps the next piece's positions, so tokens count as
+    real only below min(length, piece_start + piece_len). `logits` is returned for rows whose last token is not
+    in this piece; `every` (with `all_logits`) the logits of every local token. `with_history`: attend to the
+    slots before `offset` (earlier pieces, or a prefix the prefix cache restored). `capture` (prefix cache on):
+    positions in this piece (else -1) whose state a later prompt resumes from: captured = {"conv"
+    [NG, P, B, K-1, Cd], "state" [NG, P, B, Hv, dk, dv] fp32, "logits" [P, B, V] (after position p - 1)}, from
+    the one-shot pass itself (the GDN kernels keep the state where they pass p)."""
     kind: ClassVar[str] = "prefill"
     batch: int
     n_pad: int
     slots: int
     all_logits: bool
     with_history: bool
+    capture: bool = False
 
     def build(self, ctx: ProgramContext):
         C, lc = ctx.cp, self.n_pad // (2 * ctx.cp)
         strategy = resolve_strategy(ctx.gdn_strategy, self.batch, C)
-        graphdef, all_logits, with_history = ctx.graphdef, self.all_logits, self.with_history
+        graphdef, all_logits, with_history, capture = ctx.graphdef, self.all_logits, self.with_history, self.capture
+        cfg = local_config(ctx.cfg, ctx.tp)
 
-        def per_shard(state, ids, lengths, piece_start, piece_len, offset, logits, caches, kpos):
+        def per_shard(state, ids, lengths, piece_start, piece_len, offset, logits, caches, kpos, *where):
             model = nnx.merge(graphdef, state)
             rank = rank_index(CP_AXIS, C)
             pos = jnp.broadcast_to(piece_start + local_positions(rank, C, lc), ids.shape)
-            sc = ctx.shard_context(strategy, pos, jnp.minimum(lengths, piece_start + piece_len))
+            sc = ctx.shard_context(strategy, pos, jnp.minimum(lengths, piece_start + piece_len),
+                                   capture=where[0] if capture else None)
+            if capture:
+                blank = empty_caches(cfg, ids.shape[0], 1, ctx.dtype)
+                caches = dict(caches, **{f"capture_{n}": jnp.zeros((blank[n].shape[0], CAPTURES) + blank[n].shape[1:],
+                                                                  blank[n].dtype) for n in ("conv", "state")})
             history = History(offset, offset // (2 * lc) if with_history else None, kpos)
             x, caches = model.prefill(ids, sc, caches, history)
             kpos = jax.lax.dynamic_update_slice_in_dim(kpos, jnp.where(sc.valid, pos, -1), offset, axis=1)
@@ -157,21 +178,26 @@ class Prefill:
             is_last = (pos == lengths[:, None] - 1) & sc.valid
             has_last = sc.psum(jnp.sum(is_last, axis=1)) > 0
             logits = jnp.where(has_last[:, None], model.head(hidden_at(is_last), sc), logits)
-            edge = model.head(hidden_at((pos == piece_start + piece_len - 1) & sc.valid), sc)
             every = model.head(x, sc) if all_logits else None
-            return logits, edge, caches, kpos, every
+            captured = None
+            if capture:
+                captured = {n: caches.pop(f"capture_{n}") for n in ("conv", "state")}
+                captured["logits"] = jnp.stack([model.head(hidden_at((pos == p - 1) & sc.valid), sc) for p in where[0]])
+            return logits, caches, kpos, every, captured
 
+        captured_specs = {"conv": CAPTURED_CONV, "state": CAPTURED_STATE, "logits": REPLICATED} if capture else None
         return _shard_jit(ctx, self.kind, per_shard,
                           (ctx.state_specs, TOKENS, REPLICATED, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
-                           CACHES, KV_SLOTS),
-                          (REPLICATED, REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None),
+                           CACHES, KV_SLOTS) + ((REPLICATED,) if capture else ()),
+                          (REPLICATED, CACHES, KV_SLOTS, TOKENS if all_logits else None, captured_specs),
                           donate=(7, 8))  # not `logits`: it may be a prefix-cache entry's
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         B = self.batch
         return (ctx.state, ctx.spec((B, self.n_pad), jnp.int32, TOKENS), ctx.spec((B,), jnp.int32, REPLICATED),
                 ctx.scalar(), ctx.scalar(), ctx.scalar(), ctx.spec((B, ctx.cfg.vocab_size), jnp.float32, REPLICATED),
-                ctx.caches(B, self.slots), ctx.kpos(B, self.slots))
+                ctx.caches(B, self.slots), ctx.kpos(B, self.slots)) + (
+                    (ctx.spec((CAPTURES,), jnp.int32, REPLICATED),) if self.capture else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,44 +286,74 @@ class CopyBlock:
 
 
 @dataclasses.dataclass(frozen=True)
-class RestoreBlock:
-    """(k, v, kpos, k_block, v_block, kpos_block, offset) -> (k, v, kpos) with a `CopyBlock` result written
-    back at slot `offset` of every rank's shard; k, v and kpos are donated (updated in place)."""
-    kind: ClassVar[str] = "restore_block"
+class RestoreSegment:
+    """(k, v, kpos, k_seg, v_seg, kpos_seg, offset, limit) -> (k, v, kpos): a `CopyBlock` result (a segment of
+    `block` slots per rank) written back at slot `offset` of every rank's shard, its slots holding positions
+    at or past `limit` marked empty (-1): a later prompt shares the segment's prefix only up to there. k, v
+    and kpos are donated (updated in place)."""
+    kind: ClassVar[str] = "restore_segment"
     batch: int
     block: int
     slots: int
 
     def build(self, ctx: ProgramContext):
-        def per_shard(k, v, kpos, k_block, v_block, kpos_block, offset):
+        def per_shard(k, v, kpos, k_seg, v_seg, kpos_seg, offset, limit):
             put = lambda a, b, axis: jax.lax.dynamic_update_slice_in_dim(a, b, offset, axis=axis)
-            return put(k, k_block, 2), put(v, v_block, 2), put(kpos, kpos_block, 1)
+            return put(k, k_seg, 2), put(v, v_seg, 2), put(kpos, jnp.where(kpos_seg < limit, kpos_seg, -1), 1)
 
         specs = (STACKED_KV, STACKED_KV, KV_SLOTS)
-        return _shard_jit(ctx, self.kind, per_shard, specs + specs + (REPLICATED,), specs, donate=(0, 1, 2))
+        return _shard_jit(ctx, self.kind, per_shard, specs + specs + (REPLICATED, REPLICATED), specs,
+                          donate=(0, 1, 2))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         caches = ctx.caches(self.batch, self.slots)
-        blocks = CopyBlock(self.batch, self.block, self.slots)
-        k_block = ctx.spec(caches["k"].shape[:2] + (ctx.cp * self.block,) + caches["k"].shape[3:], ctx.dtype,
-                           STACKED_KV)
-        return (caches["k"], caches["v"], ctx.kpos(self.batch, self.slots), k_block, k_block,
-                ctx.kpos(self.batch, self.block), blocks.abstract_args(ctx)[-1])
+        seg = ctx.spec(caches["k"].shape[:2] + (ctx.cp * self.block,) + caches["k"].shape[3:], ctx.dtype, STACKED_KV)
+        return (caches["k"], caches["v"], ctx.kpos(self.batch, self.slots), seg, seg,
+                ctx.kpos(self.batch, self.block), ctx.scalar(), ctx.scalar())
 
 
 @dataclasses.dataclass(frozen=True)
-class CopyStates:
-    """(conv, state, logits) -> copies of them: the GDN conv [NG, B, K-1, conv] and recurrent states
-    [NG, B, Hv, dk, dv] and next-token logits [B, V] at a boundary, kept apart from the caches that later
-    pieces update in place."""
-    kind: ClassVar[str] = "copy_states"
+class RestoreStates:
+    """(captured, index) -> (conv [NG, B, K-1, Cd], state [NG, B, Hv, dk, dv], logits [B, V]): capture
+    `index` of a capturing prefill's (or `SnapshotStates`') captured dict, as new arrays (a prefill updates
+    its caches in place, so it must not be given the cache's own)."""
+    kind: ClassVar[str] = "restore_states"
     batch: int
 
     def build(self, ctx: ProgramContext):
-        copy = lambda conv, state, logits: (jnp.copy(conv), jnp.copy(state), jnp.copy(logits))
-        return jax.jit(_named(copy, self.kind))
+        def restore(captured, index):
+            take = lambda a, axis: jax.lax.dynamic_index_in_dim(a, index, axis, keepdims=False)
+            return take(captured["conv"], 1), take(captured["state"], 1), take(captured["logits"], 0)
+
+        out = NamedSharding(ctx.mesh, REPLICATED)
+        return jax.jit(_named(restore, self.kind), out_shardings=(NamedSharding(ctx.mesh, CACHES["conv"]),
+                                                                   NamedSharding(ctx.mesh, CACHES["state"]), out))
+
+    def abstract_args(self, ctx: ProgramContext) -> tuple:
+        return ctx.captured(self.batch), ctx.scalar()
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotStates:
+    """(captured, conv, state, logits, take [P, B] bool) -> a new captured dict: `captured` with, where `take`,
+    capture p of row b replaced by that row's current conv and recurrent state and logits: how a generation
+    keeps the states of the block boundaries its tokens cross (each row crosses at its own step). `captured`
+    is not donated: it may be a prefix-cache entry's."""
+    kind: ClassVar[str] = "snapshot_states"
+    batch: int
+
+    def build(self, ctx: ProgramContext):
+        def snapshot(captured, conv, state, logits, take):
+            put = lambda old, new, axis_b: jnp.where(
+                take.reshape((1,) * (axis_b - 1) + take.shape + (1,) * (old.ndim - axis_b - 1)),
+                jnp.expand_dims(new, axis_b - 1), old)
+            return {"conv": put(captured["conv"], conv, 2), "state": put(captured["state"], state, 2),
+                    "logits": put(captured["logits"], logits, 1)}
+
+        return jax.jit(_named(snapshot, self.kind))
 
     def abstract_args(self, ctx: ProgramContext) -> tuple:
         caches = ctx.caches(self.batch, 1)
-        return caches["conv"], caches["state"], ctx.spec((self.batch, ctx.cfg.vocab_size), jnp.float32, REPLICATED)
-
+        return (ctx.captured(self.batch), caches["conv"], caches["state"],
+                ctx.spec((self.batch, ctx.cfg.vocab_size), jnp.float32, REPLICATED),
+                ctx.spec((CAPTURES, self.batch), jnp.bool_, REPLICATED))

@@ -50,6 +50,8 @@ STACKED_KV = RULES.spec("layers", "batch", "kv_slots", "heads")   # [n_attention
 CONV = RULES.spec("layers", "batch", None, "channels")   # [n_gdn, B, K-1, conv_dim]
 STATE = RULES.spec("layers", "batch", "heads")           # [n_gdn, B, Hv, dk, dv]
 CACHES = {"k": STACKED_KV, "v": STACKED_KV, "conv": CONV, "state": STATE}  # model.empty_caches
+CAPTURED_CONV = RULES.spec("layers", None, "batch", None, "channels")   # [n_gdn, P, B, K-1, conv_dim]
+CAPTURED_STATE = RULES.spec("layers", None, "batch", "heads")           # [n_gdn, P, B, Hv, dk, dv]
 
 
 def _positive(name: str, value) -> None:

@@ -28,7 +28,7 @@ def test_logits_are_complete_with_the_prefix_cache_on(tiny):
     ids = rng.integers(0, cfg.vocab_size, (1, 160))
     whole = rng.integers(0, cfg.vocab_size, (1, 256))  # two whole 128-token pieces: a full hit the second time
     cold = {160: model.logits(ids, chunk_size=128), 256: model.logits(whole, chunk_size=128)}
-    model.enable_prefix_cache(1 << 30)
+    model.enable_prefix_cache(1 << 30, block_tokens=128)
     for x in (ids, ids, whole, whole):
         model.prefill(x, chunk_size=128)  # fills the cache, then hits it
         got = model.logits(x, chunk_size=128)
@@ -49,11 +49,13 @@ def test_prefix_cache_keys_differ_for_permuted_weights(tiny):
     assert fingerprint(a) != fingerprint(b)
     ids = np.tile(np.arange(3, 7), 64)[None]  # uses both swapped rows
     cold_b = to_host(b.prefill(ids, chunk_size=128).logits)
-    cache = a.enable_prefix_cache(1 << 30)
+    cache = a.enable_prefix_cache(1 << 30, block_tokens=128)
     b.enable_prefix_cache(cache=cache)
     a.prefill(ids, chunk_size=128)
     np.testing.assert_array_equal(to_host(b.prefill(ids, chunk_size=128).logits), cold_b)
     assert cache.stats()["hits"] == 0
+    a.prefill(ids, chunk_size=128)
+    assert cache.stats()["hits"] == 1  # the same prompt does hit the model that cached it
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -226,11 +228,13 @@ def test_a_shared_prefix_cache_never_crosses_devices(tiny):
     b = Model(cfg, params, mesh=jax.make_mesh((2,), ("cp",), devices=jax.devices()[2:4]), dtype="float32")
     ids = np.random.default_rng(44).integers(0, cfg.vocab_size, (1, 300))
     cold = to_host(b.prefill(ids, chunk_size=128).logits)
-    cache = a.enable_prefix_cache(1 << 26)
+    cache = a.enable_prefix_cache(1 << 26, block_tokens=128)
     b.enable_prefix_cache(cache=cache)
     a.prefill(ids, chunk_size=128)
     np.testing.assert_allclose(to_host(b.prefill(ids, chunk_size=128).logits), cold, rtol=0, atol=1e-6)
     assert cache.stats()["hits"] == 0
+    a.prefill(ids, chunk_size=128)
+    assert cache.stats()["hits"] == 1  # the same prompt does hit the model that cached it
 
 
 def test_api_slips_are_one_line_errors(tiny):

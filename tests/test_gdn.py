@@ -56,3 +56,24 @@ def test_decode_step_continues_the_recurrence():
     _, s = chunk_gated_delta_rule(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8], s0)
     o, s = gated_delta_rule_step(q[:, 8], k[:, 8], v[:, 8], g[:, 8], beta[:, 8], s)
     assert rel_err(o, o_ref[:, 8]) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+
+
+def test_captured_states_equal_the_recurrence_over_each_prefix():
+    """`capture`: the state after each asked number of tokens (any order, -1 none, the end included) equals
+    the naive recurrence over that prefix, and the outputs and final state are those without capture."""
+    rng = np.random.default_rng(5)
+    q, k, v, g, beta, s0 = inputs(rng, 2, 200, 2, 2, 16, 8, True)
+    capture = np.array([[128, 0, -1], [256, 64, 192]], np.int32)  # 256 > 200: the final state
+    o, s, kept = chunk_gated_delta_rule(q, k, v, g, beta, s0, capture=capture)
+    o0, s0_out = chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    np.testing.assert_array_equal(o, o0)
+    np.testing.assert_array_equal(s, s0_out)
+    for b in range(2):
+        for j, t in enumerate(capture[b]):
+            if t < 0:
+                assert not np.any(kept[b, j])
+                continue
+            t = min(int(t), 200)
+            want = s0[b] if t == 0 else naive_gated_delta_rule(q[b:b + 1, :t], k[b:b + 1, :t], v[b:b + 1, :t],
+                                                               g[b:b + 1, :t], beta[b:b + 1, :t], s0[b:b + 1])[1][0]
+            assert rel_err(kept[b, j], want) <= 1e-5, (b, t)

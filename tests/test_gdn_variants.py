@@ -144,3 +144,28 @@ def test_variants_lower_to_triton(dtype, T, dv):
                 fused = text[text.index('name = "gdn_state_output"'):]
                 assert re.search(r"num_stages = (\d+) : i32", fused).group(1) == str(want)
 
+
+
+@pytest.mark.parametrize("fuse", ["none", "output", "all"])
+def test_captured_states_equal_the_reference(fuse):
+    """Each pipeline cuts its sequential pass at the captured chunks: the states there (fp32) equal the jnp
+    reference's, in the order asked, -1 giving zeros, and the outputs are unchanged."""
+    q, k, v, g, beta, s0 = _gdn_inputs(31, 2, 300, 2, 2, 32, 48)
+    capture = jnp.array([[256, 64], [-1, 320]], jnp.int32)
+    tiling = pallas_gpu.Tiling(fuse=fuse, bv_state=32)
+    o, s, kept = pallas_gpu.chunk_gated_delta_rule(q, k, v, g, beta, s0, tiling=tiling, interpret=True,
+                                                   capture=capture)
+    o_ref, s_ref, kept_ref = reference.chunk_gated_delta_rule(q, k, v, g, beta, s0, capture=capture)
+    assert kept.shape == kept_ref.shape and kept.dtype == jnp.float32
+    assert not bool(jnp.isnan(kept).any()), "unwritten (poisoned) elements"
+    assert _rel(o, o_ref) <= RTOL and _rel(s, s_ref) <= RTOL and _rel(kept, kept_ref) <= RTOL
+    assert not bool(jnp.any(kept[1, 0]))
+
+
+def test_capturing_variant_lowers_to_triton():
+    """The capturing fused pass (bf16, the GPU default) lowers to Triton for an H100."""
+    dtype, T, dv = LOWERING_CASES[0]
+    args = _gdn_lowering_args(dtype, T, dv)
+    capture = jax.ShapeDtypeStruct((args[0].shape[0], 2), jnp.int32)
+    text = _lower_for_h100(lambda *a: pallas_gpu.chunk_gated_delta_rule(*a[:-1], capture=a[-1]), *args, capture)
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the WY inverse and the (cut) fused pass

@@ -69,57 +69,22 @@ def test_no_device_holds_the_whole_kv_cache(moe_setup):
         assert arr.shape[2] // cp < 900  # each device holds well under the prompt's KV
 
 
-def test_prefix_cache_hits_partial_hits_eviction_and_keys(moe_setup):
+def test_prefix_cache_entries_never_cross_dtypes_layouts_or_weights(moe_setup):
+    """One cache shared by models that differ in dtype, cp, or weights: each hits only its own entries; a
+    prompt that ends exactly on a cached boundary is restored whole, its logits included (MoE model)."""
     cfg, params = moe_setup
-    rng = np.random.default_rng(9)
-    a = rng.integers(0, cfg.vocab_size, (1, 384))
-    b = a.copy()
-    b[0, 320:] = rng.integers(0, cfg.vocab_size, 64)  # shares two 128-token pieces with a
-    c = a.copy()
-    c[0, 50:] = rng.integers(0, cfg.vocab_size, 334)  # shares less than one piece
+    a = np.random.default_rng(9).integers(0, cfg.vocab_size, (1, 300))
     model = Model(cfg, params, cp=2, dtype="float32")
-    cold = {k: to_host(model.prefill(x, chunk_size=128).logits) for k, x in (("a", a), ("b", b), ("c", c))}
-    cache = model.enable_prefix_cache(1 << 30)
-    assert model.prefix_cache_stats() == dict(hits=0, misses=0, tokens_reused=0, evictions=0, bytes_held=0, entries=0)
-    warm = lambda x: to_host(model.prefill(x, chunk_size=128, max_new_tokens=2).logits)
-    np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # miss, stores 3 boundaries
-    stats = model.prefix_cache_stats()
-    assert (stats["hits"], stats["misses"], stats["entries"]) == (0, 1, 3)
-    np.testing.assert_allclose(warm(b), cold["b"], rtol=0, atol=1e-6)  # partial hit: 2 pieces
-    assert model.prefix_cache_stats()["tokens_reused"] == 256
-    np.testing.assert_allclose(warm(a), cold["a"], rtol=0, atol=1e-6)  # full hit
-    stats = model.prefix_cache_stats()
-    assert (stats["hits"], stats["tokens_reused"]) == (2, 640)
-    np.testing.assert_allclose(warm(c), cold["c"], rtol=0, atol=1e-6)  # miss
-    assert model.prefix_cache_stats()["misses"] == 2
-    # A prompt that ends exactly on a cached boundary is restored whole, logits included.
-    cold_256 = to_host(Model(cfg, params, cp=2, dtype="float32").prefill(a[:, :256], chunk_size=128).logits)
-    np.testing.assert_allclose(warm(a[:, :256]), cold_256, rtol=0, atol=1e-6)
-    stats = model.prefix_cache_stats()
-    assert (stats["hits"], stats["tokens_reused"]) == (3, 896)
-    held = model.prefix_cache_stats()["bytes_held"]
-    assert held == sum(e.nbytes for e in cache._entries.values()) > 0
-    # A model with another dtype, another cp, or another piece size never hits the same entries.
-    other = Model(cfg, params, cp=2, dtype="bfloat16")
-    other.enable_prefix_cache(cache=cache)
-    other.prefill(a, chunk_size=128)
-    other_cp = Model(cfg, params, cp=1, dtype="float32")
-    other_cp.enable_prefix_cache(cache=cache)
-    other_cp.prefill(a, chunk_size=128)
-    model.prefill(a, chunk_size=256)
-    other_weights = Model(cfg, tiny_params(cfg, seed=5), cp=2, dtype="float32")
-    other_weights.enable_prefix_cache(cache=cache)
-    other_weights.prefill(a, chunk_size=128)
-    assert cache.stats()["hits"] == 3
-    # Eviction keeps the budget: room for about two entries.
-    small = Model(cfg, params, cp=2, dtype="float32")
-    budget = 2 * held // 6 + 1
-    small.enable_prefix_cache(budget)
-    for x in (a, b, c):
-        small.prefill(x, chunk_size=128)
-        assert small.prefix_cache_stats()["bytes_held"] <= budget
-    assert small.prefix_cache_stats()["evictions"] > 0
-    np.testing.assert_allclose(to_host(small.prefill(b, chunk_size=128).logits), cold["b"], rtol=0, atol=1e-6)
+    cold = to_host(Model(cfg, params, cp=2, dtype="float32").prefill(a[:, :256]).logits)
+    cache = model.enable_prefix_cache(1 << 30, block_tokens=128)
+    model.prefill(a)  # keeps the boundaries 128 and 256
+    assert rel_err(to_host(model.prefill(a[:, :256]).logits), cold) <= 1e-5  # other padding: fp32 rounding
+    assert (cache.stats()["hits"], cache.stats()["tokens_reused"]) == (1, 256)
+    for other in (Model(cfg, params, cp=2, dtype="bfloat16"), Model(cfg, params, cp=1, dtype="float32"),
+                  Model(cfg, tiny_params(cfg, seed=5), cp=2, dtype="float32")):
+        other.enable_prefix_cache(cache=cache)
+        other.prefill(a)
+    assert cache.stats()["hits"] == 1
 
 
 def test_ragged_batch_with_eos_and_streaming(moe_setup):

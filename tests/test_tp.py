@@ -77,20 +77,6 @@ def test_strategies_chunked_decode_under_cp_tp(moe_tiny, strategy):
         assert rel_err(trace, ref_trace) <= TOL, chunk
 
 
-def test_prefix_cache_under_cp_tp(moe_tiny):
-    cfg, params, reference = moe_tiny
-    model = Model(cfg, params, cp=2, tp=2, dtype="float32")
-    model.enable_prefix_cache(1 << 26)
-    rng = np.random.default_rng(5)
-    shared = rng.integers(0, cfg.vocab_size, 260)
-    first = np.concatenate([shared, rng.integers(0, cfg.vocab_size, 20)])[None]
-    second = np.concatenate([shared, rng.integers(0, cfg.vocab_size, 33)])[None]
-    for ids in (first, second):
-        got = model.generate(ids, 6, chunk_size=128)
-        np.testing.assert_array_equal(got, reference.generate(ids, 6, chunk_size=128))
-    assert model.prefix_cache_stats()["hits"] >= 1
-
-
 def test_weights_per_device_shrink_with_tp(moe_tiny):
     """Each device holds at most 1/T of the split weights plus the replicated ones (norms, router, shared
     gate) and the repeated KV/GDN-key columns."""

@@ -19,16 +19,17 @@ from . import reference
 # Each op is its own jitted function: a program that calls it several times with the same shapes (the three
 # GDN layers of a scanned group, every layer of an unrolled decode) traces and lowers its kernels once.
 @functools.partial(jax.jit, static_argnames=("scale", "kernels"))
-def gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, kernels="auto"):
-    """Chunked forward. Returns (o [B, T, Hv, dv], final_state [B, Hv, dk, dv] fp32)."""
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, capture=None, *, scale=None, kernels="auto"):
+    """Chunked forward. Returns (o [B, T, Hv, dv], final_state [B, Hv, dk, dv] fp32), plus the captured states
+    [B, K, Hv, dk, dv] fp32 when `capture` [B, K] (token counts, -1 none: reference.py) is given."""
     implementations = []
     if use_gpu_kernels(kernels):
         from . import pallas_gpu
 
-        implementations = [("our Pallas GDN kernels",
-                            lambda: pallas_gpu.chunk_gated_delta_rule(q, k, v, g, beta, initial_state, scale))]
-    return first_that_runs("GDN chunked forward", kernels, implementations,
-                           lambda: reference.chunk_gated_delta_rule(q, k, v, g, beta, initial_state, scale))
+        implementations = [("our Pallas GDN kernels", lambda: pallas_gpu.chunk_gated_delta_rule(
+            q, k, v, g, beta, initial_state, scale, capture=capture))]
+    return first_that_runs("GDN chunked forward", kernels, implementations, lambda: reference.chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state, scale, capture=capture))
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, kernels="auto"):

@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .reference import capture_chunks, unsort_captures
+
 CHUNK = 64
 f32 = jnp.float32
 
@@ -311,10 +313,14 @@ def _next_state(S, k, gc, vn, prec):
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: sequential state pass.
 # ----------------------------------------------------------------------------------------------------
-def _state_kernel(w_ref, u_ref, k_ref, gc_ref, s0_ref, h_ref, vn_ref, sT_ref, *, num_chunks, prec):
+def _state_kernel(*refs, num_chunks, prec, captures):
     # Refs (batch, head and dv block already selected by the BlockSpecs):
-    # w [Tp, dk], u [Tp, BV], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32,
-    # h [N, dk, BV], vn [Tp, BV], sT [dk, BV] f32.
+    # w [Tp, dk], u [Tp, BV], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32, [cap [K] int32]
+    # -> h [N, dk, BV], vn [Tp, BV], sT [dk, BV] f32, [caps [K, dk, BV] f32].
+    w_ref, u_ref, k_ref, gc_ref, s0_ref = refs[:5]
+    cap_ref = refs[5] if captures else None
+    h_ref, vn_ref, sT_ref = refs[5 + bool(captures):8 + bool(captures)]
+    caps_ref = refs[-1] if captures else None
     L = CHUNK
     cdt = w_ref.dtype
 
@@ -329,15 +335,31 @@ def _state_kernel(w_ref, u_ref, k_ref, gc_ref, s0_ref, h_ref, vn_ref, sT_ref, *,
         vn_ref[t, :] = v_new.astype(vn_ref.dtype)
         return _next_state(S, kc, gc, v_new.astype(cdt), prec)
 
-    sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
+    sT_ref[...] = _run_chunks(body, s0_ref[...], num_chunks, cap_ref, caps_ref, captures)
 
 
-def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret):
+def _run_chunks(body, S, num_chunks, cap_ref, caps_ref, captures):
+    """`body` over chunks 0..num_chunks-1 from state S; with `captures`, the loop is cut at the ascending
+    chunk indices in cap_ref (each in 0..num_chunks) and the state there is stored in caps_ref: no branch in
+    the loop body, the same work."""
+    lo = 0
+    for i in range(captures):
+        hi = cap_ref[i]
+        S = lax.fori_loop(lo, hi, body, S)
+        caps_ref[i] = S
+        lo = hi
+    return lax.fori_loop(lo, num_chunks, body, S)
+
+
+def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret, cap=None):
     B, Hv, Tp, dk = w.shape
     dv = u.shape[-1]
     N = Tp // CHUNK
+    K = 0 if cap is None else cap.shape[1]
     bv = _dv_block(dv, tiling.bv_state or _auto_bv_state(B, Hv, dv))
-    kern = functools.partial(_state_kernel, num_chunks=N, prec=prec)
+    kern = functools.partial(_state_kernel, num_chunks=N, prec=prec, captures=K)
+    cap_spec = [pl.BlockSpec((None, K), lambda b, h, j: (b, 0))] if K else []
+    caps_spec = [pl.BlockSpec((None, None, K, dk, bv), lambda b, h, j: (b, h, 0, 0, j))] if K else []
     return pl.pallas_call(
         kern,
         grid=(B, Hv, dv // bv),
@@ -347,21 +369,21 @@ def _state_pass(w, u, k, gc, s0, G, *, prec, tiling, interpret):
             pl.BlockSpec((None, Tp, None, dk), lambda b, h, j: (b, 0, h // G, 0)),
             pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0)),
             pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
+        ] + cap_spec,
         out_specs=[
             pl.BlockSpec((None, None, N, dk, bv), lambda b, h, j: (b, h, 0, 0, j)),
             pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
+        ] + caps_spec,
         out_shape=[
             jax.ShapeDtypeStruct((B, Hv, N, dk, dv), w.dtype),
             jax.ShapeDtypeStruct((B, Hv, Tp, dv), w.dtype),
             jax.ShapeDtypeStruct((B, Hv, dk, dv), f32),
-        ],
+        ] + ([jax.ShapeDtypeStruct((B, Hv, K, dk, dv), f32)] if K else []),
         compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=tiling.stages_state),
         interpret=interpret,
         name="gdn_state",
-    )(w, u, k, gc, s0)
+    )(w, u, k, gc, s0, *([] if cap is None else [cap]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,14 +423,20 @@ def _outputs(q, k, gc, h, vn, G, out_dtype, *, scale, prec, tiling, interpret):
 # ----------------------------------------------------------------------------------------------------
 # Stages 2 + 3 fused: one sequential pass that emits the outputs (fuse="output" and fuse="all").
 # ----------------------------------------------------------------------------------------------------
-def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
+def _fused_kernel(*refs, num_chunks, scale, prec, from_t, captures):
     # Refs (batch, head and dv block selected by the BlockSpecs), Tp tokens, BV = dv block:
     #   from_t:  T [Tp, L], v [Tp, BV], beta [Tp]     else:  w [Tp, dk], u [Tp, BV]
-    #   then q [Tp, dk], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32 -> o [Tp, BV], sT [dk, BV] f32.
+    #   then q [Tp, dk], k [Tp, dk] (q/k head h // G), gc [Tp], s0 [dk, BV] f32, [cap [K] int32]
+    #   -> o [Tp, BV], sT [dk, BV] f32, [caps [K, dk, BV] f32].
+    head = 3 if from_t else 2
+    q_ref, k_ref, gc_ref, s0_ref = refs[head:head + 4]
+    cap_ref = refs[head + 4] if captures else None
+    o_ref, sT_ref = refs[head + 4 + bool(captures):head + 6 + bool(captures)]
+    caps_ref = refs[-1] if captures else None
     if from_t:
-        t_ref, v_ref, beta_ref, q_ref, k_ref, gc_ref, s0_ref, o_ref, sT_ref = refs
+        t_ref, v_ref, beta_ref = refs[:3]
     else:
-        w_ref, u_ref, q_ref, k_ref, gc_ref, s0_ref, o_ref, sT_ref = refs
+        w_ref, u_ref = refs[:2]
     L = CHUNK
     cdt = q_ref.dtype
     causal = _causal_mask(L)
@@ -431,7 +459,7 @@ def _fused_kernel(*refs, num_chunks, scale, prec, from_t):
         o_ref[t, :] = o.astype(o_ref.dtype)
         return _next_state(S, kc, gc, vn, prec)
 
-    sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...])
+    sT_ref[...] = _run_chunks(body, s0_ref[...], num_chunks, cap_ref, caps_ref, captures)
 
 
 # Shared memory a Triton program may use on Hopper (H100 / H200: 227 KiB opt-in per block), less a reserve
@@ -473,9 +501,10 @@ def _fused_stages(tiling: Tiling, *, from_t: bool, dk: int, bv: int, itemsize: i
     return 1
 
 
-def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec, tiling, interpret):
+def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec, tiling, interpret, cap=None):
     """Sequential state pass that also emits o. `first` is (w, u) from `_wy`, or T from `_wy_t` (then v
-    [B, Tp, Hv, dv] and beta [B, Hv, Tp] are needed). Returns (o [B, Tp, Hv, dv], final state f32)."""
+    [B, Tp, Hv, dv] and beta [B, Hv, Tp] are needed). Returns (o [B, Tp, Hv, dv], final state f32), and with
+    `cap` [B, K] (ascending chunk indices) the states there [B, Hv, K, dk, dv] f32."""
     B, Tp, Hk, dk = q.shape
     Hv, dv = s0.shape[1], s0.shape[3]
     N = Tp // CHUNK
@@ -495,7 +524,8 @@ def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec,
             pl.BlockSpec((None, None, Tp, dk), lambda b, h, j: (b, h, 0, 0)),
             pl.BlockSpec((None, None, Tp, bv), lambda b, h, j: (b, h, 0, j)),
         ]
-    kern = functools.partial(_fused_kernel, num_chunks=N, scale=scale, prec=prec, from_t=from_t)
+    K = 0 if cap is None else cap.shape[1]
+    kern = functools.partial(_fused_kernel, num_chunks=N, scale=scale, prec=prec, from_t=from_t, captures=K)
     stages = _fused_stages(tiling, from_t=from_t, dk=dk, bv=bv, itemsize=jnp.dtype(q.dtype).itemsize)
     return pl.pallas_call(
         kern,
@@ -505,27 +535,30 @@ def _fused(first, q, k, gc, s0, G, out_dtype, *, v=None, beta=None, scale, prec,
             pl.BlockSpec((None, Tp, None, dk), lambda b, h, j: (b, 0, h // G, 0)),
             pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0)),
             pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
+        ] + ([pl.BlockSpec((None, K), lambda b, h, j: (b, 0))] if K else []),
         out_specs=[
             pl.BlockSpec((None, Tp, None, bv), lambda b, h, j: (b, 0, h, j)),
             pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype), jax.ShapeDtypeStruct((B, Hv, dk, dv), f32)],
+        ] + ([pl.BlockSpec((None, None, K, dk, bv), lambda b, h, j: (b, h, 0, 0, j))] if K else []),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype), jax.ShapeDtypeStruct((B, Hv, dk, dv), f32)]
+        + ([jax.ShapeDtypeStruct((B, Hv, K, dk, dv), f32)] if K else []),
         compiler_params=_CompilerParams(num_warps=tiling.warps_state, num_stages=stages),
         interpret=interpret,
         name="gdn_state_output",
-    )(*head_in, q, k, gc, s0)
+    )(*head_in, q, k, gc, s0, *([] if cap is None else [cap]))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Public entry.
 # ----------------------------------------------------------------------------------------------------
 def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, tiling: Tiling = Tiling(),
-                           interpret: bool = False):
-    """Same contract as reference.chunk_gated_delta_rule (chunk size fixed at 64).
+                           interpret: bool = False, capture=None):
+    """Same contract as reference.chunk_gated_delta_rule (chunk size fixed at 64), `capture` included.
 
-    Returns (o [B, T, Hv, dv] in v's dtype, final_state [B, Hv, dk, dv] fp32). `interpret=True` runs the
-    same kernels through the Pallas interpreter (CPU tests)."""
+    Returns (o [B, T, Hv, dv] in v's dtype, final_state [B, Hv, dk, dv] fp32) and with `capture` the captured
+    states. The sequential pass is cut at the captured chunk boundaries (reference.capture_chunks) and stores
+    the state there, in fp32, with no branch in its loop. `interpret=True` runs the same kernels through the
+    Pallas interpreter (CPU tests)."""
     B, T, Hk, dk = k.shape
     Hv, dv = v.shape[2:]
     check_supported(dk, dv, Hv, Hk)
@@ -557,15 +590,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, *, 
 
     if tiling.fuse == "auto":
         tiling = dataclasses.replace(tiling, fuse="none" if exact else "all")
-    kw = dict(prec=prec, tiling=tiling, interpret=interpret)
+    cap, order = (None, None) if capture is None else capture_chunks(capture, N)
+    kw = dict(prec=prec, tiling=tiling, interpret=interpret, cap=cap)
     if tiling.fuse == "all":
-        tmat = _wy_t(k, gc, bt, G, cdt=cdt, **kw)
-        o, sT = _fused(tmat, q, k, gc, s0, G, out_dtype, v=v, beta=bt, scale=scale, **kw)
+        tmat = _wy_t(k, gc, bt, G, cdt=cdt, prec=prec, tiling=tiling, interpret=interpret)
+        o, sT, *caps = _fused(tmat, q, k, gc, s0, G, out_dtype, v=v, beta=bt, scale=scale, **kw)
     elif tiling.fuse == "output":
-        wu = _wy(k, v, gc, bt, G, cdt=cdt, **kw)
-        o, sT = _fused(wu, q, k, gc, s0, G, out_dtype, scale=scale, **kw)
+        wu = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, tiling=tiling, interpret=interpret)
+        o, sT, *caps = _fused(wu, q, k, gc, s0, G, out_dtype, scale=scale, **kw)
     else:
-        w, u = _wy(k, v, gc, bt, G, cdt=cdt, **kw)
-        h, vn, sT = _state_pass(w, u, k, gc, s0, G, **kw)
-        o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, **kw)
-    return o[:, :T, :, :dv], sT[:, :, :dk, :dv]
+        w, u = _wy(k, v, gc, bt, G, cdt=cdt, prec=prec, tiling=tiling, interpret=interpret)
+        h, vn, sT, *caps = _state_pass(w, u, k, gc, s0, G, **kw)
+        o = _outputs(q, k, gc, h, vn, G, out_dtype, scale=scale, prec=prec, tiling=tiling, interpret=interpret)
+    if capture is None:
+        return o[:, :T, :, :dv], sT[:, :, :dk, :dv]
+    captured = jnp.moveaxis(caps[0], 2, 1)[..., :dk, :dv]  # [B, K, Hv, dk, dv] in ascending chunk order
+    return o[:, :T, :, :dv], sT[:, :, :dk, :dv], unsort_captures(captured, order, capture)

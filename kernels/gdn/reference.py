@@ -10,6 +10,11 @@ Shapes (per batch row b, time t):
 Recurrence per value head:  S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T (scale q_t).
 A token with g = 0 and beta = 0 leaves the state unchanged: that is how padding is kept out of states.
 Outputs: o [B, T, Hv, dv] in v's dtype, final state fp32. All arithmetic in fp32.
+
+`capture` (optional) [B, K] int32: per row, K token counts t (multiples of 64 up to the padded length, or -1
+for none) at which to keep the state, i.e. the state after the row's first t tokens. The chunked forms then
+return a third output, captured [B, K, Hv, dk, dv] fp32 (zeros where t is -1): what a prefix cache needs to
+resume a later prompt at a block boundary without splitting the prefill.
 """
 
 from __future__ import annotations
@@ -55,10 +60,26 @@ def naive_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None):
     return o.astype(v.dtype), S.reshape(B, Hv, dk, dv)
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, chunk_size=CHUNK):
+def capture_chunks(capture, num_chunks: int):
+    """capture [B, K] token counts (-1: none) -> (chunk indices [B, K] int32 in ascending order per row, each in
+    0..num_chunks (-1 becomes num_chunks: the final state), and the order that sorted them)."""
+    idx = jnp.where(capture < 0, num_chunks, jnp.minimum(capture // CHUNK, num_chunks)).astype(jnp.int32)
+    order = jnp.argsort(idx, axis=1)
+    return jnp.take_along_axis(idx, order, axis=1), order
+
+
+def unsort_captures(captured, order, capture):
+    """captured [B, K, ...] in `capture_chunks` order -> in the order of `capture`, zeros where it is -1."""
+    inverse = jnp.argsort(order, axis=1)
+    out = jnp.take_along_axis(captured, inverse.reshape(inverse.shape + (1,) * (captured.ndim - 2)), axis=1)
+    return jnp.where((capture >= 0).reshape(capture.shape + (1,) * (captured.ndim - 2)), out, 0.0)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, chunk_size=CHUNK, capture=None):
     """Chunked form (WY/UT transform inside each chunk, one state update per chunk). Exact in exact
     arithmetic; in fp32 it matches the naive recurrence to ~1e-6 relative. Any T (padded internally with
-    g = beta = 0 tokens, which leave the state unchanged)."""
+    g = beta = 0 tokens, which leave the state unchanged). With `capture` (module docstring) also returns the
+    captured states: each step keeps its chunk-start state where a row asks for that chunk."""
     B, T, Hk, dk = k.shape
     Hv, dv = v.shape[2:]
     G = Hv // Hk
@@ -103,17 +124,26 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, scale=None, chu
     S0 = jnp.zeros((B, Hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
     S0 = S0.reshape(B, Hk, G, dk, dv)
 
-    def step(S, xs):
-        u_n, w_n, qk_n, qd_n, kd_n, cd_n = xs
+    K = 0 if capture is None else capture.shape[1]
+    want = jnp.zeros((B, K), jnp.int32) if capture is None else jnp.where(capture < 0, -1, capture // L)
+
+    def step(carry, xs):
+        S, kept = carry
+        n, u_n, w_n, qk_n, qd_n, kd_n, cd_n = xs
+        kept = jnp.where((want == n)[:, :, None, None, None, None], S[:, None], kept)  # chunk-start state
         v_new = u_n - w_n @ S  # [B,Hk,G,L,dv]
         o_n = qd_n @ S + qk_n @ v_new
         S = S * cd_n[..., None, None] + jnp.swapaxes(kd_n, -1, -2) @ v_new
-        return S, o_n
+        return (S, kept), o_n
 
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (u, w, qk, q_dec, k_dec, chunk_decay))
-    S, o = lax.scan(step, S0, xs)  # o: [N,B,Hk,G,L,dv]
+    xs = (jnp.arange(N),) + tuple(jnp.moveaxis(a, 1, 0) for a in (u, w, qk, q_dec, k_dec, chunk_decay))
+    kept = jnp.zeros((B, K, Hk, G, dk, dv), f32)
+    (S, kept), o = lax.scan(step, (S0, kept), xs)  # o: [N,B,Hk,G,L,dv]
     o = jnp.transpose(o, (1, 0, 4, 2, 3, 5)).reshape(B, N * L, Hv, dv)[:, :T]
-    return o.astype(v.dtype), S.reshape(B, Hv, dk, dv)
+    if capture is None:
+        return o.astype(v.dtype), S.reshape(B, Hv, dk, dv)
+    kept = jnp.where((want >= N)[:, :, None, None, None, None], S[:, None], kept)  # at or past the end: final
+    return o.astype(v.dtype), S.reshape(B, Hv, dk, dv), kept.reshape(B, K, Hv, dk, dv)
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):

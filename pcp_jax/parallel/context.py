@@ -27,6 +27,7 @@ class ShardContext:
     tp: int = 1          # number of tensor-parallel ranks T (weights split: pcp_jax/parallel/tensor.py)
     tp_axis: str = "tp"
     tp_rank: jax.Array | int = 0  # scalar int32, this shard's index on `tp_axis`
+    capture: jax.Array | None = None  # [K] int32 positions whose GDN states a prefill keeps (-1 none), or None
 
     @property
     def valid(self):

@@ -80,9 +80,30 @@ def compose_prefix(maps_R, maps_P, initial_state):
     return starts, final
 
 
+def piece_start(ctx: ShardContext):
+    """Position of the first token of this prefill piece (rank 0's first local token), traced scalar."""
+    return ctx.pmin(jnp.min(ctx.positions))
+
+
+def _captured_counts(ctx: ShardContext, start, length: int, rows: int):
+    """[rows, K] token counts into a run of `length` tokens starting at position `start` after which
+    ctx.capture's positions fall (0 < count <= length), else -1."""
+    t = ctx.capture[None, :] - start
+    return jnp.broadcast_to(jnp.where((t > 0) & (t <= length) & (ctx.capture[None, :] >= 0), t, -1),
+                            (rows, ctx.capture.shape[0])).astype(jnp.int32)
+
+
+def _initial_at_start(captured, ctx: ShardContext, start, initial_state):
+    """captured [K, B, ...] with the capture positions equal to the piece's start taken from the initial state
+    (a run captures only positions strictly inside it)."""
+    at_start = (ctx.capture == start)[:, None, None, None, None]
+    return jnp.where(at_start, initial_state.astype(jnp.float32)[None], captured)
+
+
 def gdn_sequence(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, initial_state):
     """State-passing strategy. qkv [B, 2Lc, conv_dim] pre-conv; g, beta [B, 2Lc, Hv] fp32 (0 on padding).
-    Returns (o [B, 2Lc, Hv, dv], final recurrent state [B, Hv, dk, dv] fp32, identical on every rank)."""
+    Returns (o [B, 2Lc, Hv, dv], final recurrent state [B, Hv, dk, dv] fp32, identical on every rank, and with
+    `ctx.capture` [K] positions the states there [K, B, Hv, dk, dv] fp32 (else None), identical too)."""
     B, T, _ = qkv.shape
     lc = T // 2
     halos = conv_halos(qkv, ctx, initial_conv)  # [B, 2, K-1, Cd]
@@ -90,17 +111,28 @@ def gdn_sequence(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, ini
     conv = jax.vmap(causal_conv, in_axes=(1, None, 1), out_axes=1)(chunks, conv_w, halos)
     q, k, v = split_heads(conv.reshape(B * 2, lc, -1), cfg)  # chunk-major rows: [b0c0, b0c1, b1c0, ...]
     g2, beta2 = g.reshape(B * 2, lc, -1), beta.reshape(B * 2, lc, -1)
+    capture = ctx.capture is not None
+    start = piece_start(ctx) if capture else None
     if ctx.cp == 1:  # both local chunks are contiguous: run straight through from the initial state
-        o, final = gated_delta_rule(q.reshape(B, T, *q.shape[2:]), k.reshape(B, T, *k.shape[2:]),
-                                    v.reshape(B, T, *v.shape[2:]), g, beta, initial_state, kernels=ctx.kernels)
-        return o, final
+        o, final, *kept = gated_delta_rule(
+            q.reshape(B, T, *q.shape[2:]), k.reshape(B, T, *k.shape[2:]), v.reshape(B, T, *v.shape[2:]), g, beta,
+            initial_state, _captured_counts(ctx, start, T, B) if capture else None, kernels=ctx.kernels)
+        if not capture:
+            return o, final, None
+        return o, final, _initial_at_start(jnp.moveaxis(kept[0], 1, 0), ctx, start, initial_state)
     H, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     # [v | 0] keeps v's dtype: fp32 values would send a bf16 model down the kernels' exact-fp32 path
     # (H100, 64k tokens per rank, 32 heads: 1468 ms per layer instead of 8.3 ms).
     v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (dk,), v.dtype)], axis=-1)
     init_aug = jnp.concatenate([jnp.zeros((B * 2, H, dk, dv), jnp.float32),
                                 jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (B * 2, H, dk, dk))], axis=-1)
-    o_aug, maps = gated_delta_rule(q, k, v_aug, g2, beta2, init_aug, kernels=ctx.kernels)
+    own = jnp.stack([ctx.rank, 2 * ctx.cp - 1 - ctx.rank])  # global chunk of each local one
+    if capture:  # each local chunk captures the positions strictly inside it, relative to its start
+        chunk_start = start + own * lc  # [2]
+        counts = jax.vmap(lambda s0: _captured_counts(ctx, s0, lc, B))(chunk_start)  # [2, B, K]
+        counts = jnp.moveaxis(counts, 0, 1).reshape(B * 2, -1)
+    o_aug, maps, *kept = gated_delta_rule(q, k, v_aug, g2, beta2, init_aug, counts if capture else None,
+                                          kernels=ctx.kernels)
     o0, q_map = o_aug[..., :dv], o_aug[..., dv:]          # [2B, lc, H, dv], [2B, lc, H, dk]
     R, P = maps[..., :dv], maps[..., dv:]                  # [2B, H, dk, dv], [2B, H, dk, dk]
     # Gather every rank's two maps, put the 2C chunks in global order, fold.
@@ -110,14 +142,19 @@ def gdn_sequence(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, ini
     slot_of_chunk[chunk_order(ctx.cp)] = np.arange(2 * ctx.cp)
     to_global = lambda m: jnp.moveaxis(m, 2, 1).reshape((2 * ctx.cp,) + m.shape[1:2] + m.shape[3:])[slot_of_chunk]
     starts, final = compose_prefix(to_global(R_all), to_global(P_all), initial_state.astype(jnp.float32))
-    own = jnp.stack([ctx.rank, 2 * ctx.cp - 1 - ctx.rank])
     s_in = jnp.moveaxis(starts[own], 0, 1).reshape(B * 2, H, dk, dv)  # start state of each local chunk
     o = o0 + jnp.einsum("nthk,nhkv->nthv", q_map, s_in)
-    return o.reshape(B, T, H, dv).astype(v.dtype), final
+    captured = None
+    if capture:  # S(p) = P_p S_in + R_p on the rank whose chunk holds p (zeros elsewhere), summed over ranks
+        R_p, P_p = kept[0][..., :dv], kept[0][..., dv:]  # [2B, K, H, dk, dv], [2B, K, H, dk, dk]
+        S_p = jnp.einsum("nkhij,nhjv->nkhiv", P_p, s_in) + R_p
+        S_p = jnp.where((counts > 0)[:, :, None, None, None], S_p, 0.0).reshape(B, 2, *S_p.shape[1:]).sum(1)
+        captured = _initial_at_start(ctx.psum(jnp.moveaxis(S_p, 1, 0)), ctx, start, initial_state)
+    return o.reshape(B, T, H, dv).astype(v.dtype), final, captured
 
 
 def gdn_batch(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, initial_state):
-    """Resharding strategy (B % C == 0). Same contract as `gdn_sequence`."""
+    """Resharding strategy (B % C == 0). Same contract as `gdn_sequence` (captures included)."""
     B, T, Cd = qkv.shape
     C = ctx.cp
     rows = B // C
@@ -135,11 +172,19 @@ def gdn_batch(qkv, g, beta, conv_w, ctx: ShardContext, cfg, initial_conv, initia
         return jax.lax.all_to_all(x, ctx.axis, split_axis=1, concat_axis=0, tiled=True)
 
     mine = lambda x: jax.lax.dynamic_slice_in_dim(x, ctx.rank * rows, rows, axis=0)
+    capture = ctx.capture is not None
+    start = piece_start(ctx) if capture else None
     qkv_s, g_s, beta_s = to_sequences(qkv), to_sequences(g), to_sequences(beta)
     conv = causal_conv(qkv_s, conv_w, mine(initial_conv).astype(qkv.dtype))
     q, k, v = split_heads(conv, cfg)
-    o, final = gated_delta_rule(q, k, v, g_s, beta_s, mine(initial_state), kernels=ctx.kernels)
-    return to_shards(o), ctx.all_gather(final, axis=0, tiled=True)
+    o, final, *kept = gated_delta_rule(q, k, v, g_s, beta_s, mine(initial_state),
+                                       _captured_counts(ctx, start, 2 * C * lc, rows) if capture else None,
+                                       kernels=ctx.kernels)
+    gather = lambda x: ctx.all_gather(x, axis=0, tiled=True)
+    captured = None
+    if capture:
+        captured = _initial_at_start(jnp.moveaxis(gather(kept[0]), 1, 0), ctx, start, initial_state)
+    return to_shards(o), gather(final), captured
 
 
 def resolve_strategy(strategy: str, batch: int, cp: int) -> str:
