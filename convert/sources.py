@@ -41,9 +41,9 @@ from pcp_jax.config import ModelConfig
 
 from .digest import verify_files
 from .errors import ConvertError
-from .hf_loader import check_finite, copy_into, open_hf_checkpoint, resolve_dtype
-from .hf_names import expected_shapes, unit_of
-from .orbax_io import PARAMS_DIR, _read_meta, one_line, verify_default
+from .hf_loader import check_finite, copy_into, open_hf_checkpoint, resolve_dtype, source_dtype
+from .hf_names import unit_of
+from .orbax_io import PARAMS_DIR, _read_meta, one_line, read_dtype, stored_shapes, verify_default
 from .safetensors_io import read_tensor
 
 
@@ -75,7 +75,7 @@ class SafetensorsSource:
     def read(self, name: str, slices=()) -> np.ndarray:
         source = self._source(name)
         index = _as_index(slices, len(source.shape))
-        out = np.empty(_block_shape(source.shape, index), self.dtype)
+        out = np.empty(_block_shape(source.shape, index), source_dtype(source, self.dtype))
         if source.pieces[0].expert is None:  # one HF tensor (fused experts included)
             piece = source.pieces[0]
             copy_into(out, piece.transform.apply(self._map(piece.hf_name))[index])
@@ -108,7 +108,8 @@ class OrbaxSource:
         self.dtype = resolve_dtype(dtype if dtype is not None else meta["dtype"])
         self.weights_digest = bytes.fromhex(meta["weights_digest"])
         self._integrity = meta["integrity"]["units"]
-        self._shapes = expected_shapes(self.cfg)
+        self._meta = meta
+        self._shapes = stored_shapes(self.path, meta, self.cfg)
         self._units: dict[str, list[str]] = {}
         for name in self._shapes:
             self._units.setdefault(unit_of(name), []).append(name)
@@ -137,7 +138,7 @@ class OrbaxSource:
             block = store[index].read().result()
         except Exception as e:  # noqa: BLE001 - TensorStore reports truncated/corrupt chunks as bare exceptions
             raise ConvertError(f"cannot restore {self._unit_path(unit_of(name))}: {one_line(e)}") from e
-        return np.ascontiguousarray(block).astype(self.dtype, copy=False)
+        return np.ascontiguousarray(block).astype(read_dtype(self._meta, name, self.dtype), copy=False)
 
     def release(self, name: str) -> None:
         self._stores.pop(name, None)
