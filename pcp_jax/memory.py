@@ -152,7 +152,7 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
         "dtype": dtype,
         "weights": weights,
         "weights_bytes": weights_bytes,
-        "model_weights_bytes": weights_bytes_per_device(cfg, 1, b, fp8=weights.startswith("fp8")),
+        "model_weights_bytes": weights_bytes_per_device(cfg, 1, b, fp8=weights == "fp8"),
         "kv_heads_per_device": local_config(cfg, tp).num_kv_heads,
         "gdn_value_heads_per_device": local_config(cfg, tp).linear_num_value_heads,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b, tp),
@@ -199,7 +199,7 @@ def memory_report(model, budget_bytes: int | None = None) -> dict:
         budget_bytes = device_memory_limit(model.mesh)
     return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model.weights), budget_bytes,
                    model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps, getattr(model, "tp", 1),
-                   getattr(model, "weights_mode", "model"))
+                   "fp8" if getattr(model, "weights_mode", "model").startswith("fp8") else "model")
 
 
 def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budget_bytes: int | None = None,
@@ -213,7 +213,8 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
     gdn_value_heads_per_device; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
     activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
     (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
-    (None without a budget). All sizes are bytes per device unless named otherwise."""
+    (None without a budget). `weights` in the result is "model" or "fp8". All sizes are bytes per device unless
+    named otherwise."""
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg={cfg!r:.80} must be a ModelConfig (pcp_jax.preset(name) or "
                          f"ModelConfig.from_hf_file(path))")
@@ -231,7 +232,8 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
     held = weights_bytes_per_device(cfg, tp, b, fp8=weights.startswith("fp8"))
     prefill_budget = default_prefill_budget(held, budget_bytes)
     return _report(cfg, cp, dtype, held, budget_bytes, prefill_budget,
-                   auto_piece_tokens(cfg, cp, b, prefill_budget, tp), STEPS, tp, weights)
+                   auto_piece_tokens(cfg, cp, b, prefill_budget, tp), STEPS, tp,
+                   "fp8" if weights.startswith("fp8") else "model")
 
 
 def format_memory_report(report: dict) -> str:
@@ -259,6 +261,6 @@ def format_memory_report(report: dict) -> str:
         ("longest prompt that fits", longest),
     ]
     width = max(len(name) for name, _ in rows)
-    fp8 = ", FP8 weights" if report.get("weights", "model").startswith("fp8") else ""
+    fp8 = ", FP8 weights" if report.get("weights") == "fp8" else ""
     head = f"memory per device (cp={report['cp']}, tp={report['tp']}, {report['dtype']}{fp8})"
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])

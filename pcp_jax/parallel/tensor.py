@@ -193,13 +193,17 @@ class Placement:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.split)
 
 
+class ScaleSplitError(ValueError):
+    """A tp split that would put elements of two scale blocks under one scale of a rank (`fp8_placements`)."""
+
+
 def fp8_placements(p: Placement, tp: int, transposed: bool) -> tuple[Placement, Placement, tuple[int, int]]:
     """The placements of an FP8 weight `p` (every source stored as e4m3 with a `<source>.scale`): its values (as
     `p`, `transposed` or not) and its block scale, and the block of the values' device layout that one scale
     covers. Along an axis split over tp, a rank's share of S positions gets scales for blocks of
     gcd(128, S) positions, each the scale of the 128-block of the source holding them (repeated where a share
-    cuts a block); other axes keep the checkpoint's 128-blocks (the last one may be partial). ValueError when a
-    layout (repeated or reordered heads) puts positions of two source blocks into one block of a share."""
+    cuts a block); other axes keep the checkpoint's 128-blocks (the last one may be partial). ScaleSplitError
+    when a layout (repeated or reordered heads) puts positions of two source blocks into one block of a share."""
     last = len(p.source_shape) - 1
     block = [SCALE_BLOCK, SCALE_BLOCK]
     index = None
@@ -208,7 +212,7 @@ def fp8_placements(p: Placement, tp: int, transposed: bool) -> tuple[Placement, 
         size = math.gcd(SCALE_BLOCK, len(positions) // tp)
         blocks = positions.reshape(-1, size) // SCALE_BLOCK
         if (blocks != blocks[:, :1]).any():
-            raise ValueError(f"tp={tp} cannot split the FP8 weight {p.sources[0]}: a rank's share of its axis "
+            raise ScaleSplitError(f"tp={tp} cannot split the FP8 weight {p.sources[0]}: a rank's share of its axis "
                              f"{p.split} mixes elements of different {SCALE_BLOCK}x{SCALE_BLOCK} scale blocks; "
                              f"use a tp whose shares are whole heads of {SCALE_BLOCK}, or weights='dequantize'")
         block[p.split - (last - 1)] = size
@@ -374,9 +378,10 @@ def place_params(cfg: ModelConfig, mesh, source, dtype, period: int, groups: int
     dtype)` and `place_fp8` to make the arrays itself) and copied to the devices that hold it; a process reads
     only the blocks of its own devices. Host memory holds one parameter's blocks at a time.
     FP8 weights of the source (those with a `<name>.scale`): with `fp8`, those declared with a BlockScale whose
-    every stacked source is FP8 become `Fp8Param`s; every other one is dequantized (values · scale in fp32,
-    rounded once to `dtype`): on the devices when all of a parameter's sources are FP8, on the host block by
-    block when only some are (a stack mixing FP8 and 16-bit layers)."""
+    every stacked source is FP8 become `Fp8Param`s (ScaleSplitError where tp splits one inside its scale
+    blocks); every other one is dequantized (values · scale in fp32, rounded once to `dtype`): on the devices
+    when all of a parameter's sources are FP8, on the host block by block when only some are (a stack mixing
+    FP8 and 16-bit layers) or when tp splits it inside its scale blocks."""
     tp = mesh.shape.get(TP_AXIS, 1)
     quantized = check_source(cfg, source)
     declared = declare(cfg)
@@ -388,7 +393,12 @@ def place_params(cfg: ModelConfig, mesh, source, dtype, period: int, groups: int
         sharding = NamedSharding(mesh, p.spec(tp))
         if all(s in quantized for s in p.sources):
             keep = fp8 and declared[p.sources[0]].scale is not None
-            out[p.name] = _place_fp8(p, source, mesh, tp, keep, dtype)
+            try:
+                out[p.name] = _place_fp8(p, source, mesh, tp, keep, dtype)
+            except ScaleSplitError:
+                if keep:
+                    raise
+                out[p.name] = _from_blocks(p, sharding, dtype, read)
         elif hasattr(source, "place"):  # a source that makes device arrays itself (weights.RandomSource)
             out[p.name] = source.place(p, sharding, dtype)
         else:
