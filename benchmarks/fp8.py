@@ -13,7 +13,7 @@ Parts (`--parts`, comma-separated; the table of each comes last, in this order):
   with the same scales) against the reference's w8a8 value, tol 1e-2, and its distance to the weight-only
   product printed beside. Exit 1 if one fails (the later parts still run).
 - matmul: ms and TFLOP/s at the projection shapes of qwen3.5-9b / 27b / 35b-a3b (MATMULS), prefill rows (8192)
-  and decode rows (1, or 8 routed rows per expert group): bf16 `jnp.dot`; weight-only FP8 (tokamax, XLA);
+  and decode rows (1 token: 1 row, or its 8 routed rows over the experts): bf16 `jnp.dot`; weight-only FP8 (tokamax, XLA);
   w8a8 (XLA per block; `jax.nn.scaled_matmul`, which on Hopper XLA expands to dequantize + dot); and XLA's FP8
   dot with one scale per tensor, the FP8 tensor-core ceiling no block-scaled path can pass.
 - error: demo preset (random weights quantized to FP8), 2048 tokens: relative L2 error of the full-sequence
@@ -68,7 +68,8 @@ def fp8_weight(key, shape):
 
 def routing(key, rows: int, experts: int):
     """Group sizes of `rows` routed rows over `experts` (a random top-8 routing's counts)."""
-    _, top = jax.lax.top_k(jax.random.normal(key, (rows // 8, experts), jnp.float32), 8)
+    k = min(8, experts)
+    _, top = jax.lax.top_k(jax.random.normal(key, (rows // k, experts), jnp.float32), k)
     return jnp.bincount(top.reshape(-1), length=experts).astype(jnp.int32)
 
 
@@ -157,7 +158,7 @@ def part_check(rows: list) -> bool:
 def part_matmul(rows: list) -> None:
     key = jax.random.key(1)
     for label, K, N, E in MATMULS:
-        for M in (PREFILL_ROWS, DECODE_ROWS if not E else 8 * E):
+        for M in (PREFILL_ROWS, 8 if E else DECODE_ROWS):  # decode: one token (its 8 routed rows for experts)
             shape = (E, N, K) if E else (N, K)
             values, scale, w = fp8_weight(key, shape)
             w_bf16 = jnp.swapaxes(w, -1, -2).astype(jnp.bfloat16)

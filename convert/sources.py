@@ -3,14 +3,15 @@
     SafetensorsSource(hf_dir, cfg=None, dtype="bfloat16")   a Hugging Face folder
     OrbaxSource(out_dir, *, verify=None, dtype=None)        a folder made by `convert`
 
-Both are `TensorSource`s (pcp_jax.parallel.tensor): `names()` the flat-param names of the config (docs/convert.md),
+Both are `TensorSource`s (pcp_jax.parallel.tensor): `names()` the flat-param names of the config (docs/convert.md;
+with an FP8 checkpoint's scales `<name>.scale`, pcp_jax.weights.contract_shapes),
 `shape(name)`, `read(name, slices) -> np.ndarray` that block of the tensor (C-contiguous, owned); OrbaxSource
 also `release(name)`, which closes the tensor's store once it is placed (a SafetensorsSource keeps nothing
 between reads). `pcp_jax.parallel.tensor.place_params` builds each device's
 shard from them, so a process reads only the blocks its own devices hold and never the whole model.
 
 SafetensorsSource: every block equals `read_hf_params(hf_dir, cfg, dtype)[name][slices]` bit for bit (same
-casts). The folder is checked as `read_hf_params` checks it, from the headers, when the source is made (a
+casts; FP8 values stay e4m3, their scales float32). The folder is checked as `read_hf_params` checks it, from the headers, when the source is made (a
 stored tied lm_head is compared with the embedding then, in blocks), and every block read must hold finite
 values only (a ConvertError names the HF tensor otherwise). A read maps the HF tensor's bytes and
 copies only the block out of the mapping, through the same view the converter takes (transpose, the gate or
@@ -27,7 +28,7 @@ ones are one chunk, decoded whole for a block, transiently). Integrity as `load_
 checked when the source is made; the files of a unit are compared with their recorded sha256 before any of
 its tensors is opened (unless verify=False or PCP_JAX_SKIP_VERIFY=1), and the unit's names and shapes with
 the stored config. `weights_digest` is the digest recorded at conversion (weights in the stored dtype).
-Reads are in the stored dtype unless `dtype` asks for a cast. Values are not checked for NaN here: a
+Reads are in the stored dtype unless `dtype` asks for a cast (never for FP8 weights and their scales). Values are not checked for NaN here: a
 conversion refuses non-finite weights, and the digests prove the files are what it wrote.
 """
 

@@ -213,8 +213,8 @@ def fp8_placements(p: Placement, tp: int, transposed: bool) -> tuple[Placement, 
         blocks = positions.reshape(-1, size) // SCALE_BLOCK
         if (blocks != blocks[:, :1]).any():
             raise ScaleSplitError(f"tp={tp} cannot split the FP8 weight {p.sources[0]}: a rank's share of its axis "
-                             f"{p.split} mixes elements of different {SCALE_BLOCK}x{SCALE_BLOCK} scale blocks; "
-                             f"use a tp whose shares are whole heads of {SCALE_BLOCK}, or weights='dequantize'")
+                                  f"{p.split} mixes elements of different {SCALE_BLOCK}x{SCALE_BLOCK} scale blocks; "
+                                  f"use a tp whose shares are whole heads of {SCALE_BLOCK}, or weights='dequantize'")
         block[p.split - (last - 1)] = size
         if size != SCALE_BLOCK or p.index is not None:
             index = blocks[:, 0]
@@ -248,10 +248,10 @@ def device_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
 
 def fp8_scale_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
     """The shape of the block scale of every matrix declared with a BlockScale on one tp rank, when kept in FP8
-    (`fp8_placements`; ValueError where tp cuts its blocks in a way it refuses)."""
-    out = {}
+    (`fp8_placements`; ScaleSplitError where tp splits one inside its scale blocks)."""
+    declared, out = declare(cfg), {}
     for p in placements(cfg, tp, 1, 0):
-        if declare(cfg)[p.name].scale is not None:
+        if declared[p.name].scale is not None:
             scale = fp8_placements(p, tp, transposed=False)[1]
             shape = list(scale.shape)
             if scale.split is not None and tp > 1:
