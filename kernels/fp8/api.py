@@ -10,6 +10,17 @@ per-128-channel e4m3 activations). Which implementation runs (backend.first_that
   grouped matmul (kernels/moe/mosaic_gpu.py);
 - experts, w8a8: the tile-padded grouped matmul of XLA FP8 dots per block (xla_gpu.py).
 Elsewhere (CPU, kernels="jnp") the jnp reference runs. benchmarks/fp8.py compares them on an H200.
+
+What exists, evaluated before writing anything (jax 0.11.2 / 0.12, tokamax 0.0.17, qwix 0.1.8): XLA's FP8 dot
+(float8_e4m3fn operands, fp32 result: cuBLASLt's FP8 GEMM) scales each operand by one number, so the 128-blocks
+need one dot per contraction block (xla_gpu.py); `jax.nn.scaled_matmul` takes 1-D block scales along the
+contraction (our w8a8 exactly, with the weight's block scales repeated over its rows), but its cuDNN kernel is
+for Blackwell's MXFP8/NVFP4 only, and on Hopper XLA expands it into dequantize + dot (no FP8 math); qwix's
+subchannel dot_general is a batched dot per block followed by a scaled sum (xla_gpu.py's math with the [K/128,
+M, N] partial products materialized); tokamax's sm90 ragged_dot takes a quantized weight only (dequantized in
+the kernel: weight-only), its FP8 x FP8 kernels are for sm100. So weight-only has a Hopper kernel (tokamax) and
+w8a8 runs through XLA; a w8a8 Mosaic GPU kernel (wgmma on e4m3, scales applied per 128-block of the
+contraction) is what would bring the FP8 tensor cores' rate to prefill.
 """
 
 from __future__ import annotations
