@@ -1,9 +1,10 @@
 """FP8 weights on one H200 (issue 27): correctness of every FP8 path, then matmul throughput, end-to-end prefill
 and decode of FP8 against bf16, and the 122B-A10B in FP8 on one GPU.
 
-    python benchmarks/fp8.py                                   # every part, about 8 minutes on one H200
-    python benchmarks/fp8.py --parts check,matmul,error,models # the first run of two ...
-    python benchmarks/fp8.py --parts big                       # ... and the second (the 122B: 115 GiB of weights)
+    python benchmarks/fp8.py                                   # every part (estimated 8-10 minutes on one H200)
+    python benchmarks/fp8.py --parts check,matmul,error,big    # the first run of two (estimated 4-5 minutes) ...
+    python benchmarks/fp8.py --parts models                    # ... and the second (estimated 4-6 minutes)
+    (--models qwen3.5-35b-a3b --tokens 32768 and --big-tokens N shorten them further)
 
 Parts (`--parts`, comma-separated; the table of each comes last, in this order):
 - check: each FP8 implementation on the GPU against the product with the dequantized weights in fp32
@@ -13,8 +14,8 @@ Parts (`--parts`, comma-separated; the table of each comes last, in this order):
   with the same scales) against the reference's w8a8 value, tol 1e-2, and its distance to the weight-only
   product printed beside. Exit 1 if one fails (the later parts still run).
 - matmul: ms and TFLOP/s at the projection shapes of qwen3.5-9b / 27b / 35b-a3b (MATMULS), prefill rows (8192)
-  and decode rows (1 token: 1 row, or its 8 routed rows over the experts): bf16 `jnp.dot`; weight-only FP8 (tokamax, XLA);
-  w8a8 (XLA per block; `jax.nn.scaled_matmul`, which on Hopper XLA expands to dequantize + dot); and XLA's FP8
+  and decode rows (1 token: 1 row, or its 8 routed rows over the experts): bf16 `jnp.dot`; weight-only FP8
+  (tokamax, XLA); w8a8 (XLA per block; `jax.nn.scaled_matmul`, which on Hopper XLA expands to dequantize + dot); and XLA's FP8
   dot with one scale per tensor, the FP8 tensor-core ceiling no block-scaled path can pass.
 - error: demo preset (random weights quantized to FP8), 2048 tokens: relative L2 error of the full-sequence
   logits against the fp32 model of the dequantized weights, for bf16 (dequantized), FP8 weight-only and w8a8.
