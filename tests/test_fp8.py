@@ -10,7 +10,8 @@ bf16 one; the dense model's lm_head is FP8 though no BlockScale is declared for 
   equal transformers' (the argmax of its forward pass).
 - weights="fp8" (FP8 weights on the devices; on CPU the jnp references of kernels/fp8) in fp32 equals the
   dequantized model to fp32 rounding (1e-5) at (2, 2), where a rank holds half of a 128-block of the MLP and KV
-  columns; weights="fp8-w8a8" (e4m3 activations) stays within 10% (about 3% seen).
+  columns; weights="fp8-w8a8" (e4m3 activations) stays within 10% (4.1% dense, 5.0% MoE seen; bf16 is 0.9% and
+  1.8% on these models).
 - The converter keeps the FP8 bytes and scales bit for bit and its digests cover them; memory_report of an FP8
   model equals memory_estimate(weights="fp8"); a split that would mix two scale blocks in one rank's block, and
   an FP8 mode over bf16 weights, are refused in one line.
