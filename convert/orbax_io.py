@@ -14,10 +14,10 @@ Layout of a converted folder (format version 3, or 4 for an FP8 checkpoint):
     params/layers.{i}/     {"layers.{i}.input_norm": ..., "layers.{i}.attn.q_proj": ..., ...}
     params/final_norm/, params/lm_head/
 
-A unit is one layer or one top-level tensor (see `hf_names.unit_of`). An FP8 checkpoint keeps its FP8 weights
-as they are: e4m3 values under the weight's name and float32 block scales under `<name>.scale`
-(pcp_jax.weights.contract_shapes), in the weight's unit; `dtype` applies to the floating-point tensors. Orbax writes a PyTree in one call,
-so writing unit by unit bounds the writer's memory by the largest unit rather than the model.
+A unit is one layer or one top-level tensor (see `hf_names.unit_of`). Orbax writes a PyTree in one call, so
+writing unit by unit bounds the writer's memory by the largest unit rather than the model. An FP8 checkpoint
+keeps its FP8 weights as they are: e4m3 values under the weight's name and float32 block scales under
+`<name>.scale` (pcp_jax.weights.contract_shapes), in the weight's unit; `dtype` applies to the other tensors.
 
 `save_orbax` builds everything in a temporary sibling folder (`workdir`), writes `pcp_config.json` last and
 renames the folder into place, so an interrupted or failed save never leaves a folder that loads (or that
@@ -44,11 +44,10 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from pcp_jax.config import ModelConfig
+from pcp_jax.weights import SCALE, contract_shapes
 
 from .digest import combine_digests, file_digests, file_sha256, tensor_digest, verify_files
 from .errors import ConvertArgumentError, ConvertError
-from pcp_jax.weights import SCALE, contract_shapes
-
 from .hf_loader import DTYPES, E4M3, check_finite, dtype_name, resolve_dtype
 from .hf_names import unit_of
 from .workdir import (InterruptGuard, copy_file, current_umask, existing_dir_mode, make_partial_dir,
