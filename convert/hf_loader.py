@@ -104,8 +104,8 @@ def _model_config(hf_dir, hf_json) -> ModelConfig:
 def open_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None
                        ) -> tuple[ModelConfig, SafetensorsCheckpoint, Plan]:
     """Read config (unless given), every safetensors header, and match them; no tensor data is read
-    except a stored tied lm_head, which must equal the embedding. A quantized checkpoint is refused here
-    (`quantization.checkpoint_quantization`), before the tensors are matched."""
+    except a stored tied lm_head, which must equal the embedding. A quantized checkpoint other than the released
+    FP8 layout is refused here (`quantization.checkpoint_quantization`), before the tensors are matched."""
     hf_dir = os.fspath(hf_dir)
     hf_json = read_config_json(hf_dir)
     cfg = cfg if cfg is not None else _model_config(hf_dir, hf_json)
