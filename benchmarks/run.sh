@@ -9,6 +9,8 @@
 #   bash benchmarks/run.sh tp                 the tp check, then MoE presets over MESHES (cp x tp) of the GPUs (the
 #                                             397B: its first LAYERS397 layers)
 #   bash benchmarks/run.sh warmstart          cold start (ready, refined, a session of random lengths), then a restart
+#   bash benchmarks/run.sh fp8                FP8 paths checked, matmuls, logits error, the 122B-A10B in FP8 on one
+#                                             GPU; then the 35B-A3B and 27B in FP8 against bf16 (one GPU)
 # Environment: SKIP (stage names to leave out), T_<STAGE> (a stage's limit in seconds), TOKENS, MESHES, CP.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -68,6 +70,9 @@ for suite in "$@"; do
         --session 20 --fit
       stage restart 170 python3 benchmarks/warmstart.py --store /tmp/pcp_store --cp "${CP:-1}" --max-tokens 131072 \
         --session 20 ;;
-    *) echo "unknown suite $suite; expected kernels, prefill, decode, tp or warmstart" >&2; exit 2 ;;
+    fp8)
+      stage fp8_kernels 540 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fp8.py --parts check,matmul,error,big
+      stage fp8_models 570 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fp8.py --parts models ;;
+    *) echo "unknown suite $suite; expected kernels, prefill, decode, tp, warmstart or fp8" >&2; exit 2 ;;
   esac
 done

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from .errors import ConvertError
-from .hf_loader import iter_hf_params, load_hf_config, resolve_dtype
+from .hf_loader import load_hf_config, open_hf_checkpoint, resolve_dtype, stream_params
 from .orbax_io import check_out_dir, save_orbax
 
 # Small files of an HF folder that a converted folder keeps, so it can be used without the original.
@@ -39,8 +39,10 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     resolve_dtype(dtype)
     out_dir = check_out_dir(out_dir)
     cfg = load_hf_config(hf_dir)
-    params = iter_hf_params(hf_dir, cfg, dtype)
+    _, ckpt, the_plan = open_hf_checkpoint(hf_dir, cfg)
+    params = stream_params(ckpt, the_plan, resolve_dtype(dtype))
     extra = {name: os.path.join(hf_dir, name) for name in TOKENIZER_FILES
              if os.path.isfile(os.path.join(hf_dir, name))}
     extra["hf_config.json"] = os.path.join(hf_dir, "config.json")
-    return save_orbax(out_dir, cfg, params, dtype, extra_files=extra, progress=progress)
+    fp8 = [name for name, source in the_plan.sources.items() if source.kind == "fp8"]
+    return save_orbax(out_dir, cfg, params, dtype, extra_files=extra, progress=progress, fp8=fp8)

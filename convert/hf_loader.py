@@ -3,10 +3,11 @@
     iter_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> Iterator[(name, np.ndarray)]
     read_hf_params(hf_dir, cfg=None, dtype="bfloat16") -> dict[name, np.ndarray]
 
-Names, shapes and order are those of `hf_names.expected_shapes(cfg)`; `cfg=None` reads `config.json`.
-Arrays are float32 or ml_dtypes.bfloat16, C-contiguous and owned (no view into the files). Values are
-exact copies of the HF tensors, except float32 -> bfloat16 which rounds to nearest even, as torch's
-`.to(torch.bfloat16)` does.
+Names, shapes and order are those of `hf_names.expected_shapes(cfg)`, plus for an FP8 checkpoint the block
+scale `<name>.scale` after each FP8 weight (pcp_jax.weights.contract_shapes); `cfg=None` reads `config.json`.
+Arrays are float32 or ml_dtypes.bfloat16 (FP8 weights: their e4m3 values as stored, ml_dtypes.float8_e4m3fn;
+their scales: float32), C-contiguous and owned (no view into the files). Values are exact copies of the HF
+tensors, except float32 -> bfloat16 which rounds to nearest even, as torch's `.to(torch.bfloat16)` does.
 
 The whole checkpoint (every header, the name mapping, every shape and dtype, and the quantization
 config.json declares against the tensors' dtypes: `quantization.checkpoint_quantization`) is validated when
@@ -37,6 +38,7 @@ from .safetensors_io import SafetensorsCheckpoint
 logger = logging.getLogger("pcp_jax.convert")
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 # Source rows per step when copying a transposed view (see `copy_into`).
 _TRANSPOSE_BLOCK = 16
@@ -102,15 +104,15 @@ def _model_config(hf_dir, hf_json) -> ModelConfig:
 def open_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None
                        ) -> tuple[ModelConfig, SafetensorsCheckpoint, Plan]:
     """Read config (unless given), every safetensors header, and match them; no tensor data is read
-    except a stored tied lm_head, which must equal the embedding. A quantized checkpoint is refused here
-    (`quantization.checkpoint_quantization`), before the tensors are matched."""
+    except a stored tied lm_head, which must equal the embedding. A quantized checkpoint other than the released
+    FP8 layout is refused here (`quantization.checkpoint_quantization`), before the tensors are matched."""
     hf_dir = os.fspath(hf_dir)
     hf_json = read_config_json(hf_dir)
     cfg = cfg if cfg is not None else _model_config(hf_dir, hf_json)
     ckpt = SafetensorsCheckpoint(hf_dir)
-    checkpoint_quantization(hf_dir, hf_json if isinstance(hf_json, dict) else {}, ckpt.tensors)
+    method = checkpoint_quantization(hf_dir, hf_json if isinstance(hf_json, dict) else {}, ckpt.tensors)
     try:
-        the_plan = plan(cfg, ckpt.tensors)
+        the_plan = plan(cfg, ckpt.tensors, fp8=method == "fp8")
     except ConvertError as e:
         raise ConvertError(f"{hf_dir}: {e}") from None
     if the_plan.skipped:
@@ -127,13 +129,25 @@ def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None, dt
     """Validate the folder now, then yield (our_name, array) one tensor at a time in streaming order."""
     out_dtype = resolve_dtype(dtype)
     _, ckpt, the_plan = open_hf_checkpoint(hf_dir, cfg)
-    return ((name, materialise(ckpt, source, out_dtype)) for name, source in the_plan.sources.items())
+    return stream_params(ckpt, the_plan, out_dtype)
+
+
+def stream_params(ckpt: SafetensorsCheckpoint, the_plan: Plan, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(our_name, array) of every tensor of a checked checkpoint (`open_hf_checkpoint`), one at a time, in
+    streaming order, floating-point tensors in `dtype` (`source_dtype`)."""
+    return ((name, materialise(ckpt, source, source_dtype(source, dtype))) for name, source in the_plan.sources.items())
 
 
 def read_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None, dtype="bfloat16"
                    ) -> dict[str, np.ndarray]:
     """All flat params of an HF folder in host memory (for tests and small models; `convert` streams)."""
     return dict(iter_hf_params(hf_dir, cfg, dtype))
+
+
+def source_dtype(source: Source, dtype: np.dtype) -> np.dtype:
+    """The dtype our tensor `source` is read in when floating-point tensors are read in `dtype`: FP8 values stay
+    e4m3, FP8 scales are float32."""
+    return {"fp8": E4M3, "scale": DTYPES["float32"]}.get(source.kind, dtype)
 
 
 def materialise(ckpt: SafetensorsCheckpoint, source: Source, dtype: np.dtype) -> np.ndarray:
@@ -153,6 +167,8 @@ def all_finite(a: np.ndarray) -> bool:
     float32 two integer max-reductions over views of its bits: no temporary array (the HF reader allocates
     nothing beyond the block it returns), about 6 GiB/s (float32) and 12 GiB/s (bfloat16) on one core of this
     project's CPU machine, where np.isfinite on bfloat16 runs at 3 GiB/s and allocates a bool per element."""
+    if a.dtype == E4M3:  # no infinities; NaN is every exponent and mantissa bit set
+        return a.size == 0 or int((np.ascontiguousarray(a).reshape(-1).view(np.uint8) & 0x7F).max()) < 0x7F
     layout = _FLOAT_BITS.get(a.dtype)
     if layout is None:
         return bool(np.isfinite(a).all())

@@ -20,6 +20,12 @@ Every 2-D HF `Linear.weight` ([out, in]) is transposed. HF stores experts either
 (`mlp.experts.{e}.gate_proj.weight` [Fe, D], ...) or fused (`mlp.experts.gate_up_proj` [E, 2Fe, D] with gate
 the first Fe rows, `mlp.experts.down_proj` [E, D, Fe]); both give the same stacked arrays.
 
+FP8 checkpoints (quantization.py): a weight stored as F8_E4M3 comes with its block scale `<weight
+name>_scale_inv` (`...q_proj.weight_scale_inv` [ceil(out/128), ceil(in/128)], fused experts'
+`mlp.experts.gate_up_proj_scale_inv`), which becomes our `<name>.scale` by the weight's own transform: the scale
+grid of a transposed weight is transposed too, input-major [ceil(in/128), ceil(out/128)]
+(pcp_jax.weights.contract_shapes). The values are kept as e4m3 bytes and the scales as float32.
+
 HF names carry the prefix `model.` (text-only CausalLM) or `model.language_model.` (the multimodal model);
 `lm_head.weight` is top level. The vision tower (`model.visual.*`) and the multi-token-prediction head
 (`mtp.*`) are skipped. `plan(cfg, tensors)` checks a whole checkpoint against these rules from the headers
@@ -36,12 +42,13 @@ from typing import Protocol
 import numpy as np
 
 from pcp_jax.config import ModelConfig
-from pcp_jax.weights import param_shapes
+from pcp_jax.weights import SCALE, contract_shapes, declare, param_shapes
 
 from .errors import ConvertError
 
 # Weights must be floating point; integer or FP8 tensors mean a quantised checkpoint, which needs scales.
 FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
+FP8_DTYPE = "F8_E4M3"  # the values of an FP8 checkpoint's weights (quantization.py)
 
 # HF name prefixes that are not part of the text model, with the reason shown in the log line.
 SKIPPED_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
@@ -52,10 +59,22 @@ expected_shapes = param_shapes
 
 
 def unit_of(name: str) -> str:
-    """The storage unit of a flat-param name: `layers.{i}` for layer tensors, else the name itself."""
+    """The storage unit of a flat-param name: `layers.{i}` for layer tensors, else the name itself (an FP8
+    scale `<name>.scale` is stored with its weight)."""
     if name.startswith("layers."):
         return ".".join(name.split(".", 2)[:2])
-    return name
+    return name[: -len(SCALE)] if name.endswith(SCALE) else name
+
+
+def is_scale_name(hf_name: str) -> bool:
+    """Whether an HF tensor is an FP8 block scale (`...weight_scale_inv`, fused experts' `..._scale_inv`)."""
+    return hf_name.endswith("_scale_inv")
+
+
+def _scaled_weight_name(hf_name: str) -> str:
+    """The HF weight an FP8 scale belongs to: `x.weight_scale_inv` -> `x.weight`, `x.gate_up_proj_scale_inv` ->
+    `x.gate_up_proj`."""
+    return hf_name[: -len("_scale_inv")]
 
 
 # Transforms -------------------------------------------------------------------------------------------
@@ -146,11 +165,14 @@ class Piece:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """How to build our tensor `name` of `shape`: from one piece, or from one piece per expert (in order)."""
+    """How to build our tensor `name` of `shape`: from one piece, or from one piece per expert (in order).
+    `kind`: "float" (a floating-point tensor), "fp8" (e4m3 values kept as they are) or "scale" (an FP8 block
+    scale, float32)."""
 
     name: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    kind: str = "float"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +190,23 @@ class TensorHeader(Protocol):
     dtype: str
 
 
-def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
+def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader], fp8: bool = False) -> Plan:
     """Match every HF tensor (name -> header with `.shape` and safetensors `.dtype`) to our names.
 
-    Raises ConvertError listing every unexpected, conflicting, missing, wrongly shaped or non-float tensor.
+    `fp8`: the checkpoint is an FP8 one (quantization.checkpoint_quantization said so): F8_E4M3 matrices with
+    their scales are expected, each F8_E4M3 weight (every expert of it) with its scale and each scale with its
+    F8_E4M3 weight. Raises ConvertError listing every unexpected, conflicting, missing, wrongly shaped or
+    non-float tensor.
     """
-    shapes = expected_shapes(cfg)
+    matrices = {n for n, w in declare(cfg).items() if len(w.shape) >= 2}
+    stored_fp8 = set()
+    if fp8:  # which of our tensors the checkpoint stores in FP8 (a pre-pass: the scales' shapes depend on it)
+        for hf_name, header in tensors.items():
+            if header.dtype == FP8_DTYPE and not hf_name.startswith(tuple(SKIPPED_PREFIXES)):
+                stored_fp8.update(t for t, _, _ in _match(canonical_name(hf_name)) or () if t in matrices)
+    shapes = contract_shapes(cfg, stored_fp8)
     pieces: dict[str, dict[int | None, Piece]] = {}
+    dtypes: dict[str, set[str]] = {}
     skipped: dict[str, list[str]] = {}
     unexpected, conflicts, bad_shape, bad_dtype = [], [], [], []
     tied_lm_head = None
@@ -196,13 +228,22 @@ def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
             # HF builds a shared expert even when its size is 0; its output is then identically 0.
             skipped.setdefault("shared expert of size 0", []).append(hf_name)
             continue
-        matched = _match(canon)
+        scale = fp8 and is_scale_name(canon)
+        matched = _match(_scaled_weight_name(canon) if scale else canon)
         if matched is None:
             unexpected.append(f"{hf_name} (no rule)")
             continue
-        if header.dtype not in FLOAT_DTYPES:
+        if header.dtype not in FLOAT_DTYPES and not (fp8 and header.dtype == FP8_DTYPE and not scale):
             bad_dtype.append(f"{hf_name}: {header.dtype}")
         for target, transform, expert in matched:
+            if scale:
+                if target not in stored_fp8:
+                    unexpected.append(f"{hf_name} (a scale of {target}, which the checkpoint does not store in "
+                                      f"{FP8_DTYPE})")
+                    continue
+                target += SCALE
+            elif target in stored_fp8:
+                dtypes.setdefault(target, set()).add(header.dtype)
             if target not in shapes:
                 unexpected.append(f"{hf_name} (would be {target}, which this config.json does not have)")
                 continue
@@ -221,6 +262,8 @@ def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
                 conflicts.append(f"{target}: from both {clash.hf_name} and {hf_name}")
                 continue
             slots[expert] = Piece(hf_name, transform, expert)
+    bad_dtype += [f"{name}: its experts mix {sorted(kinds)} (all {FP8_DTYPE} with scales, or none)"
+                  for name, kinds in dtypes.items() if kinds != {FP8_DTYPE}]
 
     missing = []
     for name in shapes:
@@ -232,11 +275,13 @@ def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
             if absent:
                 missing.append(f"{name} experts {_short(absent)}")
 
+    allowed = FLOAT_DTYPES + ((FP8_DTYPE,) if fp8 else ())
     problems = [(f"unexpected tensors ({len(unexpected)})", unexpected),
                 (f"conflicting sources ({len(conflicts)})", conflicts),
                 (f"missing tensors ({len(missing)})", missing),
                 (f"wrong shapes ({len(bad_shape)})", bad_shape),
-                (f"unsupported dtypes ({len(bad_dtype)}; expected one of {list(FLOAT_DTYPES)})", bad_dtype)]
+                (f"unsupported dtypes ({len(bad_dtype)}; expected one of {list(allowed)}"
+                 f"{', F8_E4M3 only for weights with a weight_scale_inv' if fp8 else ''})", bad_dtype)]
     problems = [(title, items) for title, items in problems if items]
     if problems:
         lines = [f"the checkpoint does not match its config.json ({_describe(cfg)}):"]
@@ -251,7 +296,8 @@ def plan(cfg: ModelConfig, tensors: Mapping[str, TensorHeader]) -> Plan:
     for name, shape in shapes.items():
         slots = pieces[name]
         order = [None] if None in slots else range(cfg.num_experts)
-        sources[name] = Source(name, shape, tuple(slots[e] for e in order))
+        kind = "scale" if name.endswith(SCALE) else "fp8" if name in stored_fp8 else "float"
+        sources[name] = Source(name, shape, tuple(slots[e] for e in order), kind)
     return Plan(sources=sources, skipped=skipped, tied_lm_head=tied_lm_head)
 
 

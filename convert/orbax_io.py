@@ -1,6 +1,6 @@
 """Our converted checkpoint: one Orbax PyTree checkpoint per storage unit, plus `pcp_config.json`.
 
-Layout of a converted folder (format version 3):
+Layout of a converted folder (format version 3, or 4 for an FP8 checkpoint):
 
     pcp_config.json        {"format": "pcp_jax.orbax", "format_version": 3, "dtype": "bfloat16",
                             "config": ModelConfig.to_dict(), "units": ["embed", "layers.0", ...],
@@ -8,13 +8,16 @@ Layout of a converted folder (format version 3):
                             "integrity": {"algorithm": "sha256",
                                           "units": {unit: {file under params/unit: sha256 hex}},
                                           "files": {copied file: sha256 hex}},
+                            ["fp8": [names of the weights stored as e4m3], version 4 only]
                             "sha256": sha256 hex of the fields above}
     params/embed/          Orbax PyTree checkpoint of the flat dict {"embed": [V, D]}
     params/layers.{i}/     {"layers.{i}.input_norm": ..., "layers.{i}.attn.q_proj": ..., ...}
     params/final_norm/, params/lm_head/
 
-A unit is one layer or one top-level tensor (see `hf_names.unit_of`). Orbax writes a PyTree in one call,
-so writing unit by unit bounds the writer's memory by the largest unit rather than the model.
+A unit is one layer or one top-level tensor (see `hf_names.unit_of`). Orbax writes a PyTree in one call, so
+writing unit by unit bounds the writer's memory by the largest unit rather than the model. An FP8 checkpoint
+keeps its FP8 weights as they are: e4m3 values under the weight's name and float32 block scales under
+`<name>.scale` (pcp_jax.weights.contract_shapes), in the weight's unit; `dtype` applies to the other tensors.
 
 `save_orbax` builds everything in a temporary sibling folder (`workdir`), writes `pcp_config.json` last and
 renames the folder into place, so an interrupted or failed save never leaves a folder that loads (or that
@@ -41,11 +44,12 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from pcp_jax.config import ModelConfig
+from pcp_jax.weights import SCALE, contract_shapes
 
 from .digest import combine_digests, file_digests, file_sha256, tensor_digest, verify_files
 from .errors import ConvertArgumentError, ConvertError
-from .hf_loader import DTYPES, check_finite, dtype_name, resolve_dtype
-from .hf_names import expected_shapes, unit_of
+from .hf_loader import DTYPES, E4M3, check_finite, dtype_name, resolve_dtype
+from .hf_names import unit_of
 from .workdir import (InterruptGuard, copy_file, current_umask, existing_dir_mode, make_partial_dir,
                       remove_stale_partials, remove_tree)
 
@@ -53,8 +57,11 @@ FORMAT = "pcp_jax.orbax"
 logger = logging.getLogger("pcp_jax.convert")
 
 # Version 2 added the integrity digests and the weights digest; version 3 the RoPE variant fields of the config
-# (a version-2 folder converted from a YaRN config.json holds plain RoPE: it must be converted again).
+# (a version-2 folder converted from a YaRN config.json holds plain RoPE: it must be converted again); version 4
+# the FP8 weights and their scales (the field "fp8"). Plain folders are still written as version 3.
 FORMAT_VERSION = 3
+FP8_FORMAT_VERSION = 4
+READ_VERSIONS = (FORMAT_VERSION, FP8_FORMAT_VERSION)
 CONFIG_NAME = "pcp_config.json"
 PARAMS_DIR = "params"
 SKIP_VERIFY_ENV = "PCP_JAX_SKIP_VERIFY"
@@ -96,12 +103,15 @@ def check_out_dir(out_dir: str | os.PathLike) -> str:
 
 
 def save_orbax(out_dir: str | os.PathLike, cfg: ModelConfig, params_iter: Iterable[tuple[str, object]],
-               dtype="bfloat16", *, extra_files: Mapping[str, str] | None = None, progress: bool = False) -> str:
+               dtype="bfloat16", *, extra_files: Mapping[str, str] | None = None, progress: bool = False,
+               fp8=()) -> str:
     """Write the flat params streamed by `params_iter` as a converted folder at `out_dir`; returns its
     absolute path.
 
-    `params_iter` yields (name, array) with the names and shapes of `expected_shapes(cfg)`, each unit's
-    tensors consecutively (any order within a unit). Arrays (numpy or jax) are cast to `dtype`.
+    `params_iter` yields (name, array) with the names and shapes of `contract_shapes(cfg, fp8)`, each unit's
+    tensors consecutively (any order within a unit). Arrays (numpy or jax) are cast to `dtype`, except the
+    weights named in `fp8`, which must be float8_e4m3fn and are stored as they are, and their scales
+    (`<name>.scale`), stored as float32.
     `extra_files` maps a file name inside the folder to a source path to copy (tokenizer files).
     `out_dir` must be absent or empty. Raises ConvertError naming unexpected, duplicate, misplaced,
     missing or wrongly shaped tensors, a tensor holding NaN or infinite values in `dtype` (so a converted
@@ -112,26 +122,34 @@ def save_orbax(out_dir: str | os.PathLike, cfg: ModelConfig, params_iter: Iterab
     """
     out_dir = check_out_dir(out_dir)
     np_dtype = resolve_dtype(dtype)
-    shapes = expected_shapes(cfg)
+    fp8 = sorted(fp8)
+    try:
+        shapes = contract_shapes(cfg, fp8)
+    except ValueError as e:
+        raise ConvertError(f"save_orbax: {e}") from None
+    stored = {n: E4M3 if n in fp8 else np.dtype(np.float32) if n.endswith(SCALE) else np_dtype for n in shapes}
     umask = current_umask()
     kept = existing_dir_mode(out_dir)
     final_mode = kept if kept is not None else 0o777 & ~umask
     remove_stale_partials(out_dir)
-    total_bytes = sum(int(np.prod(s)) for s in shapes.values()) * np_dtype.itemsize
+    total_bytes = sum(int(np.prod(s)) * stored[n].itemsize for n, s in shapes.items())
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
     tmp = None
     with InterruptGuard() as guard, _late_callbacks_ignored():
         try:
             with guard.held():  # a signal between mkdtemp and `tmp = ...` would leak the folder
                 tmp = _make_partial(out_dir)
-            units, digests, unit_files = _write_units(tmp, out_dir, shapes, params_iter, np_dtype, bar, guard)
+            units, digests, unit_files = _write_units(tmp, out_dir, shapes, params_iter, stored, bar, guard)
             copied = {}
             for name, src in (extra_files or {}).items():
                 copy_file(src, os.path.join(tmp, name), umask)
                 copied[name] = file_sha256(os.path.join(tmp, name))
-            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype_name(np_dtype),
-                    "config": cfg.to_dict(), "units": units, "weights_digest": combine_digests(digests).hex(),
+            meta = {"format": FORMAT, "format_version": FP8_FORMAT_VERSION if fp8 else FORMAT_VERSION,
+                    "dtype": dtype_name(np_dtype), "config": cfg.to_dict(), "units": units,
+                    "weights_digest": combine_digests(digests).hex(),
                     "integrity": {"algorithm": "sha256", "units": unit_files, "files": copied}}
+            if fp8:
+                meta["fp8"] = fp8
             meta["sha256"] = _meta_sha256(meta)
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
                 json.dump(meta, f, indent=2)
@@ -159,10 +177,10 @@ def _make_partial(out_dir: str) -> str:
         raise ConvertError(f"cannot create a working folder next to {out_dir}: {e}") from None
 
 
-def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], params_iter, np_dtype: np.dtype,
+def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], params_iter, stored: dict[str, np.dtype],
                  bar, guard: InterruptGuard) -> tuple[list[str], dict[str, bytes], dict[str, dict[str, str]]]:
-    """Write every unit into `tmp` (errors name `out_dir`, the folder the user asked for); returns (units in
-    order, {tensor: tensor_digest}, {unit: {file: sha256 hex}})."""
+    """Write every unit into `tmp` (errors name `out_dir`, the folder the user asked for), each tensor in its
+    `stored` dtype; returns (units in order, {tensor: tensor_digest}, {unit: {file: sha256 hex}})."""
     params_root = os.path.join(tmp, PARAMS_DIR)
     os.makedirs(params_root)
     done: list[str] = []
@@ -202,8 +220,11 @@ def _write_units(tmp: str, out_dir: str, shapes: dict[str, tuple[int, ...]], par
                 raise ConvertError(f"tensor {name!r} has shape {array.shape}, expected {shapes[name]}")
             if buffer and unit_of(next(iter(buffer))) != unit:
                 flush()
+            if (stored[name] == E4M3) != (array.dtype == E4M3):
+                raise ConvertError(f"tensor {name!r} has dtype {array.dtype}; the FP8 weights and only they must be "
+                                   f"float8_e4m3fn")
             seen.add(name)
-            buffer[name] = array.astype(np_dtype, copy=False)
+            buffer[name] = array.astype(stored[name], copy=False)
             check_finite(buffer[name], f"tensor {name!r}")
             digests[name] = tensor_digest(name, buffer[name])
         if buffer:
@@ -296,9 +317,9 @@ def _read_meta(path: str, verify: bool) -> tuple[dict, ModelConfig]:
         raise ConvertError(f"{meta_path} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConvertError(f"{meta_path} does not describe a {FORMAT} checkpoint")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READ_VERSIONS:
         raise ConvertError(f"{meta_path} has format_version {meta.get('format_version')!r}; this pcp_jax reads "
-                           f"version {FORMAT_VERSION} (reconvert the model with this version)")
+                           f"versions {list(READ_VERSIONS)} (reconvert the model with this version)")
     _check_meta(meta_path, meta)
     try:
         cfg = ModelConfig.from_dict(meta["config"])
@@ -324,6 +345,11 @@ def _check_meta(meta_path: str, meta: dict) -> None:
     if not _is_hex_digest(meta.get("sha256")):
         raise bad("sha256", "a sha256 hex digest")
     _check_integrity_field(meta_path, meta.get("integrity"), meta["units"])
+    fp8 = meta.get("fp8")
+    if (meta["format_version"] == FP8_FORMAT_VERSION) != isinstance(fp8, list) or (
+            fp8 is not None and (not fp8 or not all(isinstance(n, str) for n in fp8))):
+        raise bad("fp8", f"a non-empty list of FP8 weight names in version {FP8_FORMAT_VERSION}, absent in version "
+                         f"{FORMAT_VERSION}")
     config = meta.get("config")
     if not isinstance(config, dict):
         raise bad("config", "an object of ModelConfig fields")
@@ -392,7 +418,7 @@ def load_orbax(path: str | os.PathLike, *, shardings=None, dtype=None, verify: b
     verify = verify_default() if verify is None else verify
     meta, cfg = _read_meta(path, verify)
     out_dtype = resolve_dtype(dtype if dtype is not None else meta["dtype"])
-    shapes = expected_shapes(cfg)
+    shapes = stored_shapes(path, meta, cfg)
     _check_shardings(path, shardings, shapes)
     by_unit: dict[str, list[str]] = {}
     for name in shapes:
@@ -409,9 +435,25 @@ def load_orbax(path: str | os.PathLike, *, shardings=None, dtype=None, verify: b
             unit_path = os.path.join(path, PARAMS_DIR, unit)
             if verify:
                 verify_files(unit_path, meta["integrity"]["units"][unit], f"unit {unit!r} of {path}")
-            args = {n: _restore_args(shapes[n], out_dtype, _pick(shardings, n)) for n in names}
+            args = {n: _restore_args(shapes[n], read_dtype(meta, n, out_dtype), _pick(shardings, n)) for n in names}
             flat.update(_restore_unit(ckptr, unit_path, args, {n: shapes[n] for n in names}))
     return cfg, flat
+
+
+def stored_shapes(path: str, meta: dict, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a converted folder holds (its FP8 weights' scales included) with its shape, in order."""
+    try:
+        return contract_shapes(cfg, meta.get("fp8", ()))
+    except ValueError as e:
+        raise ConvertError(f"{os.path.join(path, CONFIG_NAME)}: field 'fp8': {e}") from None
+
+
+def read_dtype(meta: dict, name: str, dtype: np.dtype) -> np.dtype:
+    """The dtype tensor `name` of a converted folder is read in when its floating-point tensors are read in
+    `dtype`: FP8 weights stay float8_e4m3fn, their scales float32."""
+    if name in meta.get("fp8", ()):
+        return E4M3
+    return np.dtype(np.float32) if name.endswith(SCALE) else dtype
 
 
 def _check_shardings(path: str, shardings, shapes) -> None:

@@ -3,14 +3,15 @@
     SafetensorsSource(hf_dir, cfg=None, dtype="bfloat16")   a Hugging Face folder
     OrbaxSource(out_dir, *, verify=None, dtype=None)        a folder made by `convert`
 
-Both are `TensorSource`s (pcp_jax.parallel.tensor): `names()` the flat-param names of the config (docs/convert.md),
+Both are `TensorSource`s (pcp_jax.parallel.tensor): `names()` the flat-param names of the config (docs/convert.md;
+with an FP8 checkpoint's scales `<name>.scale`, pcp_jax.weights.contract_shapes),
 `shape(name)`, `read(name, slices) -> np.ndarray` that block of the tensor (C-contiguous, owned); OrbaxSource
 also `release(name)`, which closes the tensor's store once it is placed (a SafetensorsSource keeps nothing
 between reads). `pcp_jax.parallel.tensor.place_params` builds each device's
 shard from them, so a process reads only the blocks its own devices hold and never the whole model.
 
 SafetensorsSource: every block equals `read_hf_params(hf_dir, cfg, dtype)[name][slices]` bit for bit (same
-casts). The folder is checked as `read_hf_params` checks it, from the headers, when the source is made (a
+casts; FP8 values stay e4m3, their scales float32). The folder is checked as `read_hf_params` checks it, from the headers, when the source is made (a
 stored tied lm_head is compared with the embedding then, in blocks), and every block read must hold finite
 values only (a ConvertError names the HF tensor otherwise). A read maps the HF tensor's bytes and
 copies only the block out of the mapping, through the same view the converter takes (transpose, the gate or
@@ -27,7 +28,7 @@ ones are one chunk, decoded whole for a block, transiently). Integrity as `load_
 checked when the source is made; the files of a unit are compared with their recorded sha256 before any of
 its tensors is opened (unless verify=False or PCP_JAX_SKIP_VERIFY=1), and the unit's names and shapes with
 the stored config. `weights_digest` is the digest recorded at conversion (weights in the stored dtype).
-Reads are in the stored dtype unless `dtype` asks for a cast. Values are not checked for NaN here: a
+Reads are in the stored dtype unless `dtype` asks for a cast (never for FP8 weights and their scales). Values are not checked for NaN here: a
 conversion refuses non-finite weights, and the digests prove the files are what it wrote.
 """
 
@@ -41,9 +42,9 @@ from pcp_jax.config import ModelConfig
 
 from .digest import verify_files
 from .errors import ConvertError
-from .hf_loader import check_finite, copy_into, open_hf_checkpoint, resolve_dtype
-from .hf_names import expected_shapes, unit_of
-from .orbax_io import PARAMS_DIR, _read_meta, one_line, verify_default
+from .hf_loader import check_finite, copy_into, open_hf_checkpoint, resolve_dtype, source_dtype
+from .hf_names import unit_of
+from .orbax_io import PARAMS_DIR, _read_meta, one_line, read_dtype, stored_shapes, verify_default
 from .safetensors_io import read_tensor
 
 
@@ -75,7 +76,7 @@ class SafetensorsSource:
     def read(self, name: str, slices=()) -> np.ndarray:
         source = self._source(name)
         index = _as_index(slices, len(source.shape))
-        out = np.empty(_block_shape(source.shape, index), self.dtype)
+        out = np.empty(_block_shape(source.shape, index), source_dtype(source, self.dtype))
         if source.pieces[0].expert is None:  # one HF tensor (fused experts included)
             piece = source.pieces[0]
             copy_into(out, piece.transform.apply(self._map(piece.hf_name))[index])
@@ -108,7 +109,8 @@ class OrbaxSource:
         self.dtype = resolve_dtype(dtype if dtype is not None else meta["dtype"])
         self.weights_digest = bytes.fromhex(meta["weights_digest"])
         self._integrity = meta["integrity"]["units"]
-        self._shapes = expected_shapes(self.cfg)
+        self._meta = meta
+        self._shapes = stored_shapes(self.path, meta, self.cfg)
         self._units: dict[str, list[str]] = {}
         for name in self._shapes:
             self._units.setdefault(unit_of(name), []).append(name)
@@ -137,7 +139,7 @@ class OrbaxSource:
             block = store[index].read().result()
         except Exception as e:  # noqa: BLE001 - TensorStore reports truncated/corrupt chunks as bare exceptions
             raise ConvertError(f"cannot restore {self._unit_path(unit_of(name))}: {one_line(e)}") from e
-        return np.ascontiguousarray(block).astype(self.dtype, copy=False)
+        return np.ascontiguousarray(block).astype(read_dtype(self._meta, name, self.dtype), copy=False)
 
     def release(self, name: str) -> None:
         self._stores.pop(name, None)

@@ -14,7 +14,8 @@ def load_model(path, *, cp: int = 1, tp: int = 1, dtype: str = "bfloat16", mesh=
     (`make_mesh(cp, tp)` unless `mesh` is given). Each process reads only the blocks of the weights its own
     devices hold (pcp_jax.loading.open_source), so no process holds the whole model. `verify`: converted
     folders' integrity check (None: yes unless PCP_JAX_SKIP_VERIFY=1). `options` go to `Model`
-    (prefill_budget_bytes, scan_decode, bucket_steps, compile_cache_dir, decode_attention)."""
+    (prefill_budget_bytes, scan_decode, bucket_steps, compile_cache_dir, decode_attention, weights: what the
+    devices hold of an FP8 checkpoint, pcp_jax.fp8)."""
     from pcp_jax.loading import open_source
     from pcp_jax.parallel.tensor import check_tp
 

@@ -33,6 +33,7 @@ from pcp_jax.buckets import (STEPS, Pieces, all_plans, alternatives, capacity, c
                              decode_room, plan_pieces)
 from pcp_jax.compiled import CompiledPrograms, default_workers
 from pcp_jax.config import ModelConfig, _is_int
+from pcp_jax.fp8 import ACTIVATIONS, Fp8Param, describe_weights, is_hopper, resolve_weights
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.attention.api import DECODE_METHODS
 from pcp_jax.kernels.backend import preload_gpu_backends, use_gpu_kernels
@@ -46,6 +47,7 @@ from pcp_jax.programs import (Alloc, CopyBlock, Decode, Prefill, ProgramContext,
                               SnapshotStates)
 from pcp_jax.sampling import Settings, eos_set
 from pcp_jax.sharding import CP_AXIS, REPLICATED, TOKENS, TP_AXIS, make_mesh, with_tp_axis
+from pcp_jax.weights import SCALE
 
 
 @dataclasses.dataclass
@@ -84,13 +86,16 @@ class Model:
     (a method of pcp_jax.kernels.attention.api.decode_attention_stacked: "dense", "split", "split-sum",
     "pallas"), or "auto": "pallas" where `kernels` runs GPU kernels (9B generate at 128k context 9.59 ->
     6.63 ms/token on an H200), else "dense". The attribute of that name holds the method chosen and may be
-    changed between calls (each method is its own decode program)."""
+    changed between calls (each method is its own decode program). `weights`: what the devices hold of an
+    FP8 checkpoint (pcp_jax.fp8): "dequantize" (the dequantized weights in `dtype`, exact), "fp8" (weight-only FP8
+    matmuls), "fp8-w8a8" (FP8 activations too), or "auto" (default: "fp8" for an FP8 checkpoint in bfloat16 on a
+    Hopper GPU with GPU kernels, else "dequantize"); the attribute `weights_mode` holds what it resolved to."""
 
     def __init__(self, cfg: ModelConfig, params, *, cp: int = 1, tp: int = 1, mesh: Mesh | None = None,
                  dtype: str = "bfloat16", kernels: str = "auto", gdn_strategy: str = "auto",
                  prefill_budget_bytes: int | None = None, scan_decode: bool | str = "auto",
                  bucket_steps: int | None = STEPS, compile_cache_dir=None, weights_digest: bytes | None = None,
-                 consume_params: bool = False, decode_attention: str = "auto"):
+                 consume_params: bool = False, decode_attention: str = "auto", weights: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
         if kernels not in KERNEL_CHOICES:
@@ -118,13 +123,19 @@ class Model:
         preload_gpu_backends(kernels)  # before any trace: see kernels/backend.py
         plan = LayerPlan.of(cfg.layer_types)
         source = DictSource(params, consume=consume_params) if isinstance(params, dict) else params
-        placed = place_params(cfg, mesh, source, self.dtype, plan.period, plan.groups)
+        has_fp8 = any(name.endswith(SCALE) for name in source.names())
+        self.weights_mode = resolve_weights(weights, has_fp8, dtype, use_gpu_kernels(kernels), is_hopper(mesh))
+        placed = place_params(cfg, mesh, source, self.dtype, plan.period, plan.groups,
+                              fp8=self.weights_mode != "dequantize")
+        placed = {name: dataclasses.replace(p, activations=ACTIVATIONS[self.weights_mode], kernels=kernels)
+                  if isinstance(p, Fp8Param) else p for name, p in placed.items()}
         graphdef, self.weights = nnx.split(Qwen35(cfg, placed, self.dtype, self.tp))
+        weights_key = describe_weights(placed)
         del placed
         scan = cfg.is_moe if scan_decode == "auto" else scan_decode
         context = ProgramContext(cfg, mesh, self.dtype, kernels, gdn_strategy, scan, graphdef,
                                  jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                              self.weights))
+                                              self.weights), weights_key)
         self.programs = CompiledPrograms(context, ProgramStore.open(cache_dir))
         self.prefix_cache = None
         self._room_floor = 0  # decode slots every prefill reserves at least (set by warmup)

@@ -10,7 +10,7 @@ Hugging Face folder (config.json + model.safetensors or a sharded index).
     weights_digest(params) -> bytes
 
 `open_source` reads only the config and the headers: its source (pcp_jax.convert.sources) reads blocks of
-tensors on demand, which is how `load_model` places each device's shard without any process holding the whole
+tensors on demand (an FP8 checkpoint's e4m3 weights as stored, with their float32 scales `<name>.scale`), which is how `load_model` places each device's shard without any process holding the whole
 model (`pcp_jax.parallel.tensor.place_params`). Its digest is the one stored at conversion for a converted
 folder, None for an HF folder (hashing would read every weight; `Model.fingerprint` hashes what it placed,
 when asked). `load_params` returns whole tensors: host numpy arrays for HF folders; converted folders restore

@@ -3,7 +3,9 @@
 Every figure is in bytes on ONE device of the ("cp", "tp") mesh (cp·tp devices; tp = 1 is the plain cp mesh):
 - weights: replicated over `cp`; over `tp`, each tensor as pcp_jax.weights declares it (heads, intermediate,
   experts, vocabulary split; norms, router and shared_gate replicated; KV heads and GDN key heads fewer than
-  tp repeated so that each rank holds one): its shape on one rank is `parallel.tensor.device_shapes`;
+  tp repeated so that each rank holds one): its shape on one rank is `parallel.tensor.device_shapes`; with FP8
+  weights (`weights="fp8"`, pcp_jax.fp8) the matrices declared with a BlockScale take one byte per element
+  plus their float32 block scales on the rank (`parallel.tensor.fp8_scale_shapes`);
 - KV cache: full-attention layers keep K and V of `num_kv_heads` heads of `head_dim` per token; prompt tokens
   are split over `cp` and heads over `tp`, so a device holds 2 · n_attention · (KV heads of one rank:
   `local_config(cfg, tp).num_kv_heads`) · head_dim · dtype bytes / cp per prompt token;
@@ -32,21 +34,25 @@ import jax.numpy as jnp
 
 from pcp_jax.buckets import STEPS, capacity, ladder_down, plan_pieces
 from pcp_jax.config import ModelConfig
-from pcp_jax.parallel.tensor import check_tp, device_shapes, local_config
+from pcp_jax.parallel.tensor import check_tp, device_shapes, fp8_scale_shapes, local_config
 from pcp_jax.weights import declare, device_itemsize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # the model dtypes, by name
+WEIGHTS = ("model", "dequantize", "fp8", "fp8-w8a8")  # how weights are held: in the model dtype, or FP8 (pcp_jax.fp8)
 CPU_PREFILL_BUDGET = 2 << 30  # activation bytes per device for chunk_size="auto" where memory is not reported
 
 _NO_POSITION_LIMIT = 1 << 31  # search bound for configs that state no max_position_embeddings
 
 
-def weights_bytes_per_device(cfg: ModelConfig, tp: int, dtype_bytes: int) -> int:
+def weights_bytes_per_device(cfg: ModelConfig, tp: int, dtype_bytes: int, fp8: bool = False) -> int:
     """Bytes of the parameters one device holds under tensor parallelism `tp` (every tensor's shape on one rank,
-    `device_shapes`), weights declared in the model dtype taking `dtype_bytes` each (pcp_jax.weights). tp = 1:
-    the whole model."""
+    `device_shapes`), weights declared in the model dtype taking `dtype_bytes` each (pcp_jax.weights); with
+    `fp8`, the matrices declared with a BlockScale one byte per element plus 4 per block scale. tp = 1: the
+    whole model."""
     weights = declare(cfg)
-    return sum(math.prod(shape) * device_itemsize(weights[name], dtype_bytes)
+    scales = fp8_scale_shapes(cfg, tp) if fp8 else {}
+    return sum(math.prod(shape) * (1 if name in scales else device_itemsize(weights[name], dtype_bytes))
+               + 4 * math.prod(scales.get(name, (0,)))
                for name, shape in device_shapes(cfg, tp).items())
 
 
@@ -135,7 +141,8 @@ def max_prompt_tokens(cfg: ModelConfig, cp: int, dtype_bytes: int, weights_bytes
 
 
 def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_bytes: int | None,
-            prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None, tp: int = 1) -> dict:
+            prefill_budget_bytes: int, piece_tokens: int, bucket_steps: int | None, tp: int = 1,
+            weights: str = "model") -> dict:
     b = jnp.dtype(DTYPES[dtype]).itemsize
     per_local_token = activation_bytes_per_token(cfg, b, tp)
     return {
@@ -143,8 +150,9 @@ def _report(cfg: ModelConfig, cp: int, dtype: str, weights_bytes: int, budget_by
         "tp": tp,
         "devices": cp * tp,
         "dtype": dtype,
+        "weights": weights,
         "weights_bytes": weights_bytes,
-        "model_weights_bytes": weights_bytes_per_device(cfg, 1, b),
+        "model_weights_bytes": weights_bytes_per_device(cfg, 1, b, fp8=weights == "fp8"),
         "kv_heads_per_device": local_config(cfg, tp).num_kv_heads,
         "gdn_value_heads_per_device": local_config(cfg, tp).linear_num_value_heads,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, cp, b, tp),
@@ -190,20 +198,23 @@ def memory_report(model, budget_bytes: int | None = None) -> dict:
     if budget_bytes is None:
         budget_bytes = device_memory_limit(model.mesh)
     return _report(model.cfg, model.cp, model.dtype_name, state_bytes_per_device(model.weights), budget_bytes,
-                   model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps, getattr(model, "tp", 1))
+                   model.prefill_budget_bytes, model.auto_piece_tokens, model.bucket_steps, getattr(model, "tp", 1),
+                   "fp8" if getattr(model, "weights_mode", "model").startswith("fp8") else "model")
 
 
 def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budget_bytes: int | None = None,
-                    tp: int = 1) -> dict:
+                    tp: int = 1, weights: str = "model") -> dict:
     """Memory per device of `cfg` on a ("cp", "tp") mesh of cp·tp devices, from the config alone (nothing is
     allocated), for a `Model` with default settings on devices of `budget_bytes` memory each (None: unknown, as
-    on CPU). A `tp` that does not split `cfg` is refused as `load_model` refuses it (`check_tp`). Returns: cp,
-    tp, devices (cp·tp), dtype;
+    on CPU), its weights held as `weights` says (WEIGHTS: "model"/"dequantize" in `dtype`, "fp8"/"fp8-w8a8" as
+    an FP8 checkpoint's on a Hopper GPU). A `tp` that does not split `cfg` is refused as `load_model` refuses it
+    (`check_tp`). Returns: cp, tp, devices (cp·tp), dtype, weights;
     weights_bytes (on one device); model_weights_bytes (one whole copy of the model); kv_heads_per_device;
     gdn_value_heads_per_device; kv_bytes_per_token (per prompt token, float); gdn_state_bytes_per_sequence;
     activation_bytes_per_local_token; prefill_budget_bytes (activations one piece may use); piece_tokens
     (chunk_size="auto" piece, tokens over all of cp); piece_activation_bytes; budget_bytes; max_prompt_tokens
-    (None without a budget). All sizes are bytes per device unless named otherwise."""
+    (None without a budget). `weights` in the result is "model" or "fp8". All sizes are bytes per device unless
+    named otherwise."""
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg={cfg!r:.80} must be a ModelConfig (pcp_jax.preset(name) or "
                          f"ModelConfig.from_hf_file(path))")
@@ -213,13 +224,16 @@ def memory_estimate(cfg: ModelConfig, cp: int = 1, dtype: str = "bfloat16", budg
     cp, tp = int(cp), int(tp)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; expected one of {list(WEIGHTS)}")
     budget_bytes = _check_budget(budget_bytes)
     check_tp(cfg, tp)
     b = jnp.dtype(DTYPES[dtype]).itemsize
-    weights = weights_bytes_per_device(cfg, tp, b)
-    prefill_budget = default_prefill_budget(weights, budget_bytes)
-    return _report(cfg, cp, dtype, weights, budget_bytes, prefill_budget,
-                   auto_piece_tokens(cfg, cp, b, prefill_budget, tp), STEPS, tp)
+    held = weights_bytes_per_device(cfg, tp, b, fp8=weights.startswith("fp8"))
+    prefill_budget = default_prefill_budget(held, budget_bytes)
+    return _report(cfg, cp, dtype, held, budget_bytes, prefill_budget,
+                   auto_piece_tokens(cfg, cp, b, prefill_budget, tp), STEPS, tp,
+                   "fp8" if weights.startswith("fp8") else "model")
 
 
 def format_memory_report(report: dict) -> str:
@@ -247,5 +261,6 @@ def format_memory_report(report: dict) -> str:
         ("longest prompt that fits", longest),
     ]
     width = max(len(name) for name, _ in rows)
-    head = f"memory per device (cp={report['cp']}, tp={report['tp']}, {report['dtype']})"
+    fp8 = ", FP8 weights" if report.get("weights") == "fp8" else ""
+    head = f"memory per device (cp={report['cp']}, tp={report['tp']}, {report['dtype']}{fp8})"
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])

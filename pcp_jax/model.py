@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from pcp_jax.config import FULL_ATTENTION, ModelConfig
+from pcp_jax.fp8 import Fp8Matrix, Fp8Param, linear
 from pcp_jax.kernels import gated_delta_rule_step, grouped_matmul, grouped_swiglu, merge_partials, merge_stacked
 from pcp_jax.kernels.attention.api import decode_attention_stacked
 from pcp_jax.parallel.context import ShardContext
@@ -113,8 +114,12 @@ _ModuleList = getattr(nnx, "List", list)
 
 
 def _param(params: dict, name: str, dtype):
+    """The device parameter `name` as module state: an nnx.Param in `dtype`, or an FP8 weight (Fp8Matrix, which
+    `linear` multiplies by)."""
     if name not in params:
         raise ValueError(f"missing parameter {name!r}")
+    if isinstance(params[name], Fp8Param):
+        return Fp8Matrix(params[name])
     return nnx.Param(jnp.asarray(params[name], dtype=dtype))
 
 
@@ -131,17 +136,17 @@ class GatedAttention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        qg = (x @ self.q_proj[...]).reshape(B, T, cfg.num_heads, 2 * hd)
+        qg = linear(x, self.q_proj).reshape(B, T, cfg.num_heads, 2 * hd)
         q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, cfg.num_heads * hd)
         q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-        k = rms_norm((x @ self.k_proj[...]).reshape(B, T, cfg.num_kv_heads, hd), self.k_norm[...], cfg.rms_norm_eps)
-        v = (x @ self.v_proj[...]).reshape(B, T, cfg.num_kv_heads, hd)
+        k = rms_norm(linear(x, self.k_proj).reshape(B, T, cfg.num_kv_heads, hd), self.k_norm[...], cfg.rms_norm_eps)
+        v = linear(x, self.v_proj).reshape(B, T, cfg.num_kv_heads, hd)
         return rope(q, positions, cfg), rope(k, positions, cfg), v, gate
 
     def _out(self, attn, gate, x):
         B, T = x.shape[:2]
         y = attn.astype(x.dtype).reshape(B, T, -1) * jax.nn.sigmoid(gate)
-        return y @ self.o_proj[...]
+        return linear(y, self.o_proj)
 
     def prefill(self, x, ctx: ShardContext, caches, index, history):
         """caches["k"/"v"] [NA, B, S, Hkv, hd]: this rank's slots of every attention layer; this layer's
@@ -206,10 +211,10 @@ class GatedDeltaNet(nnx.Module):
     def _out(self, o, x):
         cfg = self.cfg
         B, T = x.shape[:2]
-        z = (x @ self.in_proj_z[...]).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+        z = linear(x, self.in_proj_z).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
         y = rms_norm(o.astype(x.dtype), self.norm[...], cfg.rms_norm_eps, zero_centred=False)
         y = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
-        return y.reshape(B, T, -1) @ self.out_proj[...]
+        return linear(y.reshape(B, T, -1), self.out_proj)
 
     def prefill(self, x, ctx: ShardContext, caches, index, history):
         """caches["conv"] [NG, B, K-1, conv_dim], caches["state"] [NG, B, Hv, dk, dv] fp32: every GDN
@@ -220,7 +225,7 @@ class GatedDeltaNet(nnx.Module):
         cfg = self.cfg
         conv0 = jax.lax.dynamic_index_in_dim(caches["conv"], index, 0, keepdims=False)
         state0 = jax.lax.dynamic_index_in_dim(caches["state"], index, 0, keepdims=False)
-        qkv = x @ self.in_proj_qkv[...]
+        qkv = linear(x, self.in_proj_qkv)
         g, beta = self._gates(x)
         valid = ctx.valid[..., None]
         g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)  # padding never enters a state
@@ -239,7 +244,7 @@ class GatedDeltaNet(nnx.Module):
         cfg = self.cfg
         conv0 = jax.lax.dynamic_index_in_dim(caches["conv"], index, 0, keepdims=False)
         state0 = jax.lax.dynamic_index_in_dim(caches["state"], index, 0, keepdims=False)
-        qkv = x @ self.in_proj_qkv[...]  # [B, 1, Cd]
+        qkv = linear(x, self.in_proj_qkv)  # [B, 1, Cd]
         window = jnp.concatenate([conv0.astype(qkv.dtype), qkv], axis=1)  # [B, K, Cd]
         conv = causal_conv(qkv, self.conv_weight[...], window[:, :-1])
         q, k, v = split_heads(conv[:, 0], cfg)
@@ -279,7 +284,7 @@ class MLP(nnx.Module):
             setattr(self, n, _param(params, f"{prefix}.{n}", dtype))
 
     def __call__(self, x):
-        return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[...]
+        return linear(jax.nn.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
 def sort_by_expert(top_e, first, count: int):
@@ -345,6 +350,13 @@ class MoE(nnx.Module):
     def experts(self, xs, group_sizes, kernels):
         """xs [n, D] rows sorted by local expert -> [n, D]: each row through its expert's SwiGLU
         (rows past sum(group_sizes) give 0)."""
+        if isinstance(self.gate_proj, Fp8Matrix):  # FP8 experts (pcp_jax.fp8), [E, N, K] with block scales
+            from pcp_jax.kernels.fp8 import api as fp8
+            pair = lambda w: (w.values[...], w.scale[...])
+            opts = dict(activations=self.gate_proj.activations, kernels=kernels)
+            h = fp8.grouped_swiglu(xs, pair(self.gate_proj), pair(self.up_proj), self.gate_proj.block, group_sizes,
+                                   **opts)
+            return fp8.grouped_matmul(h, *pair(self.down_proj), self.down_proj.block, group_sizes, **opts)
         h = grouped_swiglu(xs, self.gate_proj[...], self.up_proj[...], group_sizes, kernels=kernels)
         return grouped_matmul(h, self.down_proj[...], group_sizes, kernels=kernels)
 

@@ -48,6 +48,7 @@ class ProgramContext:
     scan_decode: bool
     graphdef: Any
     state: Any
+    weights: str = "model"   # how the weights are stored (pcp_jax.fp8.describe_weights): FP8 ones change programs
 
     @property
     def cp(self) -> int:
@@ -63,10 +64,10 @@ class ProgramContext:
 
     def describe(self) -> str:
         """Everything besides the signature that decides a compiled program, as text (for the store's keys):
-        the config, dtype, mesh shape and devices, kernel and strategy choices."""
+        the config, dtype, mesh shape and devices, kernel and strategy choices, the weights' storage."""
         devices = [(d.id, d.process_index) for d in self.mesh.devices.flat]
         return repr((self.cfg, jnp.dtype(self.dtype).name, dict(self.mesh.shape), self.mesh.axis_names, devices,
-                     self.kernels, self.gdn_strategy, self.scan_decode))
+                     self.kernels, self.gdn_strategy, self.scan_decode, self.weights))
 
     # Helpers of the abstract arguments --------------------------------------------------------------
     def spec(self, shape, dtype, partition) -> jax.ShapeDtypeStruct:

@@ -5,9 +5,12 @@
 the device, how it splits over the mesh axis `tp`, its random initializer and, for the matrices an FP8
 checkpoint quantizes, its block scale. Everything else derives from it:
 - `param_shapes(cfg)`: the contract's names and shapes, which the converter and every loader check;
+  `contract_shapes(cfg, fp8)` adds the block scale `<name>.scale` of each tensor an FP8 checkpoint stores as e4m3
+  (input-major like the weight: [..., ceil(in/128), ceil(out/128)], the transpose of HF's `weight_scale_inv`);
 - the tp placement of each tensor (pcp_jax.parallel.tensor.placements) and its shape on one rank
   (`device_shapes` there), hence the weight bytes of pcp_jax.memory;
-- `random_params` / `RandomSource`: random weights with sane scales, for the demo, tests and benchmarks.
+- `random_params` / `RandomSource`: random weights with sane scales, for the demo, tests and benchmarks
+  (`RandomSource(cfg, fp8=True)`: the declared matrices quantized to FP8 on the devices).
 
 Splits over tp (Megatron style; docs/communication.md): heads, intermediate columns, experts and vocabulary
 rows are split; norms, the router and the shared-expert gate are replicated. Three layouts say how the
@@ -46,10 +49,10 @@ class TpSplit:
 @dataclasses.dataclass(frozen=True)
 class BlockScale:
     """An FP8 checkpoint may store this matrix as e4m3 with one scale per `block` of its last two axes (input,
-    output), `weight_scale_inv` in the released layout. The scale splits over tp along the weight's split axis
-    in whole blocks, which needs each rank's share of that axis (and each head a layout moves: 128 or 256
-    wide in every released size) to be whole blocks. FP8 loading is issue 27; the declaration says which
-    weights it concerns."""
+    output), `weight_scale_inv` in the released layout, and the model may then keep it in FP8 on the device
+    (pcp_jax.fp8). The scale splits over tp with the weight: a rank holds the scales of the blocks its share
+    touches (pcp_jax.parallel.tensor.fp8_placements). Tensors without a BlockScale that a checkpoint stores
+    in FP8 anyway are dequantized when loaded."""
     block: tuple[int, int] = (128, 128)
 
     def shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -151,6 +154,34 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: w.shape for name, w in declare(cfg).items()}
 
 
+SCALE = ".scale"  # the contract name of a weight's FP8 block scale is the weight's name plus this
+
+
+def scale_shape(weight: Weight) -> tuple[int, ...]:
+    """The shape of `weight`'s FP8 block scale: its declared BlockScale's, else 128x128 blocks."""
+    return (weight.scale or BlockScale()).shape(weight.shape)
+
+
+def fp8_names(cfg: ModelConfig) -> list[str]:
+    """The contract tensors an FP8 release stores as e4m3 (those declared with a BlockScale), in streaming order."""
+    return [name for name, w in declare(cfg).items() if w.scale is not None]
+
+
+def contract_shapes(cfg: ModelConfig, fp8=()) -> dict[str, tuple[int, ...]]:
+    """`param_shapes(cfg)` plus the block scale `<name>.scale` (float32) of every name in `fp8` (tensors stored as
+    e4m3), each right after its weight. ValueError for a name that is no matrix of the contract."""
+    weights, fp8 = declare(cfg), set(fp8)
+    bad = sorted(n for n in fp8 if n not in weights or len(weights[n].shape) < 2)
+    if bad:
+        raise ValueError(f"FP8 tensors {bad[:5]} are not matrices of this config's contract")
+    out = {}
+    for name, w in weights.items():
+        out[name] = w.shape
+        if name in fp8:
+            out[name + SCALE] = scale_shape(w)
+    return out
+
+
 def device_itemsize(weight: Weight, model_itemsize: int) -> int:
     """Bytes per element of `weight` on the device, where the model dtype takes `model_itemsize` bytes."""
     return model_itemsize if weight.dtype == "model" else np.dtype(weight.dtype).itemsize
@@ -187,24 +218,50 @@ class RandomSource:
     one program straight into its sharding: no host copy, so benchmarks can build models larger than host
     memory. A TensorSource for `Model(cfg, RandomSource(cfg), ...)`. Repeated KV / GDN key heads (tp above
     their count) and stacked layers get independent values: the timing is that of the real model, the
-    function is not that of `random_params`."""
+    function is not that of `random_params`. `fp8=True`: the matrices declared with a BlockScale come as an FP8
+    checkpoint holds them (e4m3 values and float32 block scales, `contract_shapes(cfg, fp8_names(cfg))`), made by
+    quantizing the random values per block on the devices (`place_fp8`)."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, fp8: bool = False):
         self.weights, self.seed = declare(cfg), seed
         self.order = {name: i for i, name in enumerate(sorted(self.weights))}
+        self.shapes = contract_shapes(cfg, fp8_names(cfg) if fp8 else ())
 
     def names(self):
-        return self.weights.keys()
+        return self.shapes.keys()
 
     def shape(self, name: str):
-        return self.weights[name].shape
+        return self.shapes[name]
 
     def read(self, name, idx):
         raise NotImplementedError("RandomSource makes device arrays only (place)")
 
+    def _key(self, placement):
+        return jax.random.fold_in(jax.random.key(self.seed), self.order[placement.sources[0]])
+
     def place(self, placement, sharding, dtype) -> jax.Array:
         """The device parameter `placement` (pcp_jax.parallel.tensor.Placement) on `sharding`, in `dtype`."""
-        first = placement.sources[0]
-        key = jax.random.fold_in(jax.random.key(self.seed), self.order[first])
         make = jax.jit(sample, static_argnums=(0, 2, 3), out_shardings=sharding)
-        return make(self.weights[first].init, key, placement.shape, np.dtype(dtype))
+        return make(self.weights[placement.sources[0]].init, self._key(placement), placement.shape, np.dtype(dtype))
+
+    def place_fp8(self, values, scale, block, shardings) -> tuple[jax.Array, jax.Array]:
+        """The FP8 device parameter of placements `values` and `scale` (pcp_jax.parallel.tensor.fp8_placements):
+        random values of the weight's initializer quantized per `block` of the values' layout, on `shardings`
+        (values, scale). A stacked parameter is made one layer at a time, so that only one layer's values exist
+        in float32 at once."""
+        from pcp_jax.kernels.fp8.reference import quantize
+
+        init = self.weights[values.sources[0]].init
+        one = lambda key, shape: quantize(sample(init, key, shape, jnp.float32), block)
+
+        def make(key):
+            if not values.stacked:
+                return one(key, values.shape)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(values.shape[0]))
+            return jax.lax.map(lambda k: one(k, values.shape[1:]), keys)
+
+        out = jax.jit(make, out_shardings=shardings)(self._key(values))
+        if out[1].shape != scale.shape:
+            raise ValueError(f"{scale.name}: blocks {block} of {values.shape} give scales {out[1].shape}, "
+                             f"expected {scale.shape}")
+        return out

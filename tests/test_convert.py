@@ -418,9 +418,11 @@ def _quantize(layout):
         for name in [n for n in tensors if n.endswith("proj.weight") and tensors[n].ndim == 2]:
             w, base = tensors.pop(name), name[: -len(".weight")]
             rows, cols = w.shape
-            if layout == "fp8":  # the released FP8 layout: e4m3 weights, 128x128 blocks of inverse scales
+            if layout.startswith("fp8"):  # the released FP8 layout: e4m3 weights, 128x128 blocks of inverse scales
                 tensors[name] = w.to(torch.float8_e4m3fn)
                 tensors[base + ".weight_scale_inv"] = torch.ones(-(-rows // 128), -(-cols // 128))
+                if layout == "fp8 input scales":  # static activation scales (activation_scheme "static")
+                    tensors[base + ".input_scale"] = torch.ones(())
             elif layout in ("gptq", "awq"):  # 4-bit weights packed 8 to an int32, group scales and zero points
                 tensors[base + ".qweight"] = torch.zeros(cols // 8, rows, dtype=torch.int32)
                 tensors[base + ".qzeros"] = torch.zeros(1, rows // 8, dtype=torch.int32)
@@ -439,10 +441,22 @@ def _quantize(layout):
     return edit
 
 
-QUANTIZED = {
-    "fp8": ("fp8", {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                    "weight_block_size": [128, 128]},
-            "quantized checkpoints are not supported: config.json declares quant_method 'fp8' (tensor "),
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+QUANTIZED = {  # FP8 loads in the released layout only (tests/test_fp8.py); other settings are refused by name
+    "fp8 static activations": ("fp8", FP8 | {"activation_scheme": "static"},
+                               "activation_scheme='static'; pcp_jax loads activation_scheme='dynamic' only"),
+    "fp8 64x64 blocks": ("fp8", FP8 | {"weight_block_size": [64, 64]}, "has weight_block_size=[64, 64]; pcp_jax"),
+    "fp8 e5m2": ("fp8", FP8 | {"fmt": "e5m2"}, "has fmt='e5m2'; pcp_jax loads fmt='e4m3' only"),
+    "fp8 ue8m0 scales": ("fp8", FP8 | {"scale_fmt": "ue8m0"}, "has scale_fmt='ue8m0'"),
+    "fp8 fp4 experts": ("fp8", FP8 | {"expert_dtype": "fp4"}, "has expert_dtype='fp4'"),
+    "fp8 module kept unquantized": ("fp8", FP8 | {"modules_to_not_convert": ["lm_head", "linear_attn.out_proj"]},
+                                    "but config.json's modules_to_not_convert lists 'linear_attn.out_proj', which "
+                                    "keeps module model.layers."),
+    "fp8 with static input scales": ("fp8 input scales", FP8,
+                                     "input_scale is a quantization tensor (scales, zero points or packed weights); "
+                                     "an FP8 checkpoint holds F8_E4M3 weights"),
+    "fp8 weights declaring gptq": ("fp8", {"quant_method": "gptq", "bits": 4},
+                                   "other than FP8 are not supported: config.json declares quant_method 'gptq'"),
     "gptq": ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method 'gptq'"),
     "awq": ("awq", {"quant_method": "awq", "bits": 4, "version": "gemm"}, "quant_method 'awq'"),
     "nf4": ("nf4", {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},

@@ -1,6 +1,6 @@
 """`pcp-jax bench`: end-to-end prefill benchmark of a named preset with random weights (one process, one mesh).
 
-  pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp 1] [--tp 1] [--check]
+  pcp-jax bench --preset qwen3.5-9b --tokens 8192,32768,131072 [--cp 1] [--tp 1] [--check] [--weights fp8]
   (or python scripts/bench_prefill.py with the same flags)
   pcp-jax bench --impl hf --preset qwen3.5-9b --tokens 8192,32768   (transformers + FLA)
 
@@ -11,6 +11,9 @@ only for the last token), causal attention as half the square, and the chunked G
 output). MFU = achieved FLOP/s over the measured bf16 matmul peak (`--peak`, TFLOP/s, one GPU) times the
 cp·tp GPUs used.
 `--check` first compares the GPU-kernel path with the plain-jnp path on the demo preset (bf16).
+`--weights fp8` (or fp8-w8a8): the matrices an FP8 release stores in FP8 are random values quantized to e4m3 with
+128x128 block scales on the devices (weights.RandomSource(fp8=True)) and kept in FP8 (pcp_jax.fp8), so the big
+presets' FP8 speed can be measured without a checkpoint; bf16 (default) is the unquantized model.
 `--decode N` times N decode steps after each prefill (the prefill then reserves room for them), each
 `decode_step` call waited for alone ("decode step"), then N greedy tokens through `generate`'s loop, which
 queues each step before it reads the sampled token ("generate": ms per token, what a user of `generate` sees);
@@ -93,9 +96,10 @@ def bench_ours(args, cfg, lengths):
     from pcp_jax.weights import RandomSource
 
     t0 = time.perf_counter()
+    fp8 = args.weights != "bf16"
     try:  # random weights made on the devices, already split over tp (no host copy of the model)
-        model = Model(cfg, RandomSource(cfg, seed=0), cp=args.cp, tp=args.tp, dtype="bfloat16", kernels=args.kernels,
-                      gdn_strategy=args.gdn_strategy)
+        model = Model(cfg, RandomSource(cfg, seed=0, fp8=fp8), cp=args.cp, tp=args.tp, dtype="bfloat16",
+                      kernels=args.kernels, gdn_strategy=args.gdn_strategy, weights=args.weights if fp8 else "auto")
     except ValueError as e:  # --cp x --tp beyond the visible devices, a split or strategy the shape cannot take
         raise UsageError(str(e)) from None
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -267,6 +271,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tp", type=int_at_least(1), default=1, help="tensor/expert-parallel ranks per cp rank")
     parser.add_argument("--impl", choices=["ours", "hf"], default="ours")
     parser.add_argument("--kernels", default="auto", choices=["auto", "jnp", "gpu"])
+    parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8-w8a8"],
+                        help="random bf16 weights, or FP8 ones (weight-only FP8 matmuls, or w8a8; ours only)")
     parser.add_argument("--gdn-strategy", default="auto", choices=["auto", "batch", "sequence"])
     parser.add_argument("--reps", type=int_at_least(1), default=3)
     parser.add_argument("--peak", type=finite_float(0.0, low_open=True), default=799.0,
@@ -308,6 +314,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     """`pcp-jax bench` without the error path (pcp_jax.cli.main and main above provide it)."""
     cfg = bench_shape(args.preset, args.layers)
+    if args.impl == "hf" and args.weights != "bf16":
+        raise UsageError(f"--weights {args.weights} measures our FP8 path; --impl hf runs bf16 only")
     use_compile_cache(args.compile_cache)
     lengths = args.tokens
     if args.check or args.check_only:
@@ -317,7 +325,9 @@ def run(args) -> int:
             return 0
     rows = (bench_hf if args.impl == "hf" else bench_ours)(args, cfg, lengths)
     layers = f" (first {args.layers} layers)" if args.layers else ""
-    print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, tp {args.tp}, bf16")
+    weights = f", {args.weights} weights" if args.weights != "bf16" else ""
+    print(f"\n{args.impl} prefill, preset {args.preset}{layers}, batch {args.batch}, cp {args.cp}, tp {args.tp}, bf16"
+          f"{weights}")
     print("| tokens | time (ms) | tokens/s | model TFLOP/s | MFU | first call (s) | decode step (ms) | "
           "generate (ms/token) | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -15,6 +15,12 @@ partial outputs over `tp`):
 
 Which axis of each contract tensor is split, and in which layout, is declared once in pcp_jax.weights; this
 module realizes the layouts (`layout_indexes`) and gives each tensor's shape on one rank (`device_shapes`).
+FP8 weights (contract tensors with a `<name>.scale`, pcp_jax.weights.contract_shapes) are placed with their
+block scales (`fp8_placements`): a rank holds the scales of the 128x128 blocks its share touches, repeated
+where a split cuts a block (then the scale's block is the largest divisor of 128 that divides the share:
+64 for a rank holding half a block); a split that would put two blocks' elements in one such block is
+refused in one line. `place_params` keeps them as `pcp_jax.fp8.Fp8Param`s (output-major, as the checkpoint
+stores them) or dequantizes them on the devices (pcp_jax.fp8 says when).
 The checkpoint stays as it is on disk: a `Placement` says how one device parameter is built from contract
 tensors (docs/convert.md), and `place_params` builds every device parameter shard by shard from a
 `TensorSource`, reading only the blocks its devices hold. Stacked parameters (`group.{j}.<leaf>`: the weights
@@ -24,16 +30,24 @@ of layers j, p+j, 2p+j, ... of a `LayerPlan`) are built here too, so stacking ne
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import numbers
 from collections.abc import Callable, Iterable
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pcp_jax.config import ModelConfig
+from pcp_jax.fp8 import Fp8Param
 from pcp_jax.sharding import TP_AXIS
-from pcp_jax.weights import declare, param_shapes
+from pcp_jax.weights import SCALE, contract_shapes, declare
+
+SCALE_BLOCK = 128  # elements per block scale along each axis in the released checkpoints
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)  # every e4m3 bit pattern's value
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -125,25 +139,32 @@ class Placement:
     """How one device parameter is made. `name`: a contract name (`layers.13.attn.q_proj`) or a stacked one
     (`group.1.attn.q_proj`: the contract tensors `sources`, stacked on a new leading axis). `split`: the
     axis of a source tensor split over `tp` (None: replicated); `index`: along that axis, the source
-    position of each position on the mesh (None: the same); `shape`: the global shape on the mesh."""
+    position of each position on the mesh (None: the same); `transposed`: the device holds each source with its
+    last two axes swapped (FP8 weights, output-major); `shape`: the global shape on the mesh."""
     name: str
     sources: tuple[str, ...]
     stacked: bool
     source_shape: tuple[int, ...]
     split: int | None
     index: np.ndarray | None
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         shape = list(self.source_shape)
         if self.index is not None:
             shape[self.split] = len(self.index)
+        if self.transposed:
+            shape[-2], shape[-1] = shape[-1], shape[-2]
         return ((len(self.sources),) if self.stacked else ()) + tuple(shape)
 
     def spec(self, tp: int) -> PartitionSpec:
         axes = [None] * len(self.shape)
         if self.split is not None and tp > 1:
-            axes[self.split + self.stacked] = TP_AXIS
+            axis, last = self.split, len(self.source_shape) - 1
+            if self.transposed and axis >= last - 1:
+                axis = 2 * last - 1 - axis  # the last two axes swap
+            axes[axis + self.stacked] = TP_AXIS
         return PartitionSpec(*axes)
 
     def block(self, idx: tuple[slice, ...], read: Callable[[str, tuple[slice, ...]], np.ndarray]) -> np.ndarray:
@@ -152,7 +173,11 @@ class Placement:
         idx = tuple(idx) + (slice(None),) * (len(self.shape) - len(idx))
         names = self.sources[idx[0]] if self.stacked else self.sources
         per_source = idx[1:] if self.stacked else idx
+        if self.transposed:
+            per_source = per_source[:-2] + (per_source[-1], per_source[-2])
         blocks = [self._source_block(name, per_source, read) for name in names]
+        if self.transposed:
+            blocks = [np.swapaxes(b, -1, -2) for b in blocks]
         return np.stack(blocks) if self.stacked else blocks[0]
 
     def _source_block(self, name, idx, read):
@@ -166,6 +191,38 @@ class Placement:
             part_idx[self.split] = slice(int(run[0]), int(run[-1]) + 1)
             parts.append(np.asarray(read(name, tuple(part_idx))))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.split)
+
+
+class ScaleSplitError(ValueError):
+    """A tp split that would put elements of two scale blocks under one scale of a rank (`fp8_placements`)."""
+
+
+def fp8_placements(p: Placement, tp: int, transposed: bool) -> tuple[Placement, Placement, tuple[int, int]]:
+    """The placements of an FP8 weight `p` (every source stored as e4m3 with a `<source>.scale`): its values (as
+    `p`, `transposed` or not) and its block scale, and the block of the values' device layout that one scale
+    covers. Along an axis split over tp, a rank's share of S positions gets scales for blocks of
+    gcd(128, S) positions, each the scale of the 128-block of the source holding them (repeated where a share
+    cuts a block); other axes keep the checkpoint's 128-blocks (the last one may be partial). ScaleSplitError
+    when a layout (repeated or reordered heads) puts positions of two source blocks into one block of a share."""
+    last = len(p.source_shape) - 1
+    block = [SCALE_BLOCK, SCALE_BLOCK]
+    index = None
+    if p.split is not None and p.split >= last - 1 and tp > 1:
+        positions = np.arange(p.source_shape[p.split]) if p.index is None else p.index
+        size = math.gcd(SCALE_BLOCK, len(positions) // tp)
+        blocks = positions.reshape(-1, size) // SCALE_BLOCK
+        if (blocks != blocks[:, :1]).any():
+            raise ScaleSplitError(f"tp={tp} cannot split the FP8 weight {p.sources[0]}: a rank's share of its axis "
+                                  f"{p.split} mixes elements of different {SCALE_BLOCK}x{SCALE_BLOCK} scale blocks; "
+                                  f"use a tp whose shares are whole heads of {SCALE_BLOCK}, or weights='dequantize'")
+        block[p.split - (last - 1)] = size
+        if size != SCALE_BLOCK or p.index is not None:
+            index = blocks[:, 0]
+    *lead, rows, cols = p.source_shape
+    scale_shape = (*lead, -(-rows // SCALE_BLOCK), -(-cols // SCALE_BLOCK))
+    scale = Placement(p.name + SCALE, tuple(s + SCALE for s in p.sources), p.stacked, scale_shape, p.split, index,
+                      transposed)
+    return dataclasses.replace(p, transposed=transposed), scale, (block[1], block[0]) if transposed else tuple(block)
 
 
 def layout_indexes(cfg: ModelConfig, tp: int) -> dict[str, np.ndarray | None]:
@@ -186,6 +243,20 @@ def device_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
             index = indexes[w.tp.layout]
             shape[w.tp.axis] = (shape[w.tp.axis] if index is None else len(index)) // tp
         out[name] = tuple(shape)
+    return out
+
+
+def fp8_scale_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
+    """The shape of the block scale of every matrix declared with a BlockScale on one tp rank, when kept in FP8
+    (`fp8_placements`; ScaleSplitError where tp splits one inside its scale blocks)."""
+    declared, out = declare(cfg), {}
+    for p in placements(cfg, tp, 1, 0):
+        if declared[p.name].scale is not None:
+            scale = fp8_placements(p, tp, transposed=False)[1]
+            shape = list(scale.shape)
+            if scale.split is not None and tp > 1:
+                shape[scale.split] //= tp
+            out[p.name] = tuple(shape)
     return out
 
 
@@ -233,10 +304,12 @@ class DictSource:
             self.params.pop(name, None)
 
 
-def check_source(cfg: ModelConfig, source) -> None:
-    """Every contract tensor present with its shape, and nothing else (ValueError otherwise)."""
-    expected = param_shapes(cfg)
+def check_source(cfg: ModelConfig, source) -> set[str]:
+    """Every contract tensor present with its shape, the block scale of each FP8 one (named `<name>.scale`), and
+    nothing else (ValueError otherwise). Returns the names of the FP8 tensors."""
     names = set(source.names())
+    fp8 = {n[: -len(SCALE)] for n in names if n.endswith(SCALE)}
+    expected = contract_shapes(cfg, fp8 & set(declare(cfg)))
     extra = sorted(names - set(expected))
     if extra:
         raise ValueError(f"unexpected parameters for this config: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
@@ -246,34 +319,93 @@ def check_source(cfg: ModelConfig, source) -> None:
     for name, shape in expected.items():
         if tuple(source.shape(name)) != tuple(shape):
             raise ValueError(f"parameter {name!r} has shape {tuple(source.shape(name))}; this config expects {tuple(shape)}")
+    return fp8
 
 
-def place_params(cfg: ModelConfig, mesh, source, dtype, period: int, groups: int) -> dict[str, jax.Array]:
+def dequantized_block(read, name: str, idx: tuple[slice, ...]) -> np.ndarray:
+    """Block `idx` of the FP8 contract tensor `name`, dequantized on the host: values · scale of the 128x128 block
+    holding each element, in float32 (the product transformers' dequantizer computes). `read(name, slices)`
+    reads a contract tensor; only the scales of the blocks `idx` touches are read."""
+    values = np.asarray(read(name, idx))
+    shape = values.shape
+    lead, (r, c) = idx[:-2], idx[-2:]
+    r0, c0 = (r.start or 0), (c.start or 0)
+    b_rows = slice(r0 // SCALE_BLOCK, -(-(r0 + shape[-2]) // SCALE_BLOCK))
+    b_cols = slice(c0 // SCALE_BLOCK, -(-(c0 + shape[-1]) // SCALE_BLOCK))
+    scale = np.asarray(read(name + SCALE, (*lead, b_rows, b_cols)), np.float32)
+    scale = np.repeat(np.repeat(scale, SCALE_BLOCK, axis=-2), SCALE_BLOCK, axis=-1)
+    scale = scale[..., r0 - b_rows.start * SCALE_BLOCK:, c0 - b_cols.start * SCALE_BLOCK:][..., :shape[-2], :shape[-1]]
+    return _E4M3_VALUES[values.view(np.uint8)] * scale
+
+
+def _from_blocks(p: Placement, sharding, dtype, read) -> jax.Array:
+    """The device parameter `p` on `sharding` in `dtype`, each distinct block read once with `read`."""
+    cache: dict = {}
+
+    def block(idx):
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in cache:
+            cache[key] = np.asarray(p.block(idx, read), dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(p.shape, sharding, block)
+
+
+def _place_fp8(p: Placement, source, mesh, tp: int, keep: bool, dtype) -> jax.Array | Fp8Param:
+    """The FP8 weight `p`: its values and scales placed (`fp8_placements`), kept as an Fp8Param (`keep`) or
+    dequantized on the devices into `dtype` (the contract layout of `p`)."""
+    values, scale, block = fp8_placements(p, tp, transposed=keep)
+    shardings = (NamedSharding(mesh, values.spec(tp)), NamedSharding(mesh, scale.spec(tp)))
+    if hasattr(source, "place_fp8"):  # a source that makes device arrays itself (weights.RandomSource)
+        v, s = source.place_fp8(values, scale, block, shardings)
+    else:
+        v = _from_blocks(values, shardings[0], E4M3, source.read)
+        s = _from_blocks(scale, shardings[1], np.float32, source.read)
+    if keep:
+        return Fp8Param(v, s, block)
+    from pcp_jax.kernels.fp8.reference import dequantize
+
+    run = jax.jit(functools.partial(dequantize, block=block, dtype=dtype),
+                  out_shardings=NamedSharding(mesh, p.spec(tp)))
+    return run(v, s)
+
+
+def place_params(cfg: ModelConfig, mesh, source, dtype, period: int, groups: int, *, fp8: bool = False
+                 ) -> dict[str, jax.Array | Fp8Param]:
     """Every device parameter (see `placements`) as a global array on `mesh` (axes "cp" and "tp"; no "tp"
     axis means tp = 1), split over `tp` and replicated over `cp`, in `dtype`. Each distinct block is read
     once from `source` (which needs names/shape/read, optionally release, or `place(placement, sharding,
-    dtype)` to make the array itself) and copied to the devices that hold it; a process reads only the blocks of its own devices. Host memory holds one parameter's blocks
-    at a time."""
+    dtype)` and `place_fp8` to make the arrays itself) and copied to the devices that hold it; a process reads
+    only the blocks of its own devices. Host memory holds one parameter's blocks at a time.
+    FP8 weights of the source (those with a `<name>.scale`): with `fp8`, those declared with a BlockScale whose
+    every stacked source is FP8 become `Fp8Param`s (ScaleSplitError where tp splits one inside its scale
+    blocks); every other one is dequantized (values · scale in fp32, rounded once to `dtype`): on the devices
+    when all of a parameter's sources are FP8, on the host block by block when only some are (a stack mixing
+    FP8 and 16-bit layers) or when tp splits it inside its scale blocks."""
     tp = mesh.shape.get(TP_AXIS, 1)
-    check_source(cfg, source)
+    quantized = check_source(cfg, source)
+    declared = declare(cfg)
     dtype = np.dtype(dtype)
+    read = source.read if not quantized else (
+        lambda name, idx: dequantized_block(source.read, name, idx) if name in quantized else source.read(name, idx))
     out = {}
     for p in placements(cfg, tp, period, groups):
-        cache: dict = {}
-
-        def block(idx, p=p, cache=cache):
-            key = tuple((s.start, s.stop, s.step) for s in idx)
-            if key not in cache:
-                cache[key] = np.asarray(p.block(idx, source.read), dtype)
-            return cache[key]
-
         sharding = NamedSharding(mesh, p.spec(tp))
-        if hasattr(source, "place"):  # a source that makes device arrays itself (weights.RandomSource)
+        if all(s in quantized for s in p.sources):
+            keep = fp8 and declared[p.sources[0]].scale is not None
+            try:
+                out[p.name] = _place_fp8(p, source, mesh, tp, keep, dtype)
+            except ScaleSplitError:
+                if keep:
+                    raise
+                out[p.name] = _from_blocks(p, sharding, dtype, read)
+        elif hasattr(source, "place"):  # a source that makes device arrays itself (weights.RandomSource)
             out[p.name] = source.place(p, sharding, dtype)
         else:
-            out[p.name] = jax.make_array_from_callback(p.shape, sharding, block)
-        cache.clear()
+            out[p.name] = _from_blocks(p, sharding, dtype, read)
         if hasattr(source, "release"):
             for s in p.sources:
                 source.release(s)
+                if s in quantized:
+                    source.release(s + SCALE)
     return out
