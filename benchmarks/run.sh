@@ -9,6 +9,8 @@
 #   bash benchmarks/run.sh tp                 the tp check, then MoE presets over MESHES (cp x tp) of the GPUs (the
 #                                             397B: its first LAYERS397 layers)
 #   bash benchmarks/run.sh warmstart          cold start (ready, refined, a session of random lengths), then a restart
+#   bash benchmarks/run.sh prefix             the prefix cache: a 100k-token document and questions, a chat (9B)
+#   bash benchmarks/run.sh warmstart35        the 35B-A3B ready for 128k prompts with 64 new tokens, then one
 #   bash benchmarks/run.sh fp8                FP8 paths checked, matmuls, logits error, the 122B-A10B in FP8 on one
 #                                             GPU; then the 35B-A3B and 27B in FP8 against bf16 (one GPU)
 # Environment: SKIP (stage names to leave out), T_<STAGE> (a stage's limit in seconds), TOKENS, MESHES, CP.
@@ -70,9 +72,15 @@ for suite in "$@"; do
         --session 20 --fit
       stage restart 170 python3 benchmarks/warmstart.py --store /tmp/pcp_store --cp "${CP:-1}" --max-tokens 131072 \
         --session 20 ;;
+    prefix)  # qwen3.5-9b: a 100k-token document and five questions, the first prefill with the cache on/off, a chat
+      stage prefix 300 python3 benchmarks/prefix_cache.py ;;
+    warmstart35)  # qwen3.5-35b-a3b: warmup(131072, max_new_tokens=64) until ready, then a 128k prompt + 64 tokens
+      rm -rf /tmp/pcp_store35
+      stage warm35 250 python3 benchmarks/warmstart.py --store /tmp/pcp_store35 --preset qwen3.5-35b-a3b \
+        --max-tokens 131072 --max-new-tokens 64 --new-tokens 64 --session 1 --min-tokens 131072 --ready-only ;;
     fp8)
       stage fp8_kernels 540 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fp8.py --parts check,matmul,error,big
       stage fp8_models 570 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fp8.py --parts models ;;
-    *) echo "unknown suite $suite; expected kernels, prefill, decode, tp, warmstart or fp8" >&2; exit 2 ;;
+    *) echo "unknown suite $suite; expected kernels, prefill, decode, tp, warmstart, prefix, warmstart35 or fp8" >&2; exit 2 ;;
   esac
 done

@@ -49,6 +49,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=0, help="tokens each session request generates")
     p.add_argument("--session", type=int, default=20)
     p.add_argument("--fit", action="store_true", help="time exact ladder lengths for the padding overhead")
+    p.add_argument("--ready-only", action="store_true", help="stop after the session right after ready (no refinement)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -116,6 +117,14 @@ def main() -> int:
         return rows
 
     during = session("right after ready")
+    if args.ready_only:
+        print(f"\n| {args.preset} cp={args.cp} | weights | ready | programs (coarse ready) | session compiles | "
+              f"TTFT{' + ' + str(args.new_tokens) + ' tokens' if args.new_tokens else ''} |")
+        print(f"| s from start | {t_weights:.1f} | {t_ready:.1f} | {stats['programs']} ({stats['compiled']} compiled, "
+              f"{stats['loaded']} loaded) | {sum(r[2] for r in during)} | "
+              f"{', '.join(f'{n}: {t:.2f} s' for n, t, _, _ in during)} |", flush=True)
+        import os
+        os._exit(0)  # leave the refinement in flight behind (its compiles would hold the exit)
     while model.compile_status()["pending"]:
         time.sleep(0.5)
     t_refined = since()
