@@ -264,3 +264,29 @@ def format_memory_report(report: dict) -> str:
     fp8 = ", FP8 weights" if report.get("weights") == "fp8" else ""
     head = f"memory per device (cp={report['cp']}, tp={report['tp']}, {report['dtype']}{fp8})"
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])
+
+
+def check_request(cfg: ModelConfig, mesh, dtype_bytes: int, tp: int, batch: int, n: int, max_new_tokens: int,
+                  slots: int) -> None:
+    """Refuse, before allocating or compiling anything, a request beyond the model's positions or the device
+    memory: n prompt tokens + max_new_tokens, batch rows, `slots` KV slots per rank."""
+    import os
+    limit = cfg.max_position_embeddings
+    if limit and n + max_new_tokens > limit:
+        raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{limit} positions (max_position_embeddings)")
+    kv = kv_bytes_per_token(cfg, 1, dtype_bytes, tp=tp) * batch * slots
+    stats, where = device_memory_stats(mesh), "per device"
+    free = None if stats is None else stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if free is None and mesh.devices.flat[0].platform == "cpu":
+        # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right now
+        # would refuse requests the page cache could make room for)
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // mesh.size
+        where = "per CPU device (host memory)"
+    if free is not None and kv > free:
+        hint = "" if "host memory" in where else (
+            "; JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU (0.75 unless set): a model that fills most of "
+            "a GPU may need e.g. 0.95")
+        raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
+                         f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are available (use a larger cp or tp, "
+                         f"fewer tokens or a smaller batch{hint})")

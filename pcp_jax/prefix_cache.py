@@ -38,7 +38,7 @@ import weakref
 import jax
 import numpy as np
 
-from pcp_jax.programs import CAPTURES, CopyBlock, RestoreSegment, RestoreStates
+from pcp_jax.programs import CAPTURES, CopyBlock, RestoreSegment, RestoreStates, SnapshotStates
 
 BLOCK_TOKENS = 1024  # default: a question or chat turn shorter than this resumes right after the shared prefix
 NO_LIMIT = 2**31 - 1  # a segment valid up to its last position
@@ -227,3 +227,42 @@ def keep(cache: PrefixCache, keys: list[bytes], positions: list[int], captured: 
             continue
         chain = tuple((seg, min(limit, position)) for seg, limit, first in segments if first < position)
         cache.add(keys[position // cache.block_tokens - 1], Entry(position, chain, captured[k], k))
+
+
+class Snapshots:
+    """The boundaries a generation crosses, kept for the next turn. Made from a prefill's result `state`
+    (with its Trail) before `max_new_tokens` decode steps: `after(step)`, right after decode step `step` was
+    queued, snapshots every row whose token at position q - 1 that step fed (its state is then the one at
+    boundary q: each row of a ragged batch crosses at its own step); `keep(new)` with the tokens generated
+    adds an entry for each of the (at most CAPTURES) last boundaries beyond every prompt that every row
+    crossed, with the generation's KV slots as one more segment."""
+
+    def __init__(self, model, state, max_new_tokens: int):
+        self.model, self.state, self.trail = model, state, state.prefix
+        lengths = state.lengths
+        self.captures = capture_positions(self.trail.cache.block_tokens, int(lengths.max()),
+                                          int(lengths.min()) + max_new_tokens - 1)
+        self.takes = {step: take for step in range(max_new_tokens - 1)
+                      if (take := np.array([[q > 0 and n + step + 1 == q for n in lengths]
+                                            for q in self.captures])).any()}
+        self.buffer, self.taken = self.trail.captured, np.zeros((CAPTURES, len(lengths)), bool)
+
+    def after(self, step: int) -> None:
+        if step in self.takes:
+            state, model = self.state, self.model
+            self.buffer = model.programs.get(SnapshotStates(len(state.lengths)))(
+                self.buffer, state.caches["conv"], state.caches["state"], state.logits,
+                model.to_device(self.takes[step]))
+            self.taken |= self.takes[step]
+
+    def keep(self, new: np.ndarray) -> None:
+        """new [B, steps]: the tokens generated (steps decode steps ran)."""
+        taken = self.taken.all(axis=1)  # every row's state at that boundary
+        if not taken.any():
+            return
+        state, trail = self.state, self.trail
+        segment = copy_segment(self.model, state.caches, state.kpos, state.prefill_slots,
+                               state.slots_per_rank - state.prefill_slots)
+        rows = [np.concatenate([row, new[b]]) for b, row in enumerate(trail.rows)]
+        keep(trail.cache, trail.cache.chain(self.model, rows), [q if t else -1 for q, t in zip(self.captures, taken)],
+             [Held.of(self.buffer)] * CAPTURES, trail.segments + [(segment, NO_LIMIT, 0)])

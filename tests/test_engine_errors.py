@@ -160,7 +160,7 @@ def test_warmup_checks_max_tokens_before_compiling_and_stays_usable(tiny):
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="needs .* GiB per CPU device"):
         model.warmup(10**9)
-    with pytest.raises(ValueError, match=r"1 prompt tokens \+ max_new_tokens=1000000000 .* GiB"):
+    with pytest.raises(ValueError, match=r"8 prompt tokens \+ 1000000000 new tokens x batch 1 needs .* GiB"):
         model.warmup(8, max_new_tokens=10**9)
     assert time.perf_counter() - t0 < 60 and _count_compiles() == before
     limited = Model(dataclasses.replace(cfg, max_position_embeddings=4096), params, dtype="float32")

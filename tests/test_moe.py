@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pcp_jax.kernels.moe.reference import grouped_matmul, num_tiles_bound
-from pcp_jax.model import MoE, combine_experts, sort_by_expert
+from pcp_jax.model import MoE
+from pcp_jax.parallel.expert_dispatch import combine_experts, sort_by_expert
 from pcp_jax.parallel.context import ShardContext
 from pcp_jax.parallel.tensor import local_config
 from pcp_jax.weights import declare
