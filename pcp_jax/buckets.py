@@ -172,7 +172,8 @@ def all_plans(max_tokens: int, cp: int, chunk_size, auto_piece: int, *, fixed: b
         values = list(range(unit, max_tokens + unit, unit))
     else:
         values = ladder(max_tokens, unit, steps)
-    values += [auto_piece, ladder_down(auto_piece, unit, COARSE_STEPS)]
+    if auto_piece > 0:
+        values += [auto_piece, ladder_down(auto_piece, unit, COARSE_STEPS)]
     if isinstance(chunk_size, numbers.Integral):
         values.append(int(chunk_size))
     points = {1, max_tokens}
