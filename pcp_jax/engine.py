@@ -5,9 +5,10 @@ pcp_jax/parallel/tensor.py; tokens over `cp`): prompts are padded to a length of
 put in zigzag order and split over `cp` (pcp_jax.parallel.zigzag). The exact length is a traced input, so a
 session compiles one program per padded length, not per length. Every compiled program is named by a
 signature of pcp_jax.programs and kept by `self.programs` (pcp_jax.compiled: in memory, in the on-disk store,
-or compiled); a request takes the cheapest plan whose programs are all ready, else the plan of the coarse
-ladder (one program per doubling), compiled on the request path. `warmup` compiles (or loads) the coarse
-programs of every length first, then the fine ones, optionally in the background.
+or compiled); a request takes the cheapest plan whose programs are all ready, else (while a warmup refines
+in the background) the plan of the coarse ladder (one program per doubling), else the fine plan, compiled on
+the request path. `warmup` compiles (or loads) the coarse programs of every length first, then the fine
+ones, optionally in the background.
 
 The KV cache of full-attention layers stays where prefill left it: each rank holds its own tokens' K/V plus
 a share of the decode slots (new tokens go round-robin: decode step j writes on rank j mod C, at slot
@@ -18,7 +19,6 @@ over `tp`, like the KV cache). No rank ever holds the whole KV cache.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable, Sequence
 
@@ -37,7 +37,8 @@ from pcp_jax.fp8 import ACTIVATIONS, Fp8Param, describe_weights, is_hopper, reso
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.attention.api import DECODE_METHODS
 from pcp_jax.kernels.backend import preload_gpu_backends, use_gpu_kernels
-from pcp_jax.memory import DTYPES, auto_piece_tokens, default_prefill_budget, device_memory_stats, kv_bytes_per_token
+from pcp_jax.inputs import as_batch, check_warmup
+from pcp_jax.memory import DTYPES, auto_piece_tokens, check_request, default_prefill_budget, device_memory_stats
 from pcp_jax.model import LayerPlan, Qwen35
 from pcp_jax.parallel.gdn_cp import resolve_strategy
 from pcp_jax.parallel.tensor import DictSource, check_tp, place_params
@@ -158,34 +159,7 @@ class Model:
 
     # Input checks and placement ------------------------------------------------------------------
     def _as_batch(self, input_ids) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pads a batch of prompts; returns (ids [B, N] int32, lengths [B])."""
-        if isinstance(input_ids, (list, tuple)) and len(input_ids) == 0:
-            raise ValueError("input_ids is empty: pass at least one prompt")
-        if isinstance(input_ids, (list, tuple)) and isinstance(input_ids[0], (list, tuple, np.ndarray)):
-            rows = [np.asarray(r) for r in input_ids]
-        else:
-            arr = np.asarray(input_ids)
-            if arr.ndim != 2:
-                raise ValueError(f"input_ids must have shape [batch, tokens]; got shape {arr.shape}")
-            rows = list(arr)
-        if not rows:
-            raise ValueError("input_ids is empty: pass at least one prompt")
-        for i, r in enumerate(rows):
-            if r.ndim != 1:
-                raise ValueError(f"prompt {i} must be a 1-D sequence of token ids; got shape {r.shape}")
-            if r.size == 0:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-            if not np.issubdtype(r.dtype, np.integer):
-                raise ValueError(f"token ids must be integers; prompt {i} has dtype {r.dtype}")
-            lo, hi = int(r.min()), int(r.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} in prompt {i} is out of range [0, {self.cfg.vocab_size})")
-        lengths = np.array([r.size for r in rows], np.int32)
-        ids = np.zeros((len(rows), lengths.max()), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, : r.size] = r
-        return ids, lengths
+        return as_batch(input_ids, self.cfg.vocab_size)
 
     def to_device(self, host, spec=REPLICATED) -> jax.Array:
         """Host array (the same on every process) -> global array on the mesh split as `spec`; works
@@ -194,27 +168,7 @@ class Model:
         return jax.make_array_from_callback(host.shape, NamedSharding(self.mesh, spec), lambda idx: host[idx])
 
     def _check_request(self, batch: int, n: int, max_new_tokens: int, slots: int) -> None:
-        """Refuse, before allocating or compiling anything, a request beyond the model's positions or the
-        device memory (`slots`: KV slots per rank)."""
-        limit = self.cfg.max_position_embeddings
-        if limit and n + max_new_tokens > limit:
-            raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                             f"{limit} positions (max_position_embeddings)")
-        kv = kv_bytes_per_token(self.cfg, 1, jnp.dtype(self.dtype).itemsize, tp=self.tp) * batch * slots
-        stats, where = device_memory_stats(self.mesh), "per device"
-        free = None if stats is None else stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        if free is None and self.mesh.devices.flat[0].platform == "cpu":
-            # CPU devices share the host's memory: refuse what cannot fit in all of it (what is free right
-            # now would refuse requests the page cache could make room for)
-            free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // self.mesh.size
-            where = "per CPU device (host memory)"
-        if free is not None and kv > free:
-            hint = "" if "host memory" in where else (
-                "; JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU (0.75 unless set): a model that fills most of "
-                "a GPU may need e.g. 0.95")
-            raise ValueError(f"the KV cache for {n} prompt tokens + {max_new_tokens} new tokens x batch {batch} needs "
-                             f"{kv / 2**30:.1f} GiB {where}; {free / 2**30:.1f} GiB are available (use a larger cp or tp, "
-                             f"fewer tokens or a smaller batch{hint})")
+        check_request(self.cfg, self.mesh, jnp.dtype(self.dtype).itemsize, self.tp, batch, n, max_new_tokens, slots)
 
     # Plans: which programs feed a prompt ---------------------------------------------------------
     def _room(self, max_new_tokens: int) -> int:
@@ -239,9 +193,10 @@ class Model:
 
     def _plan(self, batch: int, n: int, max_new_tokens: int, chunk_size, all_logits: bool, history: int = 0) -> Pieces:
         """How to feed n tokens of a batch (after `history` restored slots per rank): the cheapest plan whose
-        programs are all compiled (or in the store), else the coarse ladder's plan (whose programs the request
-        then compiles, or waits for when the background compiler has them in hand). Exact lengths
-        (bucket_steps None) have one plan."""
+        programs are all compiled (or in the store); else, while a warmup refines in the background, the
+        coarse ladder's plan (compiled first by warmup: the request waits for it at most); else the fine plan,
+        which the request compiles (at most 12.5% padding, for the same compile time as a coarse program).
+        Exact lengths (bucket_steps None) have one plan."""
         check_chunk_size(chunk_size, self.cp)
         A = self.auto_piece_tokens
         if self.bucket_steps is None:
@@ -250,7 +205,9 @@ class Model:
             sigs = self._signatures(batch, pieces, max_new_tokens, all_logits, history)
             if all(self.programs.ready(s) for s in sigs):
                 return pieces
-        return coarse_pieces(n, self.cp, chunk_size, A, self.bucket_steps)
+        if self.programs.status()["pending"]:
+            return coarse_pieces(n, self.cp, chunk_size, A, self.bucket_steps)
+        return plan_pieces(n, self.cp, chunk_size, A, steps=self.bucket_steps)
 
     # Prefill --------------------------------------------------------------------------------------
     def _run_prefill(self, input_ids, max_new_tokens: int, chunk_size, all_logits: bool):
@@ -451,9 +408,8 @@ class Model:
         int32; a row's tokens after its first EOS are min(eos) (0 without EOS). Each step's decode is queued
         on the device before the host waits for that step's sampled tokens (they are fed from device
         memory), so the host's bookkeeping and the next dispatch overlap the device's work. When every row
-        has stopped at EOS, the one decode step already queued is wasted. With the prefix cache on, the GDN
-        states of the last two block boundaries every row crosses are snapshotted at the step that crosses
-        them, and kept with the generation's KV slots when it ends."""
+        has stopped at EOS, the one decode step already queued is wasted. With the prefix cache on, the
+        boundaries the generation crosses are kept (prefix_cache.Snapshots)."""
         B = len(state.lengths)
         fill = min(eos) if eos else 0
         new = np.full((B, max_new_tokens), fill, np.int32)
@@ -463,14 +419,7 @@ class Model:
         device_settings = [self.to_device(np.asarray(v, t)) for v, t in (
             (settings.seed, np.uint32), (settings.temperature, np.float32), (settings.top_k, np.int32),
             (settings.top_p, np.float32))]
-        trail = state.prefix
-        if trail is not None:  # the token at position q - 1 is fed at step q - 1 - length: the state is then at q
-            captures = prefix_cache.capture_positions(trail.cache.block_tokens, int(state.lengths.max()),
-                                                      int(state.lengths.min()) + max_new_tokens - 1)
-            takes = {step: take for step in range(max_new_tokens - 1)
-                     if (take := np.array([[q > 0 and length + step + 1 == q for length in state.lengths]
-                                           for q in captures])).any()}
-            snapshots, taken = trail.captured, np.zeros((len(captures), B), bool)
+        snapshots = prefix_cache.Snapshots(self, state, max_new_tokens) if state.prefix is not None else None
         steps = 0
         for step in range(max_new_tokens):
             last = step + 1 == max_new_tokens
@@ -479,11 +428,8 @@ class Model:
             tok, packed = sample(logits, *device_settings, self.to_device(feed))
             if not last:
                 logits = self._decode_packed(state, packed)  # queued before the host waits for `tok`
-                if trail is not None and step in takes:
-                    snapshots = self.programs.get(SnapshotStates(B))(snapshots, state.caches["conv"],
-                                                                     state.caches["state"], logits,
-                                                                     self.to_device(takes[step]))
-                    taken |= takes[step]
+                if snapshots is not None:
+                    snapshots.after(step)
             tok = np.where(done, fill, to_host(tok))
             new[:, step] = tok
             steps = step + 1
@@ -492,14 +438,8 @@ class Model:
             done |= np.isin(tok, list(eos)) if eos else False
             if done.all():
                 break
-        taken = taken.all(axis=1) if trail is not None else None  # every row's state at that boundary
-        if trail is not None and taken.any():
-            room = state.slots_per_rank - state.prefill_slots
-            segment = prefix_cache.copy_segment(self, state.caches, state.kpos, state.prefill_slots, room)
-            rows = [np.concatenate([row, new[b, :steps]]) for b, row in enumerate(trail.rows)]
-            held = prefix_cache.Held.of(snapshots)
-            prefix_cache.keep(trail.cache, trail.cache.chain(self, rows), [q if t else -1 for q, t in zip(captures, taken)],
-                              [held] * len(captures), trail.segments + [(segment, prefix_cache.NO_LIMIT, 0)])
+        if snapshots is not None:
+            snapshots.keep(new[:, :steps])
         return new
 
     # Warm start -----------------------------------------------------------------------------------
@@ -521,17 +461,7 @@ class Model:
         share the warmed capacities.
         Returns {"programs", "compiled", "loaded", "pending", "ready_seconds", "seconds"}."""
         from tqdm import tqdm
-        if not (_is_int(max_tokens) and max_tokens >= 1):
-            raise ValueError(f"max_tokens={max_tokens!r} must be a positive integer")
-        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__"):
-            raise ValueError(f"batch_sizes={batch_sizes!r} must be a sequence of positive integers")
-        sizes = sorted(set(batch_sizes))
-        if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
-            raise ValueError(f"batch_sizes={batch_sizes!r} must be a sequence of positive integers")
-        if workers is not None and not (_is_int(workers) and workers >= 1):
-            raise ValueError(f"workers={workers!r} must be a positive integer or None")
+        sizes = check_warmup(max_tokens, max_new_tokens, batch_sizes, workers)
         check_chunk_size(chunk_size, self.cp)
         A = self.auto_piece_tokens
         room = max(decode_room(max_new_tokens, self.cp), self._room_floor)
