@@ -76,7 +76,7 @@ def test_a_document_then_three_questions(hf_model, cp, tp, strategy, batch):
             assert stats["tokens_reused"] - before["tokens_reused"] == 2 * BLOCK * batch, (before, stats)
 
 
-@pytest.mark.parametrize("cp,strategy", [(1, "auto"), (2, "sequence"), pytest.param(2, "batch", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cp,strategy", [(1, "auto"), pytest.param(2, "batch", marks=pytest.mark.slow)])
 def test_a_three_turn_chat_resumes_after_each_answer(hf_model, cp, strategy):
     """Each turn sends the previous turn's prompt, its answer and a new message; the cache resumes at the
     last boundary the answer crossed (block 64: the states are snapshotted during generation)."""

@@ -2,8 +2,8 @@
 `Model.warmup` (its store across processes: tests/test_program_store.py).
 
 After `warmup(N)` prompts of random lengths <= N compile nothing (backend compiles counted with a
-`jax.monitoring` listener) and their logits and greedy tokens equal the exact-length path (fp32,
-<= 1e-6) and transformers (<= 1e-5); the compiled prefill does not grow with depth; a layer count that is
+`jax.monitoring` listener) and their logits and greedy tokens equal transformers (fp32, <= 1e-5; the
+exact-length path at <= 1e-6: tests/test_program_store.py); the compiled prefill does not grow with depth; a layer count that is
 not a multiple of the period is exact; `chunk_size="auto"` equals one shot."""
 
 
@@ -17,7 +17,7 @@ from pcp_jax.buckets import Pieces, ladder, ladder_up, plan_pieces
 from pcp_jax.engine import Model, to_host
 from pcp_jax.model import LayerPlan
 from pcp_jax.programs import Prefill
-from hf_models import build, hf_generate, hf_logits, rel_err
+from hf_models import build, hf_greedy, hf_logits, rel_err
 from tiny import tiny_config, tiny_params
 
 L, F = "linear_attention", "full_attention"
@@ -74,18 +74,16 @@ def test_after_warmup_any_length_compiles_nothing_and_is_exact(hf_ten_layers):
     assert LayerPlan.of(model.cfg.layer_types).groups == 2
     model.warmup(N, max_new_tokens=new, progress=False)
     rng = np.random.default_rng(15)
-    lengths = sorted(rng.choice(np.arange(1, N + 1), 15, replace=False).tolist())
+    lengths = sorted(rng.choice(np.arange(1, N + 1), 6, replace=False).tolist())
     prompts = [rng.integers(0, hf.config.vocab_size, (1, n)) for n in lengths]
     before = len(COMPILES)
     got = [(model.logits(ids), model.generate(ids, new)) for ids in prompts]
     assert len(COMPILES) == before, f"{len(COMPILES) - before} programs compiled after warmup"
-
-    exact = pcp_jax.load_model(path, cp=4, dtype="float32", bucket_steps=None)
+    # (the exact-length path at 15 lengths: tests/test_program_store.py; here the oracle is transformers)
     for ids, (logits, tokens) in zip(prompts, got):
         n = ids.shape[1]
-        assert rel_err(logits, exact.logits(ids)) <= 1e-6, n
         assert rel_err(logits, hf_logits(hf, ids)) <= 1e-5, n
-        np.testing.assert_array_equal(tokens, hf_generate(hf, ids, new), err_msg=str(n))
+        np.testing.assert_array_equal(tokens, hf_greedy(hf, ids, new), err_msg=str(n))
 
 
 def test_layer_count_not_a_multiple_of_the_period_is_exact(hf_ten_layers):
