@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from peaks import BF16_TFLOPS  # noqa: E402
+from pcp_jax.cli.bench import first_and_median  # noqa: E402
 from pcp_jax.config import PRESETS  # noqa: E402
 from pcp_jax.kernels.fp8 import reference, tokamax_gpu, xla_gpu  # noqa: E402
 from pcp_jax.kernels.moe import mosaic_gpu  # noqa: E402
@@ -230,16 +231,8 @@ def time_prefill(model, n: int, decode: int, reps: int) -> dict:
         state.logits.block_until_ready()
         return state
 
-    t0 = time.perf_counter()
-    state = prefill()
-    out = {"first": time.perf_counter() - t0}
-    times = []
-    for _ in range(reps):
-        state = None
-        t0 = time.perf_counter()
-        state = prefill()
-        times.append(time.perf_counter() - t0)
-    out["prefill"] = statistics.median(times) if times else out["first"]
+    first, median, state = first_and_median(prefill, reps)
+    out = {"first": first, "prefill": median}
     if decode:
         tok = np.asarray(ids[:, -1], np.int32)
         model.decode_step(state, tok, 0).block_until_ready()

@@ -69,7 +69,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def _first_and_median(call, reps: int):
+def first_and_median(call, reps: int):
     """Time `call()` (which must finish its device work before returning) once, then `reps` more times.
     Returns (first-call seconds, median seconds, the last result). The previous result is dropped before
     each call, so two results (e.g. two KV caches) never live at once."""
@@ -126,7 +126,7 @@ def _time_one_length(args, cfg, model, devices, n):
         state.logits.block_until_ready()
         return state
 
-    compile_s, median, state = _first_and_median(prefill, args.reps)
+    compile_s, median, state = first_and_median(prefill, args.reps)
     row = {"n": n, "time": median, "compile": compile_s}
     msg = f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms"
     if args.decode:
@@ -208,7 +208,7 @@ def _time_hf_length(args, cfg, model, n):
         torch.cuda.synchronize()
 
     torch.cuda.synchronize()
-    compile_s, median, _ = _first_and_median(forward, args.reps)
+    compile_s, median, _ = first_and_median(forward, args.reps)
     row = {"n": n, "time": median, "compile": compile_s,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     print(f"{n} tokens: first call {compile_s:.1f} s, median {row['time'] * 1e3:.1f} ms", flush=True)
