@@ -87,10 +87,11 @@ def test_convert_cli_error_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_bench_cli_on_cpu():
-    r = cli("bench", "--preset", "demo", "--tokens", "256", "--reps", "1")
+def test_bench_cli_on_cpu(tmp_path):
+    r = cli("bench", "--preset", "demo", "--tokens", "256", "--reps", "1", "--compile-cache", str(tmp_path / "cc"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| 256 |" in r.stdout
+    assert list((tmp_path / "cc" / "executables").glob("*.exe")), "--compile-cache: the programs were not kept there"
 
 
 def test_bench_decode_and_profile_on_cpu(tmp_path):

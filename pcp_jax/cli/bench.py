@@ -99,7 +99,8 @@ def bench_ours(args, cfg, lengths):
     fp8 = args.weights != "bf16"
     try:  # random weights made on the devices, already split over tp (no host copy of the model)
         model = Model(cfg, RandomSource(cfg, seed=0, fp8=fp8), cp=args.cp, tp=args.tp, dtype="bfloat16",
-                      kernels=args.kernels, gdn_strategy=args.gdn_strategy, weights=args.weights if fp8 else "auto")
+                      kernels=args.kernels, gdn_strategy=args.gdn_strategy, weights=args.weights if fp8 else "auto",
+                      compile_cache_dir=args.cache_dir or "off")
     except ValueError as e:  # --cp x --tp beyond the visible devices, a split or strategy the shape cannot take
         raise UsageError(str(e)) from None
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -283,7 +284,7 @@ def add_arguments(parser) -> None:
                         help="after each prefill, time N decode steps (median per step; ours only)")
     parser.add_argument("--profile", metavar="DIR", help="trace one prefill at the longest length that ran and "
                         "print how much NCCL time overlapped compute (ours only)")
-    parser.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache folder")
+    parser.add_argument("--compile-cache", metavar="DIR", help="compile-cache folder (executables kept between runs), or 'off'")
     parser.add_argument("--layers", type=int_at_least(1), help="keep only the first N layers of the preset (N a "
                         "multiple of its attention period), e.g. to time a slice of a model whose compile is slow")
 
@@ -316,7 +317,7 @@ def run(args) -> int:
     cfg = bench_shape(args.preset, args.layers)
     if args.impl == "hf" and args.weights != "bf16":
         raise UsageError(f"--weights {args.weights} measures our FP8 path; --impl hf runs bf16 only")
-    use_compile_cache(args.compile_cache)
+    args.cache_dir = use_compile_cache(args.compile_cache)
     lengths = args.tokens
     if args.check or args.check_only:
         if not check_gpu_path():
