@@ -79,8 +79,8 @@ class Model:
     of the 35B-A3B: 34 s against 17 s scanned, for a step 9% faster; docs/BENCHMARKS.md). `bucket_steps`:
     padded lengths per doubling of the length ladder (pcp_jax.buckets; fewer: fewer programs to warm up,
     more padding); None pads prompts only to a multiple of 2·C·64 tokens (the least padding, but a program
-    per length). `compile_cache_dir`: the compile-cache folder (JAX's persistent cache and our store of
-    executables under it), "off", or None for the default (pcp_jax.compile_cache). `weights_digest`: a
+    per length). `compile_cache_dir`: the compile-cache folder (our store of executables under
+    it), "off", or None for the default (pcp_jax.compile_cache). `weights_digest`: a
     digest of the weights already known (stored at conversion), so the prefix cache need not hash them.
     `consume_params`: empty `params` while building (each tensor leaves the dict once its device copies are
     made), so that no weight is held twice at load. `decode_attention`: how decode attends to the KV cache

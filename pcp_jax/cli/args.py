@@ -113,7 +113,7 @@ def add_placement_flags(p, *, cp_default, cp_help: str) -> None:
                    help="prefill pieces: 'auto' (default: sized from the memory budget), 'none' (one piece) "
                    "or a token count")
     p.add_argument("--compile-cache", metavar="DIR|off",
-                   help="JAX's persistent compilation cache: programs compiled once are read back by later runs "
+                   help="compile-cache folder: executables compiled once are loaded by later runs "
                    "(default: $PCP_JAX_COMPILE_CACHE, else $XDG_CACHE_HOME/pcp_jax/xla; 'off' disables it)")
 
 
