@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+from pcp_jax.inputs import is_int
+
 STEPS = 8           # ladder values per doubling
 COARSE_STEPS = 1    # the coarse ladder a cold start compiles first: one value per doubling
 MIN_ROOM = 256      # decode slots per rank reserved at least, when any are asked for
@@ -114,7 +116,7 @@ def check_chunk_size(chunk_size, cp: int) -> None:
     a unit of KV slots, so smaller pieces would waste more slots than they hold."""
     if chunk_size is None or chunk_size == "auto":
         return
-    if not (isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+    if not (is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer, 'auto' or None")
     if chunk_size < cp * 64:
         raise ValueError(f"chunk_size={chunk_size} is below {cp * 64} tokens: at cp={cp} every piece occupies "

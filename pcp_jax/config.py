@@ -15,6 +15,8 @@ import numbers
 import os
 from typing import Any
 
+from pcp_jax.inputs import is_int
+
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 _LAYER_TYPES = (FULL_ATTENTION, LINEAR_ATTENTION)
@@ -46,10 +48,6 @@ _POSITIVE_FLOATS = ("rope_theta", "partial_rotary_factor", "rope_factor", "rope_
 _BOOLS = ("tie_word_embeddings", "norm_topk_prob", "rope_truncate")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _eos_ids(eos) -> tuple:
     """The ids of an `eos_token_id` field (None, one id or a list of ids)."""
     return tuple(eos) if isinstance(eos, (tuple, list)) else (() if eos is None else (eos,))
@@ -58,11 +56,11 @@ def _eos_ids(eos) -> tuple:
 def _check_field_types(cfg: "ModelConfig") -> None:
     for name in _POSITIVE_INTS:
         v = getattr(cfg, name)
-        if not _is_int(v) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise ValueError(f"{name}={v!r} must be a positive integer")
     for name in _NON_NEGATIVE_INTS:
         v = getattr(cfg, name)
-        if not _is_int(v) or v < 0:
+        if not is_int(v) or v < 0:
             raise ValueError(f"{name}={v!r} must be a non-negative integer")
     for name in _POSITIVE_FLOATS:
         v = getattr(cfg, name)
@@ -77,7 +75,7 @@ def _check_field_types(cfg: "ModelConfig") -> None:
     if not isinstance(cfg.layer_types, (tuple, list)) or not all(isinstance(t, str) for t in cfg.layer_types):
         raise ValueError(f"layer_types={cfg.layer_types!r} must be a list of layer type names {list(_LAYER_TYPES)}")
     eos = cfg.eos_token_id
-    if not all(_is_int(t) and t >= 0 for t in _eos_ids(eos)):
+    if not all(is_int(t) and t >= 0 for t in _eos_ids(eos)):
         raise ValueError(f"eos_token_id={eos!r} must be null, a non-negative integer or a list of them")
     if not isinstance(cfg.rope_type, str):
         raise ValueError(f"rope_type={cfg.rope_type!r} must be one of {list(ROPE_TYPES)}")

@@ -32,12 +32,12 @@ from pcp_jax import compile_cache, prefix_cache
 from pcp_jax.buckets import (STEPS, Pieces, all_plans, alternatives, capacity, check_chunk_size, coarse_pieces,
                              decode_room, plan_pieces)
 from pcp_jax.compiled import CompiledPrograms, default_workers
-from pcp_jax.config import ModelConfig, _is_int
+from pcp_jax.config import ModelConfig
 from pcp_jax.fp8 import ACTIVATIONS, Fp8Param, describe_weights, is_hopper, resolve_weights
 from pcp_jax.kernels import KERNEL_CHOICES
 from pcp_jax.kernels.attention.api import DECODE_METHODS
 from pcp_jax.kernels.backend import preload_gpu_backends, use_gpu_kernels
-from pcp_jax.inputs import as_batch, check_warmup
+from pcp_jax.inputs import as_batch, check_new_tokens, check_warmup, is_int
 from pcp_jax.memory import DTYPES, auto_piece_tokens, check_request, default_prefill_budget, device_memory_stats
 from pcp_jax.model import LayerPlan, Qwen35
 from pcp_jax.parallel.gdn_cp import resolve_strategy
@@ -101,11 +101,11 @@ class Model:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; expected one of {list(KERNEL_CHOICES)}")
-        if prefill_budget_bytes is not None and not (_is_int(prefill_budget_bytes) and prefill_budget_bytes > 0):
+        if prefill_budget_bytes is not None and not (is_int(prefill_budget_bytes) and prefill_budget_bytes > 0):
             raise ValueError(f"prefill_budget_bytes={prefill_budget_bytes!r} must be a positive integer")
         if scan_decode not in ("auto", True, False):
             raise ValueError(f"scan_decode={scan_decode!r}; expected True, False or 'auto'")
-        if bucket_steps is not None and not (_is_int(bucket_steps) and bucket_steps >= 1
+        if bucket_steps is not None and not (is_int(bucket_steps) and bucket_steps >= 1
                                              and not bucket_steps & (bucket_steps - 1)):
             raise ValueError(f"bucket_steps={bucket_steps!r} must be a power of two (lengths per doubling) or None")
         resolve_strategy(gdn_strategy, 0, 1)  # validates the name
@@ -276,8 +276,7 @@ class Model:
         piece up to `auto_piece_tokens` and equal pieces above it, an int S pieces of S tokens (at least
         cp·64), None one piece. Returns next-token logits and caches with room for `max_new_tokens` decode
         steps."""
-        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        check_new_tokens(max_new_tokens)
         return self._run_prefill(input_ids, max_new_tokens, chunk_size, all_logits=False)[0]
 
     def logits(self, input_ids, *, chunk_size: int | str | None = "auto") -> np.ndarray:
@@ -339,7 +338,7 @@ class Model:
         """Where decode step `step` writes: [B + 2] int32 = positions [B], owner rank, slot (checked
         against the room prefill reserved)."""
         C = self.cp
-        if not (_is_int(step) and step >= 0):
+        if not (is_int(step) and step >= 0):
             raise ValueError(f"step={step!r} must be a non-negative integer (0 for the first token after prefill)")
         slot = state.prefill_slots + step // C
         if slot >= state.slots_per_rank:
@@ -362,8 +361,7 @@ class Model:
         own length in the output: row b holds its prompt, then its new tokens, then EOS padding (or 0 without
         EOS). Rows that hit EOS are padded with EOS. `callback(step, tokens[B])` sees each new token as it is
         made. `chunk_size` feeds the prompt in pieces (see `prefill`). `generate` is `prefill` then `decode`."""
-        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        check_new_tokens(max_new_tokens)
         settings = Settings.of(temperature, top_k, top_p, seed, self.cfg.vocab_size)
         ids, lengths = self._as_batch(input_ids)
         eos = eos_set(eos_token_id, self.cfg.vocab_size)
@@ -390,8 +388,7 @@ class Model:
         `prefill(..., max_new_tokens=...)`), which is updated in place: np.ndarray [B, max_new_tokens] int32.
         `generate` is `prefill` then this; call it yourself to keep the prefill's next-token logits
         (`state.logits`) beside the tokens without a second prefill. Sampling and EOS as in `generate`."""
-        if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+        check_new_tokens(max_new_tokens)
         room = (state.slots_per_rank - state.prefill_slots) * self.cp
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the room this prefill reserved for "
@@ -464,7 +461,7 @@ class Model:
         sizes = check_warmup(max_tokens, max_new_tokens, batch_sizes, workers)
         check_chunk_size(chunk_size, self.cp)
         A = self.auto_piece_tokens
-        room = max(decode_room(max_new_tokens, self.cp), self._room_floor)
+        room = self._room(max_new_tokens)
         longest = plan_pieces(max_tokens, self.cp, chunk_size, A, steps=self.bucket_steps)
         # Checked before anything is compiled or changed: the longest request must be one the model serves.
         self._check_request(max(sizes), max_tokens, max_new_tokens,

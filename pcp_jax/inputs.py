@@ -1,6 +1,7 @@
 """What the engine takes from its callers, checked: `as_batch(input_ids, vocab)` a batch of token ids (a
 [B, N] integer array or a list of prompts of different lengths, each a 1-D sequence of ids), padded;
-`check_warmup(...)` warmup's arguments. Every error is a ValueError naming the value at fault.
+`check_new_tokens(n)` and `check_warmup(...)` the
+number of new tokens and warmup's arguments. Every error is a ValueError naming the value at fault.
 """
 
 from __future__ import annotations
@@ -10,20 +11,26 @@ import numbers
 import numpy as np
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer that is not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_new_tokens(max_new_tokens) -> None:
+    """max_new_tokens of prefill, generate, decode and warmup: a non-negative integer."""
+    if not (is_int(max_new_tokens) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
 
 
 def check_warmup(max_tokens, max_new_tokens, batch_sizes, workers) -> list[int]:
     """The batch sizes of `Model.warmup`, sorted and distinct, once every argument is checked."""
-    if not (_is_int(max_tokens) and max_tokens >= 1):
+    if not (is_int(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens={max_tokens!r} must be a positive integer")
-    if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    check_new_tokens(max_new_tokens)
     sizes = [] if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__") else list(batch_sizes)
-    if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
+    if not sizes or not all(is_int(b) and b >= 1 for b in sizes):
         raise ValueError(f"batch_sizes={batch_sizes!r} must be a sequence of positive integers")
-    if workers is not None and not (_is_int(workers) and workers >= 1):
+    if workers is not None and not (is_int(workers) and workers >= 1):
         raise ValueError(f"workers={workers!r} must be a positive integer or None")
     return sorted(set(int(b) for b in sizes))
 

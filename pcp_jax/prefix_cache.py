@@ -32,12 +32,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import numbers
 import weakref
 
 import jax
 import numpy as np
 
+from pcp_jax.inputs import is_int
 from pcp_jax.programs import CAPTURES, CopyBlock, RestoreSegment, RestoreStates, SnapshotStates
 
 BLOCK_TOKENS = 1024  # default: a question or chat turn shorter than this resumes right after the shared prefix
@@ -110,10 +110,9 @@ class PrefixCache:
     cross models). `block_tokens`: the boundary spacing, a positive multiple of 64."""
 
     def __init__(self, max_bytes: int, block_tokens: int = BLOCK_TOKENS):
-        if not isinstance(max_bytes, numbers.Integral) or isinstance(max_bytes, bool) or max_bytes < 0:
+        if not (is_int(max_bytes) and max_bytes >= 0):
             raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer (bytes)")
-        if (not isinstance(block_tokens, numbers.Integral) or isinstance(block_tokens, bool) or block_tokens < 64
-                or block_tokens % 64):
+        if not is_int(block_tokens) or block_tokens < 64 or block_tokens % 64:
             raise ValueError(f"block_tokens={block_tokens!r} must be a positive multiple of 64 (GDN chunks)")
         self.max_bytes, self.block_tokens = int(max_bytes), int(block_tokens)
         self._entries: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()

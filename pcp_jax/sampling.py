@@ -17,11 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pcp_jax.inputs import is_int
+
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_real(v) -> bool:
@@ -43,11 +41,11 @@ class Settings:
         """Each error names the value and what is expected."""
         if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
-        if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= vocab):
+        if top_k is not None and not (is_int(top_k) and 1 <= top_k <= vocab):
             raise ValueError(f"top_k={top_k!r} must be an integer in 1..{vocab} (the vocabulary size)")
         if top_p is not None and not (_is_real(top_p) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
-        if not (_is_int(seed) and 0 <= seed < 2**32):
+        if not (is_int(seed) and 0 <= seed < 2**32):
             raise ValueError(f"seed={seed!r} must be an integer in 0..2**32-1")
         greedy = float(np.float32(temperature)) < FLOAT32_TINY
         return cls(greedy, float(temperature), vocab if top_k is None else int(top_k),
@@ -58,12 +56,12 @@ def eos_set(eos, vocab: int) -> frozenset[int]:
     """EOS ids as a set: None, one id, or a sequence of ids, each in [0, vocab)."""
     if eos is None:
         return frozenset()
-    items = [eos] if _is_int(eos) else eos
+    items = [eos] if is_int(eos) else eos
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset, np.ndarray)):
         raise ValueError(f"eos_token_id={eos!r} must be a token id or a list of token ids")
     out = set()
     for e in items:
-        if not (_is_int(e) and 0 <= e < vocab):
+        if not (is_int(e) and 0 <= e < vocab):
             raise ValueError(f"eos_token_id={eos!r}: {e!r} is not a token id in [0, {vocab})")
         out.add(int(e))
     return frozenset(out)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from collections.abc import Callable, Iterable
 
 import jax
@@ -42,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pcp_jax.config import ModelConfig
 from pcp_jax.fp8 import Fp8Param
+from pcp_jax.inputs import is_int
 from pcp_jax.sharding import TP_AXIS
 from pcp_jax.weights import SCALE, contract_shapes, declare
 
@@ -52,7 +52,7 @@ _E4M3_VALUES = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)  # e
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError, naming every field at fault, if `cfg` cannot be split over `tp` ranks."""
-    if not (isinstance(tp, numbers.Integral) and not isinstance(tp, bool) and tp >= 1):
+    if not (is_int(tp) and tp >= 1):
         raise ValueError(f"tp={tp!r} must be a positive integer")
     if tp == 1:
         return
