@@ -1,9 +1,9 @@
 """The compiled programs of one model, by signature: in memory, read back from the store, or compiled.
 
 `CompiledPrograms.get(sig)` returns the executable of a signature (pcp_jax.programs), taking the first of:
-one already in memory; one in the on-disk store (pcp_jax.program_store: loaded without tracing, lowering
-or compiling); one being compiled in the background (waited for); else it is traced, lowered and compiled
-on the calling thread, and kept in memory and in the store. `ready(sig)` says whether `get` would return at
+one already in memory; one the background compiler has in hand (waited for); one in the on-disk store
+(pcp_jax.program_store: loaded without tracing, lowering or compiling); else it is traced, lowered and
+compiled on the calling thread, and kept in memory and in the store. `ready(sig)` says whether `get` would return at
 once (in memory or in the store), which is how the request path picks the smallest compiled program that
 fits a prompt. `prepare(sigs)` queues signatures for the background compiler: worker threads that trace and
 lower one program at a time (tracing holds the GIL) and compile in parallel (XLA's compile does not).

@@ -113,7 +113,7 @@ class ProgramStore:
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.loaded = self.saved = self.rejected = 0
+        self.saved = 0  # programs written by this process
         self._warned: set[str] = set()
 
     @classmethod
@@ -149,12 +149,9 @@ class ProgramStore:
     def path(self, key: str) -> str:
         return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest() + ".exe")
 
-    def contains(self, key: str) -> bool:
-        return os.path.isfile(self.path(key))
-
     def load(self, key: str, devices) -> jax.stages.Compiled | None:
         """The executable stored under `key`, loaded for `devices` (the program's devices, in the mesh's
-        order), or None when there is none or it cannot be trusted (then it is counted in `rejected`)."""
+        order), or None when there is none or it cannot be trusted (warned once per store)."""
         path = self.path(key)
         try:
             with open(path, "rb") as f:
@@ -183,11 +180,9 @@ class ProgramStore:
                 entry["executable"], entry["in_tree"], entry["out_tree"], execution_devices=list(devices))
         except Exception as e:  # noqa: BLE001 - any failure to read an entry means: compile instead
             return self._reject(path, f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})")
-        self.loaded += 1
         return compiled
 
     def _reject(self, path: str, why: str) -> None:
-        self.rejected += 1
         self._warn_once("reject", "pcp_jax: ignored a stored program that %s (%s); it is compiled again and "
                         "rewritten (further such entries in this folder are ignored silently)", why, path)
         return None
