@@ -2,8 +2,9 @@
 
 A signature is a small frozen dataclass (`Alloc`, `Prefill`, `Decode`, `Sample`, and the prefix cache's
 `CopyBlock`, `RestoreSegment`, `RestoreStates`, `SnapshotStates`) holding the shapes that make one program
-differ from another (batch, padded piece length, cache capacity, ...). Together with the model's `ProgramContext` (config, mesh, dtype, kernels, GDN strategy: what
-every program of one model shares) it gives
+differ from another (batch, padded piece length, cache capacity, ...). Together with the model's
+`ProgramContext` (config, mesh, dtype, kernels, GDN strategy: what every program of one model shares) it
+gives
 - `build(ctx)`: the jitted function (one `shard_map` over the ("cp", "tp") mesh, per-shard code as in
   pcp_jax/model.py), and
 - `abstract_args(ctx)`: its arguments as `jax.ShapeDtypeStruct`s with their shardings, exactly as the
